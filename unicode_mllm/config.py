@@ -27,8 +27,14 @@ T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
 
-def bounded(default: Any = _MISSING, *, min: float | None = None, max: float | None = None,  # noqa: A002
-            default_factory: Any = _MISSING, help: str | None = None) -> Any:  # noqa: A002
+def bounded(
+    default: Any = _MISSING,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    default_factory: Any = _MISSING,
+    help: str | None = None,
+) -> Any:
     """A dataclass field whose numeric value (or every element of a sequence) must lie in [min, max]."""
     metadata = {"min": min, "max": max, "help": help}
     if default_factory is not _MISSING:
@@ -111,7 +117,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ConfigError(f"{source}: key '{key}' must have {len(args)} items, got {value!r}")
-            converted = [_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(items, args))]
+            converted = [_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(items, args, strict=True))]
         else:
             elem = args[0] if args else Any
             converted = [_coerce(v, elem, f"{key}[{i}]", source) for i, v in enumerate(items)]
@@ -120,8 +126,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, Mapping):
             fail()
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        return {_coerce(k, key_tp, key, source): _coerce(v, val_tp, f"{key}.{k}", source)
-                for k, v in value.items()}
+        return {_coerce(k, key_tp, key, source): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     fail()
@@ -242,8 +247,9 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def config_from_dict(cls: type[T], data: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
-                     source: str = "config") -> T:
+def config_from_dict(
+    cls: type[T], data: Mapping[str, Any] | None = None, overrides: Iterable[str] = (), source: str = "config"
+) -> T:
     """Build and validate a config from a mapping plus dotted overrides."""
     raw = apply_overrides(cls, dict(data or {}), overrides, source)
     cfg = _from_dict(cls, raw, source)

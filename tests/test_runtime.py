@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from unicode_mllm.errors import UserError
+from unicode_mllm.runtime.devices import select_device, select_dtype
+from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+
+def draw():
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_seed_everything_is_deterministic():
+    seed_everything(7)
+    a = draw()
+    seed_everything(7)
+    assert draw() == a
+    seed_everything(8)
+    assert draw() != a
+
+
+def test_rng_capture_restore_through_json():
+    seed_everything(1)
+    draw()
+    state = json.loads(json.dumps(capture_rng_state()))
+    expected = draw()
+    seed_everything(99)
+    restore_rng_state(state)
+    assert draw() == expected
+
+
+def test_device_and_dtype_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in {"cpu", "cuda", "mps"}
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device 'cuda' was requested but CUDA is not available"):
+            select_device("cuda")
+    with pytest.raises(UserError, match="device 'tpu' is unknown"):
+        select_device("tpu")
+    cpu = torch.device("cpu")
+    assert select_dtype("auto", cpu) == torch.float32
+    assert select_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="fp16' is not supported for training on CPU"):
+        select_dtype("fp16", cpu)

@@ -1,0 +1,206 @@
+"""The `unicode-mllm` command line: parses options, builds configs and calls library functions.
+
+Errors print one line (`error: ...`) and exit non-zero; `--debug` shows the traceback instead.
+Heavy imports happen inside each command so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+from unicode_mllm.errors import UserError
+
+app = typer.Typer(
+    name="unicode-mllm",
+    help="UniCode: a unified visual-text codebook tokenizer and generative multimodal LLM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Build and inspect data sets (webdataset shards).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("unicode_mllm")
+
+SET_HELP = "Override a config value, e.g. --set image_size=32 (repeatable)."
+
+
+@app.callback()
+def _main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    log_level: str = typer.Option("INFO", "--log-level", help="Logging level (DEBUG, INFO, WARNING)."),
+) -> None:
+    from unicode_mllm.runtime.progress import setup_logging
+
+    setup_logging(log_level.upper())
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Path = typer.Option(..., "--out", help="Output folder for shards, manifest and sample grid."),
+    train: int = typer.Option(2000, "--train", help="Number of training samples."),
+    val: int = typer.Option(200, "--val", help="Number of validation samples (seen combinations)."),
+    heldout: int | None = typer.Option(
+        None, "--heldout", help="Number of held-out-combination samples (default: same as --val)."
+    ),
+    size: int | None = typer.Option(None, "--size", help="Image size in pixels (32 to 256)."),
+    seed: int | None = typer.Option(None, "--seed", help="World seed (default from the config)."),
+    config: Path | None = typer.Option(None, "--config", help="ShapesConfig YAML (default: built-in)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+) -> None:
+    """Render the synthetic shapes world into webdataset shards, a manifest and a sample grid PNG."""
+    from unicode_mllm.config import load_config
+    from unicode_mllm.data.shapes import ShapesConfig
+    from unicode_mllm.data.shapes_dataset import write_shapes_dataset
+
+    overrides = list(set_)
+    if size is not None:
+        overrides.append(f"image_size={size}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    cfg = load_config(ShapesConfig, config, overrides)
+    counts = {"train": train, "val": val, "heldout": val if heldout is None else heldout}
+    for split, n in counts.items():
+        if n < 0:
+            raise UserError(f"--{split} must be >= 0, got {n}")
+    result = write_shapes_dataset(cfg, out, counts, shard_size=shard_size)
+    typer.echo(f"wrote {result.summary()} to {out}")
+    typer.echo(f"sample grid: {result.grid_path}")
+
+
+@data_app.command("from-folder")
+def data_from_folder(
+    folder: Path = typer.Argument(..., help="Folder of images (png, jpg, webp, bmp); sidecar .txt = caption."),
+    out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
+    split: str = typer.Option("train", "--split", help="Split name to write."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+) -> None:
+    """Convert an image folder into webdataset shards; unreadable images are counted and listed."""
+    from unicode_mllm.data.converters import convert_image_folder
+
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} not found; pass an existing directory")
+    report = convert_image_folder(folder, out, split=split, maxcount=shard_size)
+    typer.echo(report.summary())
+
+
+@data_app.command("from-llava")
+def data_from_llava(
+    json_path: Path = typer.Argument(..., help="LLaVA-style conversation JSON (list of samples)."),
+    images: Path = typer.Option(..., "--images", help="Root folder the samples' image paths are relative to."),
+    out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
+    split: str = typer.Option("train", "--split", help="Split name to write."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+) -> None:
+    """Convert LLaVA-style conversation JSON into shards; invalid samples are counted by reason."""
+    from unicode_mllm.data.converters import convert_llava_json
+
+    if not json_path.is_file():
+        raise UserError(f"conversation file {json_path} not found; pass an existing JSON file")
+    report = convert_llava_json(json_path, images, out, split=split, maxcount=shard_size)
+    typer.echo(report.summary())
+
+
+@data_app.command("inspect")
+def data_inspect(
+    folder: Path = typer.Argument(..., help="A shard folder with manifest.json."),
+    split: str | None = typer.Option(None, "--split", help="Read back this split only."),
+) -> None:
+    """Print the manifest and stream every sample back, reporting samples that cannot be decoded."""
+    from unicode_mllm.data.shards import read_manifest
+    from unicode_mllm.data.stream import ShardStream, SkipReport
+    from unicode_mllm.runtime.progress import track
+
+    manifest = read_manifest(folder)
+    splits = [split] if split else sorted(manifest.splits)
+    for name in splits:
+        stream = ShardStream.from_folder(folder, name, shuffle=False)
+        report = SkipReport()
+        total = manifest.splits[name].count if name in manifest.splits else None
+        n = 0
+        for sample in track(stream, f"reading {name}", total=total):
+            report.add(sample)
+            n += 1
+        typer.echo(f"{name}: {n} samples read; {report.summary()}")
+
+
+@data_app.command("check-analyser")
+def data_check_analyser(
+    count: int = typer.Option(1000, "--count", help="Freshly rendered images per condition."),
+    size: int = typer.Option(64, "--size", help="Image size in pixels."),
+    seed: int = typer.Option(12345, "--seed", help="World seed (use one not used for training data)."),
+) -> None:
+    """Measure the shapes analyser on fresh renders: clean, with noise, with JPEG compression."""
+    from unicode_mllm.data.shapes_dataset import measure_analyser
+
+    for line in measure_analyser(count=count, image_size=size, seed=seed):
+        typer.echo(line)
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), "--out", help="Working folder for data, models, report."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke-run profile (small data, few steps)."),
+) -> None:
+    """End-to-end demo on the embedded tiny preset (runs every stage implemented so far)."""
+    from unicode_mllm.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+# ---------------------------------------------------------------------------------------- entry
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors, non-zero exit, traceback only with --debug."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="unicode-mllm", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except UserError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(e)}", err=True)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        typer.echo(
+            f"error: internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for the traceback",
+            err=True,
+        )
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
