@@ -83,13 +83,14 @@ def data_from_folder(
     out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
     split: str = typer.Option("train", "--split", help="Split name to write."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards of this split."),
 ) -> None:
     """Convert an image folder into webdataset shards; unreadable images are counted and listed."""
     from unicode_mllm.data.converters import convert_image_folder
 
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found; pass an existing directory")
-    report = convert_image_folder(folder, out, split=split, maxcount=shard_size)
+    report = convert_image_folder(folder, out, split=split, maxcount=shard_size, overwrite=overwrite)
     typer.echo(report.summary())
 
 
@@ -100,13 +101,14 @@ def data_from_llava(
     out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
     split: str = typer.Option("train", "--split", help="Split name to write."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards of this split."),
 ) -> None:
     """Convert LLaVA-style conversation JSON into shards; invalid samples are counted by reason."""
     from unicode_mllm.data.converters import convert_llava_json
 
     if not json_path.is_file():
         raise UserError(f"conversation file {json_path} not found; pass an existing JSON file")
-    report = convert_llava_json(json_path, images, out, split=split, maxcount=shard_size)
+    report = convert_llava_json(json_path, images, out, split=split, maxcount=shard_size, overwrite=overwrite)
     typer.echo(report.summary())
 
 
@@ -117,19 +119,15 @@ def data_inspect(
 ) -> None:
     """Print the manifest and stream every sample back, reporting samples that cannot be decoded."""
     from unicode_mllm.data.shards import read_manifest
-    from unicode_mllm.data.stream import ShardStream, SkipReport
+    from unicode_mllm.data.stream import SkipReport, StreamingDataset
     from unicode_mllm.runtime.progress import track
 
     manifest = read_manifest(folder)
     splits = [split] if split else sorted(manifest.splits)
     for name in splits:
-        stream = ShardStream.from_folder(folder, name, shuffle=False)
+        stream = StreamingDataset.from_folder(folder, name, shuffle=False)
         report = SkipReport()
-        total = manifest.splits[name].count if name in manifest.splits else None
-        n = 0
-        for sample in track(stream, f"reading {name}", total=total):
-            report.add(sample)
-            n += 1
+        n = sum(1 for _ in report.track(track(stream, f"reading {name}", total=manifest.split(name).num_samples)))
         typer.echo(f"{name}: {n} samples read; {report.summary()}")
 
 

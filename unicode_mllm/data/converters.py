@@ -1,0 +1,302 @@
+"""Convert an image folder or a LLaVA-style JSON file into shards + manifest (see `shards`).
+
+Both converters read every input, write the good samples through `shards.write_split`, and count the
+bad ones by reason in a `ConversionReport` (never a crash, never a silent drop). The report's counts
+are also stored in the manifest under `extra.conversion`, and the converter's settings under
+`generator_config`.
+
+Sample metadata written (the writer adds `has_image`):
+
+* image folder: `{"source": "sub/cat.jpg", "caption": "a cat" | None, "height": h, "width": w}`.
+* LLaVA: `{"id": ..., "image_source": "coco/1.jpg" | None, "conversations": [{"from", "value"}, ...]}`.
+  A text-only record (no "image" field) is stored as a json-only sample (`has_image: false`), so it
+  stays in the same split and order as the image samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from unicode_mllm.constants import IMAGE_PLACEHOLDER
+from unicode_mllm.data.image_io import ImageDecodeError, encode_png, load_image
+from unicode_mllm.data.shards import SplitSummary, write_manifest, write_split
+from unicode_mllm.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ImageStorage = Literal["png", "original"]
+_KEEP_ORIGINAL = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}  # what "original" can store as-is
+HUMAN, GPT = "human", "gpt"
+
+
+@dataclass
+class ConversionReport:
+    """What a converter wrote and what it skipped, by reason, with the offending names."""
+
+    out_dir: Path
+    split: str
+    num_inputs: int = 0
+    num_written: int = 0
+    num_text_only: int = 0
+    num_without_caption: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    split_summary: SplitSummary | None = None
+
+    def skip(self, reason: str, name: str, message: str) -> None:
+        self.skipped.setdefault(reason, []).append(name)
+        logger.warning("skipping %s", message)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(names) for names in self.skipped.values())
+
+    def skip_counts(self) -> dict[str, int]:
+        return {reason: len(names) for reason, names in self.skipped.items()}
+
+    def summary(self) -> str:
+        """One line: "wrote 9 of 10 samples to out (split train, 1 shard); skipped 1: 1 corrupt image (bad.png)"."""
+        shards = len(self.split_summary.shards) if self.split_summary else 0
+        text = (
+            f"wrote {self.num_written} of {self.num_inputs} samples to {self.out_dir} "
+            f"(split {self.split}, {shards} shard{'s' if shards != 1 else ''})"
+        )
+        if self.num_text_only:
+            text += f", {self.num_text_only} text-only"
+        if self.num_without_caption:
+            text += f", {self.num_without_caption} without caption"
+        if self.skipped:
+            parts = []
+            for reason, names in sorted(self.skipped.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                parts.append(f"{len(names)} {reason} ({shown})")
+            text += f"; skipped {self.num_skipped}: " + ", ".join(parts)
+        return text
+
+
+def _image_record(path: Path, name: str, storage: ImageStorage, expected_size: Any) -> tuple[Any, str, Any]:
+    """Decode (verify) an image; return (stored bytes, extension, decoded image). Raises ImageDecodeError."""
+    img = load_image(path, expected_size=expected_size, name=name)
+    ext = _KEEP_ORIGINAL.get(path.suffix.lower())
+    if storage == "original" and ext is not None:
+        return path.read_bytes(), ext, img
+    return encode_png(img), "png", img
+
+
+def _finish(
+    report: ConversionReport,
+    out_dir: Path,
+    summary: SplitSummary,
+    generator_config: dict[str, Any],
+) -> ConversionReport:
+    report.split_summary = summary
+    if summary.num_samples == 0:
+        raise UserError(f"no sample could be converted: {report.summary()}; fix the input and run again")
+    extra = {"conversion": {"num_inputs": report.num_inputs, "skipped": report.skip_counts()}}
+    write_manifest(out_dir, [summary], generator_config, extra=extra)
+    logger.info("%s", report.summary())
+    return report
+
+
+def convert_image_folder(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    recursive: bool = True,
+    captions_from: Literal["sidecar", "none"] = "sidecar",
+    *,
+    image_storage: ImageStorage = "png",
+    expected_size: int | tuple[int, int] | None = None,
+    maxcount: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """Turn every image file (png/jpg/jpeg/webp/bmp) under `folder` into a sample of `split`.
+
+    Files are taken in sorted path order; keys are their positions ("00000000", ...). The caption is
+    the text of the sidecar `name.txt` next to `name.ext` (stripped) when `captions_from="sidecar"`
+    and it exists; otherwise None. Every image is fully decoded first; `image_storage="png"` stores the
+    decoded RGB pixels as PNG, "original" keeps png/jpg/jpeg bytes verbatim (others become PNG).
+    Unreadable images and caption files are skipped, counted by reason and named in the report.
+
+    Returns the ConversionReport. Raises UserError when the folder is missing, holds no image files,
+    or no image could be converted.
+    """
+    src = Path(folder)
+    if captions_from not in ("sidecar", "none"):
+        raise ValueError(f"captions_from {captions_from!r} is unknown; choose one of ['none', 'sidecar']")
+    if image_storage not in ("png", "original"):
+        raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
+    if not src.is_dir():
+        raise UserError(f"{src}: no such image folder; check the path")
+    candidates = src.rglob("*") if recursive else src.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+    if not files:
+        raise UserError(
+            f"{src}: no image files ({', '.join(IMAGE_FILE_SUFFIXES)}) found"
+            + ("" if recursive else " (recursive=False)")
+            + "; check the folder"
+        )
+    out = Path(out_dir)
+    report = ConversionReport(out_dir=out, split=split, num_inputs=len(files))
+
+    def records() -> Iterator[dict[str, Any]]:
+        for path in files:
+            name = path.relative_to(src).as_posix()
+            caption = None
+            sidecar = path.with_suffix(".txt")
+            if captions_from == "sidecar" and sidecar.is_file():
+                try:
+                    caption = sidecar.read_text(encoding="utf-8").strip()
+                except (UnicodeDecodeError, OSError) as exn:
+                    report.skip("unreadable caption", name, f"{sidecar}: caption is not UTF-8 text ({exn})")
+                    continue
+            try:
+                data, ext, img = _image_record(path, name, image_storage, expected_size)
+            except ImageDecodeError as exn:
+                report.skip(exn.reason, name, str(exn))
+                continue
+            report.num_without_caption += caption is None and captions_from == "sidecar"
+            meta = {"source": name, "caption": caption, "height": img.height, "width": img.width}
+            yield {"key": f"{report.num_written:08d}", "image": data, "image_ext": ext, "meta": meta}
+            report.num_written += 1
+
+    summary = write_split(records(), out, split, maxcount, progress, overwrite=overwrite)
+    config = {
+        "converter": "image_folder",
+        "folder": str(src.resolve()),
+        "split": split,
+        "recursive": recursive,
+        "captions_from": captions_from,
+        "image_storage": image_storage,
+        "expected_size": expected_size,
+        "maxcount": maxcount,
+    }
+    return _finish(report, out, summary, config)
+
+
+def check_conversation(conversations: Any, has_image: bool) -> tuple[str, str] | None:
+    """Validate a LLaVA conversation; return None when valid, else (reason, explanation).
+
+    Rules: a non-empty list of {"from": "human"|"gpt", "value": str}; turns alternate starting with
+    human and ending with gpt; with an image, `<image>` appears exactly once, in a human turn; without
+    one, it does not appear at all.
+    """
+    if not isinstance(conversations, list) or not conversations:
+        return "malformed record", "'conversations' must be a non-empty list"
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return "malformed record", f"turn {i} must be an object with a string 'value'"
+        if turn.get("from") not in (HUMAN, GPT):
+            return "malformed record", f"turn {i} is from {turn.get('from')!r}, expected 'human' or 'gpt'"
+    roles = [turn["from"] for turn in conversations]
+    for i, role in enumerate(roles):
+        if role != (HUMAN if i % 2 == 0 else GPT):
+            return "bad turn order", f"turn {i} is from {role!r}; turns must alternate human/gpt from human"
+    if roles[-1] != GPT:
+        return "bad turn order", "the last turn is from 'human' and has no answer"
+    in_human = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conversations if t["from"] == HUMAN)
+    in_gpt = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conversations if t["from"] == GPT)
+    if has_image and (in_human != 1 or in_gpt):
+        return "image placeholder mismatch", (
+            f"{IMAGE_PLACEHOLDER} appears {in_human} times in human turns and {in_gpt} in gpt turns; "
+            "an image sample needs it exactly once, in a human turn"
+        )
+    if not has_image and in_human + in_gpt:
+        return "image placeholder mismatch", f"a text-only record contains {IMAGE_PLACEHOLDER}"
+    return None
+
+
+def _load_llava_json(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such LLaVA JSON file; check the path")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; re-export it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exn:
+        raise UserError(f"{path}: not valid JSON (line {exn.lineno}: {exn.msg}); fix the file") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: top level is a {type(data).__name__}; expected a list of records")
+    return data
+
+
+def convert_llava_json(
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    *,
+    image_storage: ImageStorage = "png",
+    expected_size: int | tuple[int, int] | None = None,
+    maxcount: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert a LLaVA-style JSON list into shards of `split`.
+
+    Each record is `{"id", "image": path relative to image_root (optional), "conversations": [...]}`.
+    A record is skipped, counted by reason and named (by id, or "#index") in the report when it is
+    not an object or has a bad conversation (see `check_conversation`: "malformed record", "bad turn
+    order", "image placeholder mismatch"), or when its image is missing, corrupt or of the wrong size.
+    Records without "image" are kept as text-only (json-only) samples.
+
+    Returns the ConversionReport. Raises UserError when the JSON file is missing or not a list, or no
+    record could be converted.
+    """
+    src, root = Path(json_path), Path(image_root)
+    if image_storage not in ("png", "original"):
+        raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
+    data = _load_llava_json(src)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such image root folder; check the path")
+    out = Path(out_dir)
+    report = ConversionReport(out_dir=out, split=split, num_inputs=len(data))
+
+    def records() -> Iterator[dict[str, Any]]:
+        for index, record in enumerate(data):
+            if not isinstance(record, dict):
+                report.skip("malformed record", f"#{index}", f"record #{index}: not an object")
+                continue
+            name = str(record.get("id", f"#{index}"))
+            image_rel = record.get("image")
+            if image_rel is not None and not isinstance(image_rel, str):
+                report.skip("malformed record", name, f"record {name}: 'image' must be one path string")
+                continue
+            problem = check_conversation(record.get("conversations"), has_image=image_rel is not None)
+            if problem is not None:
+                report.skip(problem[0], name, f"record {name}: {problem[1]}")
+                continue
+            meta = {"id": record.get("id"), "image_source": image_rel, "conversations": record["conversations"]}
+            out_record: dict[str, Any] = {"key": f"{report.num_written:08d}", "meta": meta, "image": None}
+            if image_rel is not None:
+                try:
+                    data_bytes, ext, _ = _image_record(
+                        root / image_rel, f"{name} ({image_rel})", image_storage, expected_size
+                    )
+                except ImageDecodeError as exn:
+                    report.skip(exn.reason, name, f"record {exn}")
+                    continue
+                out_record.update(image=data_bytes, image_ext=ext)
+            else:
+                report.num_text_only += 1
+            yield out_record
+            report.num_written += 1
+
+    summary = write_split(records(), out, split, maxcount, progress, overwrite=overwrite)
+    config = {
+        "converter": "llava_json",
+        "json_path": str(src.resolve()),
+        "image_root": str(root.resolve()),
+        "split": split,
+        "image_storage": image_storage,
+        "expected_size": expected_size,
+        "maxcount": maxcount,
+    }
+    return _finish(report, out, summary, config)
