@@ -56,6 +56,7 @@ def data_shapes(
     config: Path | None = typer.Option(None, "--config", help="ShapesConfig YAML (default: built-in)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards of these splits."),
 ) -> None:
     """Render the synthetic shapes world into webdataset shards, a manifest and a sample grid PNG."""
     from unicode_mllm.config import load_config
@@ -72,7 +73,7 @@ def data_shapes(
     for split, n in counts.items():
         if n < 0:
             raise UserError(f"--{split} must be >= 0, got {n}")
-    result = write_shapes_dataset(cfg, out, counts, shard_size=shard_size)
+    result = write_shapes_dataset(cfg, out, counts, shard_size=shard_size, overwrite=overwrite)
     typer.echo(f"wrote {result.summary()} to {out}")
     typer.echo(f"sample grid: {result.grid_path}")
 
