@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from unicode_mllm.config import config_to_dict
-from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld, add_gaussian_noise, analyse, jpeg_roundtrip
+from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld, add_gaussian_noise, jpeg_roundtrip, score
 from unicode_mllm.data.shards import SplitSummary, write_manifest, write_split
 from unicode_mllm.errors import UserError
 from unicode_mllm.runtime.progress import track
@@ -67,52 +67,68 @@ def write_shapes_dataset(
     return ShapesDatasetResult(out_dir=out_dir, summaries=summaries, grid_path=grid_path)
 
 
+ATTRIBUTES = ("shape", "colour", "position", "size", "count", "background")
+
+
 @dataclass
 class AnalyserAccuracy:
+    """How well the analyser reads `count` fresh renders back under one condition.
+
+    exact: images whose whole scene came back (every object's shape, colour, size and position, the
+    object count and the background). attributes: mean per-attribute score (see `shapes.score`).
+    """
+
     condition: str
     image_size: int
     count: int
-    exact: int  # images whose whole scene (every object's shape, colour, size, position; count) came back
+    exact: int
+    attributes: dict[str, float]
 
     @property
     def accuracy(self) -> float:
         return self.exact / self.count
 
     def line(self) -> str:
-        return (
-            f"{self.image_size:>4} px  {self.condition:<18} {self.exact:>5}/{self.count}  {100 * self.accuracy:6.2f}%"
-        )
+        cols = " ".join(f"{100 * self.attributes[a]:>7.1f}" for a in ATTRIBUTES)
+        head = f"{self.image_size:>4} {self.condition:<9} {self.exact:>5}/{self.count:<5}"
+        return f"{head} {100 * self.accuracy:>7.2f} {cols}"
 
 
-def _scene_key(scene: Any) -> tuple:
-    objects = sorted((o.position, o.shape, o.colour, o.size) for o in scene.objects)
-    return (tuple(objects), scene.background)
+HEADER = f"{'size':>4} {'condition':<9} {'exact':>11} {'exact%':>7} " + " ".join(f"{a[:7]:>7}" for a in ATTRIBUTES)
 
 
 def analyser_accuracy(
-    count: int = 1000, image_size: int = 64, seed: int = 12345, conditions: tuple[str, ...] = ("clean", "noise", "jpeg")
+    count: int = 1000,
+    image_size: int = 64,
+    seed: int = 12345,
+    conditions: tuple[str, ...] = ("clean", "noise", "jpeg"),
+    noise_sigma: float = 5.0,
+    jpeg_quality: int = 75,
 ) -> list[AnalyserAccuracy]:
-    """Render `count` fresh val images and read them back, clean, with Gaussian noise (sigma 5/255)
-    and after JPEG at quality 75. Exact-scene accuracy per condition."""
+    """Render `count` fresh val images and score the analyser's reading of them against their scenes:
+    clean, with Gaussian noise (`noise_sigma` in 0-255 units) and after JPEG at `jpeg_quality`."""
     world = ShapesWorld(ShapesConfig(image_size=image_size, seed=seed))
     perturb = {
         "clean": lambda img, i: img,
-        "noise": lambda img, i: add_gaussian_noise(img, sigma=5.0, seed=i),
-        "jpeg": lambda img, i: jpeg_roundtrip(img, quality=75),
+        "noise": lambda img, i: add_gaussian_noise(img, sigma=noise_sigma, seed=i),
+        "jpeg": lambda img, i: jpeg_roundtrip(img, quality=jpeg_quality),
     }
+    unknown = [c for c in conditions if c not in perturb]
+    if unknown:
+        raise UserError(f"conditions {unknown} are unknown; choose from {sorted(perturb)}")
+    samples = list(world.iter_split("val", count))
     results = []
     for condition in conditions:
-        if condition not in perturb:
-            raise UserError(f"condition {condition!r} is unknown; choose from {sorted(perturb)}")
-        exact = 0
-        for sample in track(world.iter_split("val", count), f"analyser {condition} {image_size}px", total=count):
-            found = analyse(perturb[condition](sample.image, sample.index))
-            exact += _scene_key(found) == _scene_key(sample.scene)
-        results.append(AnalyserAccuracy(condition, image_size, count, exact))
+        exact, totals = 0, dict.fromkeys(ATTRIBUTES, 0.0)
+        for sample in track(samples, f"analyser {condition} {image_size}px"):
+            result = score(perturb[condition](sample.image, sample.index), sample.scene, world.cfg)
+            exact += result.exact
+            for a in ATTRIBUTES:
+                totals[a] += float(getattr(result, a))
+        results.append(AnalyserAccuracy(condition, image_size, count, exact, {a: v / count for a, v in totals.items()}))
     return results
 
 
 def measure_analyser(count: int = 1000, image_size: int = 64, seed: int = 12345) -> list[str]:
     """Printable lines for `unicode-mllm data check-analyser`."""
-    rows = analyser_accuracy(count, image_size, seed)
-    return ["size  condition          exact/count  accuracy", *(r.line() for r in rows)]
+    return [HEADER, *(r.line() for r in analyser_accuracy(count, image_size, seed))]

@@ -198,7 +198,10 @@ def write_split(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if _existing_shards(out, split) and not overwrite:
-        raise UserError(f"{out} already holds shards of split {split!r}; pass --overwrite (overwrite=True in Python) or choose an empty folder")
+        raise UserError(
+            f"{out} already holds shards of split {split!r}; "
+            "pass --overwrite (overwrite=True in Python) or choose an empty folder"
+        )
 
     staging = out / f".staging-{split}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
