@@ -88,7 +88,7 @@ def test_text_only_sample_is_json_only(tmp_path):
 def test_existing_split_needs_overwrite_and_stale_shards_go(tmp_path):
     write_split(_records(12), tmp_path, "train", maxcount=4, progress=False)
     assert len(list(tmp_path.glob("train-*.tar"))) == 3
-    with pytest.raises(UserError, match="already holds shards of split 'train'; pass overwrite=True"):
+    with pytest.raises(UserError, match="already holds shards of split 'train'; pass --overwrite"):
         write_split(_records(2), tmp_path, "train", progress=False)
     summary = write_split(_records(2), tmp_path, "train", maxcount=4, progress=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar"]
