@@ -1,0 +1,121 @@
+"""Stage-1 training: the blend schedules, a short real run, exact resume, the config checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokenizer_training.blend_schedule import BlendConfig, BlendSchedule
+from tokenizer_training.config import TokenizerTrainConfig
+from tokenizer_training.trainer import TokenizerTrainer
+from unicode_mllm.config import config_from_dict
+from unicode_mllm.errors import ConfigError
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+
+def tiny_cfg(lm_dir, shapes_dir, out_dir, **overrides) -> TokenizerTrainConfig:
+    base = {
+        "model": {"image_size": 32, "ch": 8, "ch_mult": [1, 2], "z_channels": 8, "num_res_blocks": 1, "depth": 2},
+        "codebook": {"llm": str(lm_dir), "blend": {"schedule": "ramp", "ramp_steps": 4}},
+        "loss": {"lpips_trunk": "random", "disc_start": 1, "disc_ch": 8, "disc_layers": 2},
+        "data": {"shards": str(shapes_dir), "batch_size": 4, "shuffle_buffer": 16},
+        "train": {
+            "steps": 6,
+            "device": "cpu",
+            "out_dir": str(out_dir),
+            "log_every": 1,
+            "eval_every": 6,
+            "eval_batches": 1,
+            "ckpt_every": 3,
+            "seed": 0,
+        },
+    }
+    return config_from_dict(TokenizerTrainConfig, base, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_ramp_schedule_reaches_language_codebook_then_fixes_it():
+    s = BlendSchedule(BlendConfig(schedule="ramp", ramp_steps=4))
+    assert [s.lam_after(k) for k in range(1, 7)] == [0.75, 0.5, 0.25, 0.0, None, None]
+    assert not s.codebook_fixed(3) and s.codebook_fixed(4)
+    assert s.gan_scale(0) == 1.0 and s.gan_scale(4) == pytest.approx(0.1) and s.gan_scale(2) == pytest.approx(0.55)
+
+
+def test_interval_schedule_blends_every_k_steps():
+    s = BlendSchedule(BlendConfig(schedule="interval", every=3, lam=0.8))
+    assert [s.lam_after(k) for k in range(1, 7)] == [None, None, 0.8, None, None, 0.8]
+    assert not s.codebook_fixed(100) and s.gan_scale(100) == 1.0
+
+
+def test_mode_and_schedule_must_agree(tmp_path):
+    with pytest.raises(ConfigError, match="codebook.mode='frozen' never blends"):
+        config_from_dict(TokenizerTrainConfig, {"codebook": {"mode": "frozen"}})
+    with pytest.raises(ConfigError, match="ramp_steps \\(2000\\) must be <= train.steps \\(10\\)"):
+        config_from_dict(TokenizerTrainConfig, {"codebook": {"blend": {"ramp_steps": 2000}}, "train": {"steps": 10}})
+
+
+def test_short_ramp_run_ends_on_the_language_codebook(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+    trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path))
+    result = trainer.fit()
+    assert result.steps == 6
+    assert result.metrics["rel_distance"] < 1e-6  # ramp ended at step 4; tail steps keep C == C_L
+    for name in ("config.json", "model.safetensors", "train_config.yaml"):
+        assert (result.final_dir / name).is_file()
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "samples" / "recon-0000006.png").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "total" in r] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["psnr_val"] > 0
+    assert "d_loss" not in rows[0] and "d_loss" in rows[1]  # the discriminator starts at loss.disc_start=1
+    # The saved tokenizer's codes are ordinary LLM token ids of the tiny LM.
+    from transformers import AutoTokenizer
+
+    tokenizer = VisualTokenizer.from_pretrained(result.final_dir)
+    text_tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ids = tokenizer.codes_to_token_ids(tokenizer.encode(torch.zeros(2, 3, 32, 32)))
+    assert not set(ids.flatten().tolist()) & set(text_tokenizer.all_special_ids)
+    assert int(ids.max()) < len(text_tokenizer)
+
+
+def test_resume_gives_the_same_next_step_loss(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+    full = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path / "a", **{"train.steps": 5}))
+    losses = [full.train_step(full.next_batch())["total"] for _ in range(5)]
+
+    first = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path / "b", **{"train.steps": 5}))
+    for _ in range(3):
+        first.train_step(first.next_batch())
+    first.save_checkpoint()
+    del first
+    torch.manual_seed(1234)  # disturb the global RNG: resume must restore it
+    resumed = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path / "b", **{"train.steps": 5}))
+    resumed.load_checkpoint()
+    assert resumed.step == 3
+    after = [resumed.train_step(resumed.next_batch())["total"] for _ in range(2)]
+    assert after == losses[3:]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "separate", "dual"])
+def test_other_codebook_modes_run(tiny_lm_dir, tiny_shapes_dir, tmp_path, mode):
+    cfg = tiny_cfg(
+        tiny_lm_dir,
+        tiny_shapes_dir,
+        tmp_path,
+        **{
+            "codebook.mode": mode,
+            "codebook.blend.schedule": "none",
+            "train.steps": 2,
+            "codebook.separate_num_codes": 16,
+        },
+    )
+    trainer = TokenizerTrainer(cfg)
+    before = trainer.tokenizer.quantizer.codebook.clone()
+    for _ in range(2):
+        trainer.train_step(trainer.next_batch())
+    after = trainer.tokenizer.quantizer.codebook
+    if mode == "frozen":
+        assert torch.equal(before, after) and trainer.relative_distance() == 0.0
+    else:
+        assert not torch.equal(before, after)
+    if mode == "separate":
+        assert trainer.relative_distance() is None and after.shape[0] == 16
+        assert int(trainer.tokenizer.code_to_token_id.min()) >= trainer.tokenizer.config.llm_vocab_size - 16

@@ -1,0 +1,395 @@
+"""Stage 1: train the visual tokenizer on image reconstruction with a codebook tied to the LLM's words.
+
+One `accelerate` loop: the encoder/decoder under the configured mixed precision while the quantizer
+stays fp32 (its adapter disables autocast), two optimizers (generator, discriminator), gradient
+clipping, the blend schedule after every step, DDP with `broadcast_buffers=False` and EMA statistics
+all-reduced by the quantizer, periodic atomic checkpoints with exact resume, logs (JSONL + curves PNG +
+reconstruction grids) and a final `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torchvision.utils import make_grid, save_image
+
+from tokenizer_training.blend_schedule import BlendSchedule
+from tokenizer_training.config import TokenizerTrainConfig
+from tokenizer_training.losses import VQGANLoss
+from tokenizer_training.usage import UsageWindow
+from unicode_mllm.config import dump_config
+from unicode_mllm.data.batches import DataPosition, EpochBatches
+from unicode_mllm.data.stream import StreamingDataset, collate
+from unicode_mllm.errors import UserError
+from unicode_mllm.image_metrics import psnr
+from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, join_tensors, split_tensors
+from unicode_mllm.runtime.progress import make_progress
+from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+from unicode_mllm.viz import plot_curves, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerTrainResult:
+    final_dir: Path
+    steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _accelerator(cfg: TokenizerTrainConfig) -> Accelerator:
+    device = cfg.train.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device='cuda' but CUDA is not available here; use train.device=auto or cpu")
+    return Accelerator(
+        cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
+        mixed_precision=cfg.train.mixed_precision,
+        # The codebook lives in buffers that the quantizer all-reduces itself; DDP must not re-send them.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def build_tokenizer(cfg: TokenizerTrainConfig, sync_codebook: bool) -> tuple[VisualTokenizer, LanguageCodebook]:
+    """The language codebook C_L from `codebook.llm` and a fresh tokenizer with C_L installed."""
+    if not cfg.codebook.llm:
+        raise UserError(
+            "codebook.llm is empty: set it to the LLM folder or name (e.g. --set codebook.llm=runs/lm/final)"
+        )
+    language = LanguageCodebook.from_pretrained(
+        cfg.codebook.llm, policy=cfg.codebook.policy, min_norm=cfg.codebook.min_norm, max_codes=cfg.codebook.max_codes
+    )
+    m = cfg.model
+    kwargs: dict[str, Any] = dict(
+        image_size=m.image_size,
+        ch=m.ch,
+        ch_mult=m.ch_mult,
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=m.attn_resolutions,
+        z_channels=m.z_channels,
+        dropout=m.dropout,
+        stacking=m.stacking,
+        depth=m.depth if m.stacking == "rq" else None,
+        llm_name_or_path=str(cfg.codebook.llm),
+        codebook_mode=cfg.codebook.mode,
+        decay=cfg.codebook.decay,
+        commitment_weight=cfg.codebook.commitment_weight,
+        norm_matching=cfg.codebook.norm_matching,
+        sync_codebook=sync_codebook,
+    )
+    if cfg.codebook.mode == "separate":
+        kwargs["num_codes"] = cfg.codebook.separate_num_codes
+    return VisualTokenizer.from_language_codebook(language, **kwargs), language
+
+
+def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # conv/linear weights; norms and biases are not decayed
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def _warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+    )
+
+
+class TokenizerTrainer:
+    """Owns the models, optimizers, data and logs of one stage-1 run (usable step by step in tests)."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, out_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir or cfg.train.out_dir)
+        self.accelerator = _accelerator(cfg)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        sync = should_sync_codebook()  # after the process group exists (QUANTIZER.md)
+        model, language = build_tokenizer(cfg, sync)
+        self.language_codebook = language.embeddings.to(self.accelerator.device)
+        self.loss_fn = VQGANLoss(cfg.loss).to(self.accelerator.device)
+        o = cfg.optim
+        opt_g = _optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
+        opt_d = _optimizer(self.loss_fn.discriminator.parameters(), o.disc_lr, o.betas, 0.0)
+        self.sched_g, self.sched_d = _warmup(opt_g, o.warmup_steps), _warmup(opt_d, o.warmup_steps)
+        self.model, self.disc, self.opt_g, self.opt_d = self.accelerator.prepare(
+            model, self.loss_fn.discriminator, opt_g, opt_d
+        )
+        self.schedule = BlendSchedule(cfg.codebook.blend)
+        self.step = 0
+        self.position = DataPosition()
+        q = self.tokenizer.quantizer
+        self.usage = UsageWindow(q.num_codes, self.tokenizer.code_shape[2], cfg.train.usage_window)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
+        self.log_path = self.out_dir / "metrics.jsonl"
+        self._batches = None
+
+    # ----- pieces ---------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> VisualTokenizer:
+        return self.accelerator.unwrap_model(self.model)
+
+    def relative_distance(self) -> float | None:
+        if self.cfg.codebook.mode == "separate":
+            return None  # its own codebook has other rows than C_L
+        return self.tokenizer.quantizer.relative_distance(self.language_codebook)
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        state = self.accelerator.state
+        return StreamingDataset(
+            self.cfg.data.shards,
+            split,
+            shuffle=shuffle,
+            seed=self.cfg.train.seed,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            image_format="tensor",
+            expected_size=self.cfg.model.image_size,
+        )
+
+    def batches(self) -> EpochBatches:
+        if self._batches is None:
+            self._batches = EpochBatches(
+                self._dataset(self.cfg.data.train_split, shuffle=True),
+                self.cfg.data.batch_size,
+                num_workers=self.cfg.data.num_workers,
+                max_skip_fraction=self.cfg.data.max_skip_fraction,
+                position=self.position,
+            )
+            self._iter = iter(self._batches)
+        return self._batches
+
+    def next_batch(self) -> torch.Tensor:
+        self.batches()
+        batch = next(self._iter)
+        self.position = self._batches.position
+        return batch["image"].to(self.accelerator.device)
+
+    # ----- one optimisation step ---------------------------------------------------------------
+
+    def train_step(self, images: torch.Tensor) -> dict[str, Any]:
+        """One generator + discriminator step, then the blend. Returns the step's logs."""
+        acc, cfg = self.accelerator, self.cfg
+        self.model.train()
+        fixed = self.schedule.codebook_fixed(self.step)
+        with acc.autocast():
+            out = self.model(images, freeze_codebook=True if fixed else None)
+        # The generator's GAN term goes through the unwrapped discriminator, so DDP never waits for
+        # discriminator gradients that this backward does not produce.
+        disc = acc.unwrap_model(self.disc)
+        self.loss_fn.discriminator = disc
+        g_loss, logs = self.loss_fn.generator_loss(
+            images,
+            out.reconstruction,
+            out.commit_loss,
+            self.step,
+            last_layer=self.tokenizer.decoder.last_layer_weight,
+            gan_scale=self.schedule.gan_scale(self.step),
+        )
+        self.opt_g.zero_grad(set_to_none=True)
+        acc.backward(g_loss)
+        if cfg.optim.grad_clip > 0:
+            logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+        self.opt_g.step()
+        self.sched_g.step()
+        if self.loss_fn.gan_active(self.step):
+            self.loss_fn.discriminator = self.disc  # the DDP-wrapped one: its gradients are all-reduced
+            d_loss, d_logs = self.loss_fn.discriminator_loss(images, out.reconstruction.detach(), self.step)
+            self.opt_d.zero_grad(set_to_none=True)
+            acc.backward(d_loss)
+            self.opt_d.step()
+            self.sched_d.step()
+            logs.update(d_logs)
+        self.step += 1
+        lam = self.schedule.apply(self.step, self.tokenizer.quantizer, self.language_codebook)
+        self.usage.add(out.codes.detach())
+        logs.update(
+            step=self.step,
+            psnr=float(psnr(images, out.reconstruction.detach()).mean()),
+            usage=self.usage.unique_per_depth(),
+            lr=self.sched_g.get_last_lr()[0],
+            gan_scale=self.schedule.gan_scale(self.step - 1),
+            codebook_fixed=fixed,
+        )
+        if lam is not None:
+            logs["lam"] = lam
+        return logs
+
+    # ----- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, grid_path: Path | None = None) -> dict[str, float]:
+        """Mean PSNR per eval split over `eval_batches` batches (codebook frozen, eval mode)."""
+        model = self.tokenizer
+        was_training = model.training
+        model.eval()
+        results: dict[str, float] = {}
+        try:
+            for split in self.cfg.data.eval_splits:
+                values, first = [], None
+                loader = torch.utils.data.DataLoader(
+                    self._dataset(split, shuffle=False),
+                    batch_size=self.cfg.data.batch_size,
+                    collate_fn=collate,
+                )
+                for i, batch in enumerate(loader):
+                    if i >= self.cfg.train.eval_batches:
+                        break
+                    if not batch["key"]:
+                        continue
+                    x = batch["image"].to(self.accelerator.device)
+                    rec = model(x, freeze_codebook=True).reconstruction.clamp(-1, 1)
+                    values.append(psnr(x, rec))
+                    if first is None:
+                        first = (x[:8], rec[:8])
+                if values:
+                    results[f"psnr_{split}"] = float(torch.cat(values).mean())
+                if grid_path is not None and first is not None and split == self.cfg.data.eval_splits[0]:
+                    x, rec = first
+                    grid = make_grid(torch.cat([x, rec]).add(1).div(2).clamp(0, 1), nrow=x.shape[0], padding=1)
+                    grid_path.parent.mkdir(parents=True, exist_ok=True)
+                    save_image(grid, grid_path)
+        finally:
+            model.train(was_training)
+        return results
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        opt_tree, opt_tensors = split_tensors({"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()}, "optimizer")
+        state = {
+            "optimizer": opt_tree,
+            "scheduler": {"g": self.sched_g.state_dict(), "d": self.sched_d.state_dict()},
+            "data": self.position.to_dict(),
+            "rng": capture_rng_state(),
+        }
+        tensors = {
+            "model": self.tokenizer.state_dict(),
+            "discriminator": acc.unwrap_model(self.disc).state_dict(),
+            "optimizer": opt_tensors,
+        }
+        return self.ckpt.save(self.step, tensors, state)
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        ckpt = self.ckpt.load(path, device=self.accelerator.device)
+        self.tokenizer.load_state_dict(ckpt.tensors["model"])
+        self.accelerator.unwrap_model(self.disc).load_state_dict(ckpt.tensors["discriminator"])
+        optim = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
+        self.opt_g.load_state_dict(optim["g"])
+        self.opt_d.load_state_dict(optim["d"])
+        self.sched_g.load_state_dict(ckpt.state["scheduler"]["g"])
+        self.sched_d.load_state_dict(ckpt.state["scheduler"]["d"])
+        self.step = ckpt.step
+        self.position = DataPosition(**ckpt.state["data"])
+        self._batches = None
+        restore_rng_state(ckpt.state["rng"])
+        log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
+
+    # ----- the run ---------------------------------------------------------------------------------
+
+    def fit(self, resume: bool | str = False) -> TokenizerTrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        if resume:
+            self.load_checkpoint(None if resume is True else resume)
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+        started = time.perf_counter()
+        last_eval: dict[str, float] = {}
+        with make_progress(disable=not acc.is_main_process) as progress:
+            task = progress.add_task("stage 1: tokenizer", total=cfg.train.steps, completed=self.step, stats="")
+            while self.step < cfg.train.steps:
+                logs = self.train_step(self.next_batch())
+                if not math.isfinite(logs["total"]):
+                    self.save_checkpoint()
+                    raise UserError(f"loss became {logs['total']} at step {self.step}; lower optim.lr or check data")
+                step = self.step
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    logs["rel_distance"] = self.relative_distance()
+                    logs["seconds"] = round(time.perf_counter() - started, 2)
+                    self._log(logs)
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    last_eval = self.evaluate(self.out_dir / "samples" / f"recon-{step:07d}.png")
+                    self._log({"step": step, **last_eval})
+                if step % cfg.train.ckpt_every == 0:
+                    self.save_checkpoint()
+                dist = logs.get("rel_distance")
+                progress.update(
+                    task,
+                    completed=step,
+                    stats=f"loss {logs['total']:.4f} psnr {logs['psnr']:.1f} usage {logs['usage']}"
+                    + (f" dist {dist:.3g}" if dist is not None else ""),
+                )
+                if cfg.train.max_minutes and time.perf_counter() - started > 60 * cfg.train.max_minutes:
+                    log.warning(
+                        "train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step
+                    )
+                    break
+        self.save_checkpoint()
+        final_dir = self.save_final()
+        metrics = {"step": self.step, "rel_distance": self.relative_distance(), **last_eval}
+        metrics["usage"] = self.usage.unique_per_depth()
+        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        if acc.is_main_process:
+            atomic_write_text(self.out_dir / "final_metrics.json", json.dumps(metrics, indent=2) + "\n")
+            self.plot()
+        return TokenizerTrainResult(final_dir, self.step, metrics)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> Path | None:
+        if not self.log_path.is_file():
+            return None
+        return plot_curves(
+            read_jsonl(self.log_path),
+            {
+                "loss": ["total", "pixel", "lpips", "quant"],
+                "PSNR (dB)": ["psnr", *[f"psnr_{s}" for s in self.cfg.data.eval_splits]],
+                "unique codes per depth (window)": ["usage"],
+                "||C - C_L|| / ||C_L||": ["rel_distance"],
+            },
+            self.out_dir / "curves.png",
+            log_scale=("loss",),
+        )
+
+    def save_final(self) -> Path:
+        """`save_pretrained` into out_dir/final via a temporary folder (never a half-written model)."""
+        final = self.out_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            tmp = self.out_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / "train_config.yaml", dump_config(self.cfg))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        return final
+
+
+def train_tokenizer(
+    cfg: TokenizerTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False
+) -> TokenizerTrainResult:
+    """Run stage 1 to `cfg.train.steps` (or `train.max_minutes`); returns where the tokenizer was saved."""
+    return TokenizerTrainer(cfg, out_dir).fit(resume=resume)

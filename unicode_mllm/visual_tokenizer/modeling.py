@@ -1,0 +1,313 @@
+"""The visual tokenizer as a Hugging Face model: encoder -> stacked quantizer -> decoder.
+
+Codes are rows of the unified codebook; `code_to_token_id` (kept in the config) maps them to LLM
+vocabulary ids, which are the interface to the LLM. `save_pretrained` writes `config.json` (with the
+id map) and `model.safetensors`; `from_pretrained` rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.visual_tokenizer.autoencoder import Decoder, Encoder
+from unicode_mllm.visual_tokenizer.language_codebook import LanguageCodebook
+from unicode_mllm.visual_tokenizer.quantizer import QuantizerSettings
+from unicode_mllm.visual_tokenizer.stacking import STACK_BUILDERS, build_stack
+
+
+class VisualTokenizerConfig(PretrainedConfig):
+    """Everything that rebuilds the architecture, plus the code -> LLM token id map."""
+
+    model_type = "unicode_visual_tokenizer"
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        ch: int = 64,
+        ch_mult: tuple[int, ...] | list[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_resolutions: tuple[int, ...] | list[int] = (),
+        z_channels: int = 64,
+        dropout: float = 0.0,
+        stacking: str = "rq",
+        depth: int | None = 2,
+        llm_width: int = 64,
+        num_codes: int = 256,
+        code_to_token_id: list[int] | None = None,
+        llm_vocab_size: int | None = None,
+        llm_name_or_path: str = "",
+        codebook_mode: str = "language_driven",
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.25,
+        norm_matching: str = "running_ratio",
+        feature_norm_decay: float = 0.99,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.ch = ch
+        self.ch_mult = list(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.attn_resolutions = list(attn_resolutions)
+        self.z_channels = z_channels
+        self.dropout = dropout
+        self.stacking = stacking
+        self.depth = depth
+        self.llm_width = llm_width
+        self.num_codes = num_codes
+        self.code_to_token_id = list(code_to_token_id) if code_to_token_id is not None else list(range(num_codes))
+        self.llm_vocab_size = llm_vocab_size if llm_vocab_size is not None else max(self.code_to_token_id) + 1
+        self.llm_name_or_path = llm_name_or_path
+        self.codebook_mode = codebook_mode
+        self.decay = decay
+        self.eps = eps
+        self.commitment_weight = commitment_weight
+        self.norm_matching = norm_matching
+        self.feature_norm_decay = feature_norm_decay
+        super().__init__(**kwargs)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def check(self) -> None:
+        """Cross-field checks; ConfigError names the keys and values."""
+        if self.stacking not in STACK_BUILDERS:
+            raise ConfigError(f"stacking {self.stacking!r} is unknown; choose one of {sorted(STACK_BUILDERS)}")
+        f = self.downsample_factor
+        if self.image_size % f:
+            raise ConfigError(f"image_size {self.image_size} must be divisible by the downsampling factor {f}")
+        if self.stacking == "hq" and (self.image_size // f) % 2:
+            raise ConfigError(f"stacking 'hq' needs an even latent grid; image_size {self.image_size} / {f} is odd")
+        if len(self.code_to_token_id) != self.num_codes:
+            raise ConfigError(
+                f"code_to_token_id has {len(self.code_to_token_id)} ids but num_codes is {self.num_codes}"
+            )
+        if len(set(self.code_to_token_id)) != self.num_codes:
+            raise ConfigError("code_to_token_id has repeated token ids; each code needs its own LLM token id")
+
+    def quantizer_settings(self) -> QuantizerSettings:
+        return QuantizerSettings(
+            codebook_mode=self.codebook_mode,
+            decay=self.decay,
+            eps=self.eps,
+            commitment_weight=self.commitment_weight,
+            norm_matching=self.norm_matching,
+            feature_norm_decay=self.feature_norm_decay,
+        )
+
+
+@dataclass
+class VisualTokenizerOutput:
+    """reconstruction: (b, 3, H, W) in ~[-1, 1]; codes: (b, h, w, d) code indices; commit_loss: ()."""
+
+    reconstruction: Tensor
+    codes: Tensor
+    commit_loss: Tensor
+
+
+class VisualTokenizer(PreTrainedModel):
+    """Images (b, 3, H, W) in [-1, 1] <-> codes (b, h, w, d) <-> LLM token ids (b, h, w, d)."""
+
+    config_class = VisualTokenizerConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "visual_tokenizer"
+    # The library lists the one shared codebook under every residual layer's key; only layer 0's
+    # copy is saved (see `save_pretrained`), the others are the same tensors after construction.
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [r"rvq\.layers\.[1-9][0-9]*\._codebook\."]
+
+    def __init__(self, config: VisualTokenizerConfig, sync_codebook: bool = False):
+        super().__init__(config)
+        config.check()
+        arch = dict(
+            ch=config.ch,
+            ch_mult=tuple(config.ch_mult),
+            num_res_blocks=config.num_res_blocks,
+            attn_resolutions=tuple(config.attn_resolutions),
+            resolution=config.image_size,
+            dropout=config.dropout,
+        )
+        self.encoder = Encoder(z_channels=config.z_channels, **arch)
+        self.stack = build_stack(
+            config.stacking,
+            z_channels=config.z_channels,
+            llm_width=config.llm_width,
+            num_codes=config.num_codes,
+            depth=config.depth if config.stacking == "rq" else None,
+            settings=config.quantizer_settings(),
+            sync_codebook=sync_codebook,
+        )
+        self.decoder = Decoder(in_channels=self.stack.decoder_in_channels, **arch)
+        self._id_maps: tuple[Tensor, Tensor] | None = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Keep PyTorch's default initialisation of convs and the quantizer's own buffers.
+        return
+
+    # ----- shapes --------------------------------------------------------------------------
+
+    @property
+    def quantizer(self):
+        return self.stack.quantizer
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        side = self.config.image_size // self.config.downsample_factor
+        return (side, side)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (*self.latent_hw, self.config.z_channels)
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        """(h, w, d): the LLM reads h*w aggregated embeddings and writes h*w*d codes."""
+        return self.stack.code_shape(self.latent_hw)
+
+    @property
+    def num_read_tokens(self) -> int:
+        h, w, _ = self.code_shape
+        return h * w
+
+    @property
+    def num_write_tokens(self) -> int:
+        h, w, d = self.code_shape
+        return h * w * d
+
+    def _check_images(self, pixel_values: Tensor) -> None:
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise UserError(
+                f"images must be (b, 3, {size}, {size}) in [-1, 1], got {tuple(pixel_values.shape)}; "
+                f"resize to {size}x{size} RGB"
+            )
+
+    # ----- the model ----------------------------------------------------------------------
+
+    def forward(self, pixel_values: Tensor, freeze_codebook: bool | None = None) -> VisualTokenizerOutput:
+        self._check_images(pixel_values)
+        z = self.encoder(pixel_values)
+        out = self.stack(z, freeze_codebook=freeze_codebook)
+        return VisualTokenizerOutput(self.decoder(out.z_q), out.codes, out.commit_loss)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """(b, 3, H, W) in [-1, 1] -> codes (b, h, w, d) int64 (no codebook update)."""
+        self._check_images(pixel_values)
+        was_training = self.training
+        self.eval()
+        try:
+            return self.stack(self.encoder(pixel_values), freeze_codebook=True).codes
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes (b, h, w, d) -> images (b, 3, H, W), clamped to [-1, 1]."""
+        if tuple(codes.shape[1:]) != self.code_shape:
+            raise UserError(f"codes must be (b, {', '.join(map(str, self.code_shape))}), got {tuple(codes.shape)}")
+        return self.decoder(self.stack.decode_codes(codes)).clamp(-1.0, 1.0)
+
+    # ----- the interface to the LLM ------------------------------------------------------------
+
+    def _maps(self) -> tuple[Tensor, Tensor]:
+        # Built from the config on first use, not kept as buffers: HF's loader constructs the model on
+        # the meta device and leaves non-persistent buffers empty; the map already lives in config.json.
+        if self._id_maps is None:
+            ids = torch.tensor(self.config.code_to_token_id, dtype=torch.long, device="cpu")
+            lookup = torch.full((self.config.llm_vocab_size,), -1, dtype=torch.long, device="cpu")
+            lookup[ids] = torch.arange(self.config.num_codes, device="cpu")
+            self._id_maps = (ids, lookup)
+        return self._id_maps
+
+    @property
+    def code_to_token_id(self) -> Tensor:
+        """(v,) LLM token id of each code."""
+        return self._maps()[0]
+
+    @property
+    def token_id_to_code(self) -> Tensor:
+        """(llm_vocab_size,) code of each LLM token id, -1 where the id is not a visual code."""
+        return self._maps()[1]
+
+    def codes_to_token_ids(self, codes: Tensor) -> Tensor:
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.num_codes):
+            raise UserError(
+                f"codes must lie in [0, {self.config.num_codes}); got [{int(codes.min())}, {int(codes.max())}]"
+            )
+        return self.code_to_token_id.to(codes.device)[codes]
+
+    def token_ids_to_codes(self, token_ids: Tensor) -> Tensor:
+        """Inverse of `codes_to_token_ids`; raises UserError for ids that are not visual codes."""
+        lookup = self.token_id_to_code.to(token_ids.device)
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= lookup.numel()):
+            raise UserError(f"token ids must lie in [0, {lookup.numel()}) to be visual codes")
+        codes = lookup[token_ids]
+        if bool((codes < 0).any()):
+            bad = token_ids[codes < 0][:5].tolist()
+            raise UserError(f"token ids {bad} are not visual codes of this tokenizer")
+        return codes
+
+    def is_code_token_id(self, token_ids: Tensor) -> Tensor:
+        lookup = self.token_id_to_code.to(token_ids.device)
+        inside = (token_ids >= 0) & (token_ids < lookup.numel())
+        return inside & (lookup[token_ids.clamp(0, lookup.numel() - 1)] >= 0)
+
+    @staticmethod
+    def aggregate_embeddings(token_ids: Tensor, embedding_table: nn.Embedding | Tensor) -> Tensor:
+        """(b, h, w, d) LLM token ids -> (b, h*w, c): the sum over depth of the LLM's own embeddings."""
+        weight = embedding_table.weight if isinstance(embedding_table, nn.Embedding) else embedding_table
+        embeds = nn.functional.embedding(token_ids, weight)  # (b, h, w, d, c)
+        return rearrange(embeds.sum(dim=3), "b h w c -> b (h w) c")
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """HF save, minus the duplicate keys of the shared codebook (safetensors refuses shared tensors)."""
+        if "state_dict" not in kwargs:
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not _is_shared_codebook_copy(k)}
+        super().save_pretrained(save_directory, **kwargs)
+
+    # ----- construction from an LLM ----------------------------------------------------------
+
+    @classmethod
+    def from_language_codebook(cls, codebook: LanguageCodebook, **config_kwargs) -> VisualTokenizer:
+        """A fresh tokenizer whose codebook is installed from C_L (or, in 'separate' mode, its own)."""
+        mode = config_kwargs.get("codebook_mode", "language_driven")
+        if mode == "separate":
+            # Its own codes become new vocabulary appended after the LLM's (the paper's "separate").
+            ids = list(range(codebook.vocab_size, codebook.vocab_size + config_kwargs.get("num_codes", 256)))
+            config = VisualTokenizerConfig(
+                llm_width=codebook.llm_width, code_to_token_id=ids, llm_vocab_size=ids[-1] + 1, **config_kwargs
+            )
+        else:
+            config_kwargs.pop("num_codes", None)
+            config = VisualTokenizerConfig(
+                llm_width=codebook.llm_width,
+                num_codes=codebook.num_codes,
+                code_to_token_id=codebook.code_to_token_id.tolist(),
+                llm_vocab_size=codebook.vocab_size,
+                **config_kwargs,
+            )
+        model = cls(config)
+        if mode == "separate":
+            gen = torch.Generator().manual_seed(0)
+            model.quantizer.init_codebook_randomly(mean_norm=float(codebook.mean_norm), generator=gen)
+        else:
+            model.quantizer.install(codebook.embeddings)
+        return model
+
+
+def _is_shared_codebook_copy(key: str) -> bool:
+    return re.search(VisualTokenizer._keys_to_ignore_on_load_missing[0], key) is not None
+
+
+AutoConfig.register(VisualTokenizerConfig.model_type, VisualTokenizerConfig)
+AutoModel.register(VisualTokenizerConfig, VisualTokenizer)
