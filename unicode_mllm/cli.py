@@ -145,6 +145,72 @@ def data_check_analyser(
         typer.echo(line)
 
 
+# ---------------------------------------------------------------------------------------- stage 1
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    config: Path = typer.Option(..., "--config", help="Stage-1 YAML, e.g. configs/tokenizer/tiny.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.steps=100."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: train.out_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+) -> None:
+    """Stage 1: train the visual tokenizer whose codebook is the LLM's embedding table."""
+    from tokenizer_training.config import TokenizerTrainConfig
+    from tokenizer_training.trainer import train_tokenizer
+    from unicode_mllm.config import load_config
+
+    cfg = load_config(TokenizerTrainConfig, config, set_)
+    result = train_tokenizer(cfg, out_dir=out, resume=resume)
+    m = result.metrics
+    typer.echo(f"tokenizer saved to {result.final_dir} after {result.steps} steps")
+    typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(
+    images: list[Path] = typer.Argument(..., help="Image files to reconstruct."),
+    model: Path = typer.Option(..., "--model", help="Tokenizer folder (save_pretrained output)."),
+    out: Path = typer.Option(Path("reconstructions"), "-o", "--out", help="Output folder for PNGs."),
+    lpips_trunk: str = typer.Option("auto", "--lpips-trunk", help="VGG16 trunk for LPIPS: auto, a path, or none."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+) -> None:
+    """Reconstruct images through a trained tokenizer; print PSNR and LPIPS per image."""
+    from unicode_mllm.visual_tokenizer.reconstruct import reconstruct_files
+
+    _require_model_dir(model, "tokenizer")
+    for path in images:
+        if not path.is_file():
+            raise UserError(f"image {path} not found; pass existing image files")
+    results = reconstruct_files(model, images, out, None if lpips_trunk == "none" else lpips_trunk, device)
+    for r in results:
+        lp = f"{r.lpips:.4f}" if r.lpips is not None else "n/a (no VGG16 trunk; pass --lpips-trunk PATH)"
+        typer.echo(f"{r.source}: PSNR {r.psnr:.2f} dB, LPIPS {lp} -> {r.output}")
+
+
+@app.command("tokenize")
+def tokenize_cmd(
+    model: Path = typer.Option(..., "--model", help="Tokenizer folder (save_pretrained output)."),
+    shards: Path = typer.Option(..., "--shards", help="Input shard folder with manifest.json."),
+    out: Path = typer.Option(..., "--out", help="Output shard folder (images + visual_token_ids)."),
+    split: list[str] = typer.Option([], "--split", help="Splits to encode (default: all)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards in --out."),
+) -> None:
+    """Pre-extract LLM token ids of every image of a shard set (stage 2 then skips the tokenizer)."""
+    from unicode_mllm.visual_tokenizer.extract import extract_codes
+
+    _require_model_dir(model, "tokenizer")
+    summaries = extract_codes(model, shards, out, split or None, batch_size, device, overwrite)
+    typer.echo(", ".join(f"{s.num_samples} {name}" for name, s in summaries.items()) + f" written to {out}")
+
+
+def _require_model_dir(path: Path, what: str) -> None:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{what} folder {path} not found or has no config.json; pass a save_pretrained folder")
+
+
 # ---------------------------------------------------------------------------------------- demo
 
 

@@ -278,8 +278,14 @@ class VisualTokenizer(PreTrainedModel):
     # ----- construction from an LLM ----------------------------------------------------------
 
     @classmethod
-    def from_language_codebook(cls, codebook: LanguageCodebook, **config_kwargs) -> VisualTokenizer:
-        """A fresh tokenizer whose codebook is installed from C_L (or, in 'separate' mode, its own)."""
+    def from_language_codebook(
+        cls, codebook: LanguageCodebook, *, sync_codebook: bool = False, **config_kwargs
+    ) -> VisualTokenizer:
+        """A fresh tokenizer whose codebook is installed from C_L (or, in 'separate' mode, its own).
+
+        sync_codebook: all-reduce EMA statistics across ranks (an explicit bool, computed by the
+        caller after the process group exists). config_kwargs: `VisualTokenizerConfig` fields.
+        """
         mode = config_kwargs.get("codebook_mode", "language_driven")
         if mode == "separate":
             # Its own codes become new vocabulary appended after the LLM's (the paper's "separate").
@@ -296,7 +302,7 @@ class VisualTokenizer(PreTrainedModel):
                 llm_vocab_size=codebook.vocab_size,
                 **config_kwargs,
             )
-        model = cls(config)
+        model = cls(config, sync_codebook=sync_codebook)
         if mode == "separate":
             gen = torch.Generator().manual_seed(0)
             model.quantizer.init_codebook_randomly(mean_norm=float(codebook.mean_norm), generator=gen)

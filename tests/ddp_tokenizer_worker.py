@@ -1,0 +1,47 @@
+"""Run by tests/test_tokenizer_ddp.py under torch.distributed.run (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from tokenizer_training.config import TokenizerTrainConfig
+from tokenizer_training.trainer import TokenizerTrainer
+from unicode_mllm.config import config_from_dict
+
+
+def main(cfg_path: str, out_path: str) -> None:
+    cfg = config_from_dict(TokenizerTrainConfig, json.loads(open(cfg_path).read()))
+    trainer = TokenizerTrainer(cfg)
+    first_keys = []
+    for _ in range(3):
+        batch = trainer.next_batch()
+        first_keys.append(float(batch.sum()))
+        trainer.train_step(batch)
+    codebook = trainer.tokenizer.quantizer.codebook.contiguous()
+    gathered = [torch.zeros_like(codebook) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, codebook)
+    weight = trainer.tokenizer.decoder.last_layer_weight.detach().contiguous()
+    weights = [torch.zeros_like(weight) for _ in range(dist.get_world_size())]
+    dist.all_gather(weights, weight)
+    batch_sums = [None] * dist.get_world_size()
+    dist.all_gather_object(batch_sums, first_keys)
+    if dist.get_rank() == 0:
+        result = {
+            "world_size": dist.get_world_size(),
+            "codebook_max_diff": float((gathered[0] - gathered[1]).abs().max()),
+            "weight_max_diff": float((weights[0] - weights[1]).abs().max()),
+            "codebook_moved": trainer.relative_distance(),
+            "batches_differ": batch_sums[0] != batch_sums[1],
+            "sync_codebook": trainer.tokenizer.quantizer.rvq.layers[0]._codebook.all_reduce_fn.__name__ != "noop",
+        }
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
