@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ from unicode_mllm.config import config_from_dict
 
 
 def main(cfg_path: str, out_path: str) -> None:
-    cfg = config_from_dict(TokenizerTrainConfig, json.loads(open(cfg_path).read()))
+    cfg = config_from_dict(TokenizerTrainConfig, json.loads(Path(cfg_path).read_text()))
     trainer = TokenizerTrainer(cfg)
     first_keys = []
     for _ in range(3):
