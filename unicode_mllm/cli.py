@@ -10,7 +10,6 @@ import logging
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from unicode_mllm.errors import UserError
@@ -233,6 +232,18 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+def _click_kind(error: BaseException) -> str | None:
+    """'Exit', 'Abort' or 'ClickException' for click's control-flow exceptions, else None.
+
+    typer vendors its own copy of click, so match by class name within a click module rather than
+    by identity with the `click` package's classes.
+    """
+    for cls in type(error).__mro__:
+        if "click" in cls.__module__ and cls.__name__ in ("Exit", "Abort", "ClickException"):
+            return cls.__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors, non-zero exit, traceback only with --debug."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -240,14 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args, prog_name="unicode-mllm", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
@@ -257,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_one_line(e)}", err=True)
         return 2
     except Exception as e:
+        kind = _click_kind(e)
+        if kind == "Exit":
+            return e.exit_code
+        if kind == "Abort":
+            typer.echo("aborted", err=True)
+            return 130
+        if kind == "ClickException":  # usage errors: click prints them with the usage line
+            e.show()
+            return e.exit_code
         if debug:
             raise
         typer.echo(
