@@ -48,6 +48,16 @@ Design decisions (each is tested):
 - Distributed: pass `sync_codebook` as an explicit bool computed after the process group exists
   (`should_sync_codebook()`); the library's own default resolves through a cached check that can
   keep a wrong first answer. Wrap the owner with DDP `broadcast_buffers=False`.
+- Backends (`QuantizerSettings.backend`): "library" (default) is the pinned `ResidualVQ`;
+  "native" is `native_quantizer.NativeResidualQuantizer`, the project's own quantizer with the same
+  buffers and EMA meaning, which searches in row chunks with argmin and accumulates the EMA sums
+  with `index_add_` (no dense (N, v) one-hot, no N x v x c matmuls for the statistics; see
+  shared/design/QUANTIZER.md, "Cost at LLM scale", and BENCHMARKS.md). Both sit at `self.rvq` and
+  share one calling convention, `self.rvq(x_llm) -> (quantized, codes (b, n, d), losses (d,))`
+  (EMA step in training mode, plain search in eval mode), and one codebook state
+  (`SharedCodebookState`: embed, embed_avg, cluster_size, initted, eps), so everything else in this
+  adapter (install, blend, freezing, commitment loss, norm matching, the one straight-through wrap)
+  is shared. State-dict keys differ (`rvq.layers.0._codebook.embed` vs `rvq.embed`).
 """
 
 from __future__ import annotations
@@ -69,6 +79,11 @@ from vector_quantize_pytorch.vector_quantize_pytorch import laplace_smoothing
 
 from unicode_mllm.config import bounded
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.visual_tokenizer.native_quantizer import (
+    DEFAULT_CHUNK_SIZE,
+    NativeResidualQuantizer,
+    SharedCodebookState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +91,10 @@ PINNED_VQ_VERSION = "1.31.0"  # the facts in QUANTIZER.md were verified on this 
 
 CodebookMode = Literal["language_driven", "frozen", "separate", "dual"]
 NormMatching = Literal["running_ratio", "none"]
+QuantizerBackend = Literal["library", "native"]
 CODEBOOK_MODES: tuple[str, ...] = get_args(CodebookMode)
 NORM_MATCHINGS: tuple[str, ...] = get_args(NormMatching)
+QUANTIZER_BACKENDS: tuple[str, ...] = get_args(QuantizerBackend)
 
 try:
     _INSTALLED_VQ_VERSION = metadata.version("vector-quantize-pytorch")
@@ -120,6 +137,10 @@ class QuantizerSettings:
     target_norm: float = bounded(
         1.0, min=0.0, help="reference codebook norm before install(); install() replaces it with C_L's"
     )
+    backend: QuantizerBackend = "library"
+    native_chunk_size: int = bounded(
+        DEFAULT_CHUNK_SIZE, min=1, help="rows per distance chunk of the native backend (memory: rows x v fp32)"
+    )
 
     def validate(self) -> None:
         """Raises ConfigError naming the bad key and its value."""
@@ -143,6 +164,12 @@ class QuantizerSettings:
             raise ConfigError(f"quantizer.commitment_weight must be >= 0 (e.g. 0.25); got {self.commitment_weight}")
         if self.target_norm <= 0.0:
             raise ConfigError(f"quantizer.target_norm must be positive; got {self.target_norm}")
+        if self.backend not in QUANTIZER_BACKENDS:
+            raise ConfigError(
+                f"quantizer.backend {self.backend!r} is unknown; choose one of {sorted(QUANTIZER_BACKENDS)}"
+            )
+        if self.native_chunk_size < 1:
+            raise ConfigError(f"quantizer.native_chunk_size must be >= 1 (e.g. 2048); got {self.native_chunk_size}")
 
 
 @dataclass
@@ -236,7 +263,9 @@ class StackedQuantizer(nn.Module):
     """`depth` residual quantizers sharing one (num_codes, llm_width) codebook, behind projections.
 
     Wraps `vector_quantize_pytorch.ResidualVQ` with every behaviour-changing option passed
-    explicitly. The codebook is fp32 and lives in LLM units (see the module docstring).
+    explicitly (`settings.backend="library"`, the default) or the project's own
+    `NativeResidualQuantizer` with the same buffers (`"native"`). The codebook is fp32 and lives in
+    LLM units (see the module docstring).
 
     Codebook modes:
         language_driven: EMA updates, plus `blend_toward(C_L, lam)` from the trainer.
@@ -300,11 +329,17 @@ class StackedQuantizer(nn.Module):
             norm_decay=settings.feature_norm_decay,
             sync=sync_codebook,
         )
-        self.rvq = ResidualVQ(
-            dim=llm_width,
-            codebook_dim=llm_width,  # the adapter owns the projections (gradient must reach proj_out)
-            num_quantizers=depth,
-            codebook_size=num_codes,
+        self.backend: QuantizerBackend = settings.backend
+        builders = {"library": self._build_library_rvq, "native": self._build_native_rvq}
+        self.rvq: nn.Module = builders[settings.backend](settings, sync_codebook)
+        self.register_buffer("target_norm", torch.tensor(float(settings.target_norm)))
+
+    def _build_library_rvq(self, settings: QuantizerSettings, sync_codebook: bool) -> nn.Module:
+        return ResidualVQ(
+            dim=self.llm_width,
+            codebook_dim=self.llm_width,  # the adapter owns the projections (gradient must reach proj_out)
+            num_quantizers=self.depth,
+            codebook_size=self.num_codes,
             shared_codebook=True,
             decay=self.decay_per_layer,
             eps=settings.eps,
@@ -330,13 +365,27 @@ class StackedQuantizer(nn.Module):
             accept_image_fmap=False,  # broken for ResidualVQ in 1.31.0; the adapter reshapes itself
             channel_last=True,
         )
-        self.register_buffer("target_norm", torch.tensor(float(settings.target_norm)))
+
+    def _build_native_rvq(self, settings: QuantizerSettings, sync_codebook: bool) -> nn.Module:
+        # Same decay split, eps, weight and sync as the library backend; see native_quantizer.py.
+        return NativeResidualQuantizer(
+            dim=self.llm_width,
+            codebook_size=self.num_codes,
+            depth=self.depth,
+            decay=self.decay_per_layer,
+            eps=settings.eps,
+            commitment_weight=settings.commitment_weight,
+            sync_codebook=sync_codebook,
+            chunk_size=settings.native_chunk_size,
+        )
 
     # ----- codebook state ---------------------------------------------------------------------
 
     @property
-    def _codebook_module(self) -> nn.Module:
-        # With shared_codebook=True every layer points at this one object.
+    def _codebook_module(self) -> SharedCodebookState:
+        if self.backend == "native":
+            return self.rvq  # the native quantizer holds its buffers itself
+        # With shared_codebook=True every library layer points at this one object.
         return self.rvq.layers[0]._codebook
 
     @property
@@ -607,10 +656,12 @@ __all__ = [
     "CODEBOOK_MODES",
     "NORM_MATCHINGS",
     "PINNED_VQ_VERSION",
+    "QUANTIZER_BACKENDS",
     "CodeUsage",
     "CodebookMode",
     "NormMatchedProjection",
     "NormMatching",
+    "QuantizerBackend",
     "QuantizerOutput",
     "QuantizerSettings",
     "StackedQuantizer",

@@ -1,0 +1,265 @@
+"""A project-owned residual EMA quantizer over one shared codebook: the `native` quantizer backend.
+
+It keeps the buffers of vector-quantize-pytorch 1.31.0's shared-codebook `ResidualVQ` (the layout
+the adapter in `quantizer.py` writes into) and their meaning, but never builds a dense (N, V) one-hot
+and never multiplies by one. Why it exists: QUANTIZER.md, "Cost at LLM scale" (three N x V x C
+matmuls and two dense (N, V) fp32 tensors per layer and step in the library).
+
+Written from reading the library's `Codebook` / `VectorQuantize` / `ResidualVQ` (1.31.0); no code is
+copied. What is kept, and checked against the library by tests/test_native_quantizer.py:
+
+- buffers `initted` () bool, `cluster_size` (1, v), `embed_avg` (1, v, c), `embed` (1, v, c), all fp32,
+  registered in that order; initial `embed` = Kaiming-uniform over the (1, v, c) tensor,
+  `embed_avg` = a copy of it, `cluster_size` = ones (so an install with the adapter's recipe is
+  consistent from the start); `initted` is always true (no k-means initialisation);
+- search: Euclidean nearest code, with the library's `sqrt(clamp(||x||^2 - 2 x.e + ||e||^2, 1e-8))`
+  and the first index on ties, so both backends pick the same codes (barring exact float ties
+  that the two computations round differently);
+- residual stacking: layer k quantizes r_k = x - sum_{j<k} q_j with the same codebook, which is not
+  changed between layers (the library's shared codebook recomputes it once, after the last layer);
+- EMA: each layer decays `cluster_size` and `embed_avg` once with `decay` (so one call decays them by
+  `decay ** depth`) and adds its own counts and sums of residuals; then
+  `embed = embed_avg / (laplace_smoothed(cluster_size) * cluster_size.sum())`, eps as the library;
+- per-layer commitment losses `commitment_weight * mse(r_k, q_k)` = `commitment_weight * mse(x, sum_{j<=k} q_j)`,
+  gradient to x only, zeros in eval mode;
+- distributed: with `sync_codebook` the counts and sums of the step are all-reduced before they
+  enter the EMA.
+
+What is different, on purpose:
+
+- cost: distances are computed `chunk_size` rows at a time (one (chunk, v) fp32 tensor alive, not
+  (N, v)), then `argmin`; statistics come from `bincount` and `index_add_` (O(N * c) instead of the
+  library's one-hot matmul, O(N * v * c)); `embed` is gathered, not multiplied out;
+- the D layers' statistics are folded into one update, `old * decay**D + sum_k (1 - decay) *
+  decay**(D - 1 - k) * new_k`, which is the library's sequential per-layer `lerp` written out: equal
+  up to float rounding, and one all-reduce per step instead of two per layer;
+- the returned `quantized` (sum of the chosen rows) carries no gradient: the owner applies its own
+  straight-through wrap (the adapter wraps once, in codebook space);
+- residuals are exact differences `r - q`; in training with gradients the library subtracts the
+  straight-through value `r + (q - r)`, which can differ in the last bit, so codes at depth >= 2 can
+  differ from the library's on exact float ties only;
+- no dead-code expiry, k-means init, masks, cosine distance, beam search or quantize dropout: the
+  project keeps all of them off (QUANTIZER.md);
+- freezing (`freeze_codebook=True` or eval mode) leaves every buffer untouched; the library's
+  training-mode forward recomputes `embed` even when frozen;
+- on CUDA, `index_add_` accumulates with atomics, so `embed_avg` is not bit-reproducible run to run
+  (the library's einsum is); the codes are.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from unicode_mllm.errors import ConfigError
+
+DEFAULT_CHUNK_SIZE = 2048  # rows per distance chunk: (2048, 32000) fp32 is 262 MB
+
+
+class SharedCodebookState(Protocol):
+    """The codebook state both backends expose to the adapter (the library's `Codebook` has it).
+
+    embed (1, v, c), embed_avg (1, v, c), cluster_size (1, v), initted (): fp32 buffers, except
+    `initted` (bool). eps: the Laplace smoothing of `cluster_size`.
+    """
+
+    embed: Tensor
+    embed_avg: Tensor
+    cluster_size: Tensor
+    initted: Tensor
+    eps: float
+
+
+def smoothed_cluster_size(cluster_size: Tensor, eps: float) -> Tensor:
+    """(..., v) EMA counts -> (..., v) Laplace-smoothed counts with the same total.
+
+    (n_i + eps) / (sum n + v * eps) * sum n: no count is zero, so `embed_avg / counts` is defined.
+    """
+    total = cluster_size.sum(dim=-1, keepdim=True)
+    return (cluster_size + eps) / (total + cluster_size.shape[-1] * eps) * total
+
+
+def squared_norms(rows: Tensor) -> Tensor:
+    """(m, c) -> (m,) squared L2 norms, without the (m, c) temporary that `rows.pow(2).sum(-1)`
+    allocates (524 MB for a 32000 x 4096 codebook). Equal to it up to float rounding (~1e-7 relative).
+    """
+    return torch.linalg.vector_norm(rows, dim=-1).square()
+
+
+def nearest_codes(
+    x: Tensor, codebook: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE, codebook_sq_norm: Tensor | None = None
+) -> Tensor:
+    """Index of the nearest codebook row (Euclidean) for each row of x, `chunk_size` rows at a time.
+
+    x: (m, c) fp32. codebook: (v, c) fp32. codebook_sq_norm: optional (v,) ||e||^2, reused across
+    calls. Returns (m,) int64. Only one (chunk_size, v) distance tensor is alive at a time.
+    Raises ValueError for a chunk_size below 1.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected x (m, c) and codebook (v, c); got {tuple(x.shape)} and {tuple(codebook.shape)}")
+    if codebook_sq_norm is None:
+        codebook_sq_norm = squared_norms(codebook)
+    codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    codebook_t = codebook.t()
+    for start in range(0, x.shape[0], chunk_size):
+        rows = x[start : start + chunk_size]  # (m_chunk, c)
+        # ||x||^2 + ||e||^2, then -2 x.e added in place by the matmul: one (m_chunk, v) tensor.
+        dist_chunk = squared_norms(rows)[:, None] + codebook_sq_norm  # (m_chunk, v)
+        dist_chunk.addmm_(rows, codebook_t, alpha=-2.0)
+        # The library's cdist clamps at 1e-8 and takes the square root before its argmax; sqrt maps
+        # some distinct squared distances to one float, and the first index then wins. Doing the
+        # same keeps the codes of both backends identical (O(m_chunk * v), not O(m_chunk * v * c)).
+        dist_chunk.clamp_min_(1e-8).sqrt_()
+        codes[start : start + chunk_size] = dist_chunk.argmin(dim=-1)
+    return codes
+
+
+class NativeResidualQuantizer(nn.Module):
+    """`depth` residual EMA quantizers sharing one (v, c) codebook (see the module docstring).
+
+    Called like the library's `ResidualVQ` as the adapter uses it: `forward(x)` with x (b, n, c)
+    returns (quantized (b, n, c) fp32 without gradient, codes (b, n, d) int64, losses (d,) fp32
+    per-layer weighted commitment losses). A training-mode call that is not frozen makes one EMA
+    update after all codes are chosen.
+
+    Args:
+        dim: codebook width c (no projections: the owner projects).
+        codebook_size: v.
+        depth: residual layers d.
+        decay: EMA decay applied once per layer (the library's `decay` with a shared codebook).
+        eps: Laplace smoothing of the counts.
+        commitment_weight: weight of each layer's commitment loss.
+        sync_codebook: all-reduce the step's counts and sums (DDP); an explicit bool.
+        chunk_size: rows per distance chunk.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int,
+        depth: int,
+        decay: float,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.25,
+        sync_codebook: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or depth < 1 or codebook_size < 2:
+            raise ConfigError(
+                f"native quantizer needs dim >= 1, depth >= 1, codebook_size >= 2; "
+                f"got dim={dim}, depth={depth}, codebook_size={codebook_size}"
+            )
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"native quantizer decay must lie strictly between 0 and 1; got {decay}")
+        if eps <= 0.0:
+            raise ConfigError(f"native quantizer eps must be positive; got {eps}")
+        if chunk_size < 1:
+            raise ConfigError(f"native quantizer chunk_size must be >= 1; got {chunk_size}")
+        if not isinstance(sync_codebook, bool):
+            raise ConfigError(f"sync_codebook must be an explicit bool; got {sync_codebook!r}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.depth = depth
+        self.decay = decay
+        self.eps = eps
+        self.commitment_weight = commitment_weight
+        self.sync_codebook = sync_codebook
+        self.chunk_size = chunk_size
+
+        # The library's initial codebook: Kaiming-uniform over the (1, v, c) tensor (fan_in = v * c).
+        embed = torch.empty(1, codebook_size, dim)
+        nn.init.kaiming_uniform_(embed)
+        self.register_buffer("initted", torch.tensor(True))
+        self.register_buffer("cluster_size", torch.ones(1, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("embed", embed)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, depth={self.depth}, decay={self.decay}, "
+            f"eps={self.eps}, sync_codebook={self.sync_codebook}, chunk_size={self.chunk_size}"
+        )
+
+    def forward(self, x: Tensor, freeze_codebook: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """x (b, n, c) -> (quantized (b, n, c), codes (b, n, d), losses (d,)); see the class docstring."""
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x (b, n, {self.dim}); got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            flat = rearrange(x.float(), "b n c -> (b n) c")
+            update = self.training and not freeze_codebook
+            codes, partial_sums = self._search(flat.detach(), update=update)
+            if self.training and self.commitment_weight > 0:
+                # r_k - q_k = x - sum_{j<=k} q_j: the gradient reaches x through every layer's term.
+                losses = torch.stack([F.mse_loss(flat, partial) for partial in partial_sums])
+                losses = losses * self.commitment_weight
+            else:
+                losses = flat.new_zeros(self.depth)
+        quantized = rearrange(partial_sums[-1], "(b n) c -> b n c", b=b, n=n)
+        return quantized, rearrange(codes, "d (b n) -> b n d", b=b, n=n), losses
+
+    @torch.no_grad()
+    def _search(self, flat: Tensor, *, update: bool) -> tuple[Tensor, list[Tensor]]:
+        """(m, c) -> codes (d, m) and the running sums sum_{j<=k} q_j, (m, c) each; maybe one EMA step."""
+        embed = self.embed[0]  # (v, c), unchanged until every layer has chosen its codes
+        sq_norm = squared_norms(embed)  # (v,)
+        num_codes, depth, decay = self.codebook_size, self.depth, self.decay
+        if update:
+            total_decay = decay**depth
+            if self.sync_codebook:
+                # The step's own statistics, all-reduced before they enter the EMA.
+                sums = torch.zeros_like(embed)  # (v, c)
+                counts = torch.zeros_like(self.cluster_size[0])  # (v,)
+            else:
+                # Decay first, then add each layer's weighted statistics in place: no (v, c) temporary.
+                self.cluster_size.mul_(total_decay)
+                self.embed_avg.mul_(total_decay)
+                sums, counts = self.embed_avg[0], self.cluster_size[0]
+        residual = flat
+        partial = torch.zeros_like(flat)
+        all_codes, partial_sums = [], []
+        for k in range(depth):
+            codes = nearest_codes(residual, embed, chunk_size=self.chunk_size, codebook_sq_norm=sq_norm)  # (m,)
+            quantized = F.embedding(codes, embed)  # (m, c), a gather
+            if update:
+                # Layer k's statistics are decayed by the d - 1 - k layers after it (library: lerp per layer).
+                weight = (1.0 - decay) * decay ** (depth - 1 - k)
+                counts.add_(torch.bincount(codes, minlength=num_codes).to(counts.dtype), alpha=weight)
+                sums.index_add_(0, codes, residual, alpha=weight)
+            residual = residual - quantized
+            partial = partial + quantized  # same order as the adapter's decode: equal bit for bit
+            all_codes.append(codes)
+            partial_sums.append(partial)
+        if update:
+            if self.sync_codebook:
+                dist.all_reduce(counts)
+                dist.all_reduce(sums)
+                self.cluster_size.mul_(total_decay).add_(counts)
+                self.embed_avg.mul_(total_decay).add_(sums)
+            self._recompute_embed()
+        return torch.stack(all_codes), partial_sums
+
+    @torch.no_grad()
+    def _recompute_embed(self) -> None:
+        # embed = embed_avg / smoothed counts, written in place (no (1, v, c) temporary).
+        counts = smoothed_cluster_size(self.cluster_size, self.eps)  # (1, v)
+        torch.div(self.embed_avg, rearrange(counts, "1 v -> 1 v 1"), out=self.embed)
+
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "NativeResidualQuantizer",
+    "SharedCodebookState",
+    "nearest_codes",
+    "smoothed_cluster_size",
+    "squared_norms",
+]
