@@ -94,6 +94,15 @@ def test_resume_gives_the_same_next_step_loss(tiny_lm_dir, tiny_shapes_dir, tmp_
     assert after == losses[3:]
 
 
+def test_native_backend_trains_and_round_trips(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+    trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"codebook.backend": "native"}))
+    logs = [trainer.train_step(trainer.next_batch()) for _ in range(2)]
+    assert all(row["total"] > 0 for row in logs) and trainer.tokenizer.config.backend == "native"
+    path = trainer.save_final()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(VisualTokenizer.from_pretrained(path).encode(x), trainer.tokenizer.encode(x))
+
+
 @pytest.mark.parametrize("mode", ["frozen", "separate", "dual"])
 def test_other_codebook_modes_run(tiny_lm_dir, tiny_shapes_dir, tmp_path, mode):
     cfg = tiny_cfg(

@@ -35,6 +35,7 @@ class CodebookConfig:
     decay: float = bounded(0.99, min=0.0, max=1.0, help="EMA decay of the codebook statistics per step")
     commitment_weight: float = bounded(0.25, min=0.0)
     norm_matching: Literal["running_ratio", "none"] = "running_ratio"
+    backend: Literal["library", "native"] = "library"  # native: chunked argmin + index_add_ EMA (BENCHMARKS.md)
     blend: BlendConfig = field(default_factory=BlendConfig)
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = bounded(2, min=1)
     usage_window: int = bounded(50, min=1, help="steps over which unique codes per depth are counted")
     max_minutes: float | None = bounded(None, min=0.0, help="stop (and save) after this wall time")
+    num_threads: int | None = bounded(None, min=1, help="torch intra-op threads (None: torch's default)")
 
 
 @dataclass

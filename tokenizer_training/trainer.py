@@ -86,6 +86,7 @@ def build_tokenizer(cfg: TokenizerTrainConfig, sync_codebook: bool) -> tuple[Vis
         decay=cfg.codebook.decay,
         commitment_weight=cfg.codebook.commitment_weight,
         norm_matching=cfg.codebook.norm_matching,
+        backend=cfg.codebook.backend,
         sync_codebook=sync_codebook,
     )
     if cfg.codebook.mode == "separate":
@@ -113,6 +114,8 @@ class TokenizerTrainer:
     def __init__(self, cfg: TokenizerTrainConfig, out_dir: str | Path | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir or cfg.train.out_dir)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
         self.accelerator = _accelerator(cfg)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         sync = should_sync_codebook()  # after the process group exists (QUANTIZER.md)

@@ -50,6 +50,7 @@ class VisualTokenizerConfig(PretrainedConfig):
         commitment_weight: float = 0.25,
         norm_matching: str = "running_ratio",
         feature_norm_decay: float = 0.99,
+        backend: str = "library",
         **kwargs,
     ):
         self.image_size = image_size
@@ -72,6 +73,7 @@ class VisualTokenizerConfig(PretrainedConfig):
         self.commitment_weight = commitment_weight
         self.norm_matching = norm_matching
         self.feature_norm_decay = feature_norm_decay
+        self.backend = backend  # 'library' (vector-quantize-pytorch) or 'native'; buffers differ in keys
         super().__init__(**kwargs)
 
     @property
@@ -102,6 +104,7 @@ class VisualTokenizerConfig(PretrainedConfig):
             commitment_weight=self.commitment_weight,
             norm_matching=self.norm_matching,
             feature_norm_decay=self.feature_norm_decay,
+            backend=self.backend,
         )
 
 
