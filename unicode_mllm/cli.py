@@ -144,6 +144,25 @@ def data_check_analyser(
         typer.echo(line)
 
 
+# ---------------------------------------------------------------------------------------- stage 0
+
+
+@app.command("train-lm")
+def train_lm_cmd(
+    config: Path = typer.Option(..., "--config", help="Stage-0 YAML, e.g. configs/lm/tiny.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.steps=100."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: train.out_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+) -> None:
+    """Stage 0: train the tiny text tokenizer and LLaMA on the shapes world's text (embedded default)."""
+    from unicode_mllm.config import load_config
+    from unicode_mllm.lm import LMTrainConfig, train_lm
+
+    cfg = load_config(LMTrainConfig, config, set_)
+    model_dir = train_lm(cfg, out_dir=out, resume=resume)
+    typer.echo(f"language model saved to {model_dir} (load with AutoModelForCausalLM.from_pretrained)")
+
+
 # ---------------------------------------------------------------------------------------- stage 1
 
 

@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,6 @@ from unicode_mllm.lm.corpus import build_corpus, encode_corpus
 from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
 from unicode_mllm.runtime.checkpoint import (
     CheckpointManager,
-    atomic_write,
     atomic_write_json,
     atomic_write_text,
     join_tensors,
@@ -61,6 +59,7 @@ from unicode_mllm.runtime.checkpoint import (
 from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
 from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.viz import plot_curves, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -300,33 +299,6 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curve(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Train and held-out loss against step, as a PNG (matplotlib's Agg canvas; no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for key, label in (("train/loss", "train stream"), ("val/loss", "held-out (canonical encoding)")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=label, marker="o" if key == "val/loss" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token loss (nats)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
 def _save_final(
     model: LlamaForCausalLM, text_tokenizer: PreTrainedTokenizerBase, cfg: LMTrainConfig, final: Path
 ) -> None:
@@ -417,7 +389,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
         position = DataPosition(**state["data"])
         step, elapsed_before = checkpoint.step, float(state["elapsed_s"])
         restore_rng_state(state["rng"])
-        rows = [r for r in _read_jsonl(log_path) if r["step"] <= step]  # drop what the lost run logged after
+        rows = [
+            r for r in (read_jsonl(log_path) if log_path.is_file() else []) if r["step"] <= step
+        ]  # drop what the lost run logged after
     else:
         rows = []
     if is_main:
@@ -472,7 +446,12 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     final = out_dir / MODEL_DIRNAME
     if is_main:
         _save_final(raw_model, text_tokenizer, cfg, final)
-        plot_loss_curve(rows, out_dir / CURVE_FILENAME)
+        plot_curves(
+            rows,
+            {"next-token loss (nats)": ["train/loss", "val/loss"]},
+            out_dir / CURVE_FILENAME,
+            log_scale=("next-token loss (nats)",),
+        )
         loop_seconds = time.perf_counter() - loop_started
         metrics = {
             "steps": tcfg.steps,
