@@ -185,6 +185,24 @@ def train_tokenizer_cmd(
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 
+@app.command("compare-codebook-modes")
+def compare_codebook_modes_cmd(
+    config: Path = typer.Option(..., "--config", help="Stage-1 YAML; its codebook.mode is replaced per run."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value (applies to every mode)."),
+    out: Path = typer.Option(Path("runs/codebook_modes"), "--out", help="One sub-folder per mode."),
+) -> None:
+    """Stage-1 ablation: language_driven, frozen, dual and separate on the same data, steps and seed."""
+    from tokenizer_training.compare_modes import compare_codebook_modes, rows_to_markdown
+    from tokenizer_training.config import TokenizerTrainConfig
+    from unicode_mllm.config import load_config
+
+    cfg = load_config(TokenizerTrainConfig, config, set_)
+    rows = compare_codebook_modes(cfg, out)
+    table = rows_to_markdown(rows, cfg.data.eval_splits)
+    (out / "comparison.md").write_text(table + "\n")
+    typer.echo(table)
+
+
 @app.command("reconstruct")
 def reconstruct_cmd(
     images: list[Path] = typer.Argument(..., help="Image files to reconstruct."),
