@@ -37,6 +37,10 @@ def _main_options(
     from unicode_mllm.runtime.progress import setup_logging
 
     setup_logging(log_level.upper())
+    # Our own rich bars report progress; transformers' tqdm bars ("Loading weights") only add noise.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------- data
