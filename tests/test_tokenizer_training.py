@@ -37,7 +37,12 @@ def tiny_cfg(lm_dir, shapes_dir, out_dir, **overrides) -> TokenizerTrainConfig:
 
 def test_ramp_schedule_reaches_language_codebook_then_fixes_it():
     s = BlendSchedule(BlendConfig(schedule="ramp", ramp_steps=4))
-    assert [s.lam_after(k) for k in range(1, 7)] == [0.75, 0.5, 0.25, 0.0, None, None]
+    lams = [s.lam_after(k) for k in range(1, 7)]
+    assert lams == [3 / 4, 2 / 3, 1 / 2, 0.0, None, None]
+    share = 1.0  # the visual codebook's share after k compounding blends falls linearly: 1 - k/4
+    for k, lam in enumerate(lams[:4], start=1):
+        share *= lam
+        assert share == pytest.approx(1 - k / 4)
     assert not s.codebook_fixed(3) and s.codebook_fixed(4)
     assert s.gan_scale(0) == 1.0 and s.gan_scale(4) == pytest.approx(0.1) and s.gan_scale(2) == pytest.approx(0.55)
 

@@ -4,9 +4,13 @@ Both schedules write `C' = lam * C + (1 - lam) * C_L` through the quantizer's EM
 `blend_toward`, one way only (C_L never moves):
 
 - `interval` (the paper): every `every` steps, blend with a fixed `lam`.
-- `ramp` (the UniCode reference code): every step blend with `lam = 1 - ratio`, ratio rising linearly
-  from 0 to 1 over `ramp_steps`, so the codebook *equals* C_L at the end of the ramp; the remaining
-  (tail) steps train with the codebook fixed. The GAN generator weight is scaled by `1 - 0.9 * ratio`.
+- `ramp` (after the UniCode reference code): a blend every step whose weight ratio = t / ramp_steps rises
+  linearly to 1, so the codebook *equals* C_L at the end of the ramp; the remaining (tail) steps train
+  with the codebook fixed. The GAN generator weight is scaled by `1 - 0.9 * ratio`. Blends compound
+  (each one acts on the already blended codebook), so writing `lam = 1 - ratio` every step would leave
+  a share prod(1 - k/R) ~ exp(-t^2 / 2R) of the visual codebook: C_L after ~sqrt(R) steps, not R. We
+  use `lam_t = (R - t) / (R - t + 1)` instead, which makes the visual share fall linearly, 1 - t/R,
+  so the codebook keeps following the encoder (EMA) for the whole ramp while it is pulled onto C_L.
 - `none`: no blending (the `frozen`, `dual` and `separate` modes).
 """
 
@@ -56,7 +60,8 @@ class BlendSchedule:
         if self.cfg.schedule == "interval":
             return self.cfg.lam if step % self.cfg.every == 0 else None
         if self.cfg.schedule == "ramp":
-            return None if step > self.cfg.ramp_steps else 1.0 - self.ratio(step)
+            remaining = self.cfg.ramp_steps - step
+            return None if remaining < 0 else remaining / (remaining + 1)
         return None
 
     def apply(self, step: int, quantizer: StackedQuantizer, language_codebook: Tensor) -> float | None:

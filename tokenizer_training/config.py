@@ -34,7 +34,7 @@ class CodebookConfig:
     separate_num_codes: int = bounded(256, min=2, help="separate mode: size of its own codebook")
     decay: float = bounded(0.99, min=0.0, max=1.0, help="EMA decay of the codebook statistics per step")
     commitment_weight: float = bounded(0.25, min=0.0)
-    norm_matching: Literal["running_ratio", "none"] = "running_ratio"
+    norm_matching: Literal["running_ratio", "moments", "none"] = "running_ratio"
     backend: Literal["library", "native"] = "library"  # native: chunked argmin + index_add_ EMA (BENCHMARKS.md)
     blend: BlendConfig = field(default_factory=BlendConfig)
 

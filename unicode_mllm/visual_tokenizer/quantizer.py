@@ -90,7 +90,7 @@ logger = logging.getLogger(__name__)
 PINNED_VQ_VERSION = "1.31.0"  # the facts in QUANTIZER.md were verified on this version only
 
 CodebookMode = Literal["language_driven", "frozen", "separate", "dual"]
-NormMatching = Literal["running_ratio", "none"]
+NormMatching = Literal["running_ratio", "moments", "none"]
 QuantizerBackend = Literal["library", "native"]
 CODEBOOK_MODES: tuple[str, ...] = get_args(CodebookMode)
 NORM_MATCHINGS: tuple[str, ...] = get_args(NormMatching)
@@ -228,6 +228,14 @@ class NormMatchedProjection(nn.Module):
         self.proj_out = nn.Linear(llm_width, in_channels)
         # 0 means "not measured yet": the scale is then 1.
         self.register_buffer("feature_norm", torch.zeros(()))
+        # "moments": per-channel running mean/variance of proj_in outputs, mapped onto the codebook's
+        # per-channel mean/std (set by `set_target_moments` at install). A freshly initialised encoder
+        # emits features that share one dominant direction; matching only the norm then sends them
+        # all to the same few codes of a fixed language codebook (measured: 5 of 435 codes in use).
+        self.register_buffer("feature_mean", torch.zeros(llm_width))
+        self.register_buffer("feature_var", torch.ones(llm_width))
+        self.register_buffer("target_mean", torch.zeros(llm_width))
+        self.register_buffer("target_std", torch.ones(llm_width))
 
     def scale(self, target_norm: Tensor) -> Tensor:
         """() fp32: the factor from projected features to LLM units."""
@@ -238,12 +246,36 @@ class NormMatchedProjection(nn.Module):
 
     @torch.no_grad()
     def _update_feature_norm(self, x_proj: Tensor) -> None:
-        batch_norm = x_proj.detach().norm(dim=-1).mean()
+        flat = x_proj.detach().reshape(-1, x_proj.shape[-1])
+        stats = torch.cat([flat.norm(dim=-1).mean()[None], flat.mean(0), flat.pow(2).mean(0)])
         if self.sync and should_sync_codebook():
-            dist.all_reduce(batch_norm)
-            batch_norm /= dist.get_world_size()
-        running = torch.lerp(batch_norm, self.feature_norm, self.norm_decay)
-        self.feature_norm.copy_(torch.where(self.feature_norm > 0, running, batch_norm))
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+        batch_norm, mean, second = stats[0], stats[1 : 1 + flat.shape[1]], stats[1 + flat.shape[1] :]
+        measured = self.feature_norm > 0
+        self.feature_norm.copy_(
+            torch.where(measured, torch.lerp(batch_norm, self.feature_norm, self.norm_decay), batch_norm)
+        )
+        var = (second - mean.pow(2)).clamp_min(0.0)
+        self.feature_mean.copy_(torch.where(measured, torch.lerp(mean, self.feature_mean, self.norm_decay), mean))
+        self.feature_var.copy_(torch.where(measured, torch.lerp(var, self.feature_var, self.norm_decay), var))
+
+    @torch.no_grad()
+    def set_target_moments(self, codebook: Tensor) -> None:
+        """Per-channel mean and std of the (v, llm_width) codebook that "moments" matching maps onto."""
+        self.target_mean.copy_(codebook.float().mean(0))
+        self.target_std.copy_(codebook.float().std(0).clamp_min(1e-6))
+
+    def _feature_std(self) -> Tensor:
+        return (self.feature_var + 1e-6).sqrt()
+
+    def normalize(self, x_proj: Tensor, target_norm: Tensor) -> Tensor:
+        """Projected features -> LLM units (no statistics update)."""
+        if self.norm_matching == "moments":
+            if float(self.feature_norm) <= 0:
+                return x_proj
+            return (x_proj - self.feature_mean) / self._feature_std() * self.target_std + self.target_mean
+        return x_proj * self.scale(target_norm)
 
     def to_llm(self, x: Tensor, target_norm: Tensor) -> Tensor:
         """(b, n, c) fp32 features -> (b, n, llm_width) in LLM units."""
@@ -252,10 +284,14 @@ class NormMatchedProjection(nn.Module):
             return x_proj
         if self.training:
             self._update_feature_norm(x_proj)
-        return x_proj * self.scale(target_norm)
+        return self.normalize(x_proj, target_norm)
 
     def from_llm(self, q_llm: Tensor, target_norm: Tensor) -> Tensor:
-        """(b, n, llm_width) in LLM units -> (b, n, c) features."""
+        """(b, n, llm_width) in LLM units -> (b, n, c) features (the inverse map, then proj_out)."""
+        if self.norm_matching == "moments":
+            if float(self.feature_norm) <= 0:
+                return self.proj_out(q_llm)
+            return self.proj_out((q_llm - self.target_mean) / self.target_std * self._feature_std() + self.feature_mean)
         return self.proj_out(q_llm / self.scale(target_norm))
 
 
@@ -333,6 +369,8 @@ class StackedQuantizer(nn.Module):
         builders = {"library": self._build_library_rvq, "native": self._build_native_rvq}
         self.rvq: nn.Module = builders[settings.backend](settings, sync_codebook)
         self.register_buffer("target_norm", torch.tensor(float(settings.target_norm)))
+        # Other projections onto this codebook (the `hq` bottom level); a plain list, not submodules.
+        self.extra_projections: list[NormMatchedProjection] = []
 
     def _build_library_rvq(self, settings: QuantizerSettings, sync_codebook: bool) -> nn.Module:
         return ResidualVQ(
@@ -441,6 +479,8 @@ class StackedQuantizer(nn.Module):
         self._write_codebook(codebook)
         if set_target_norm:
             self.target_norm.fill_(float(codebook.norm(dim=-1).mean()))
+            for projection in (self.projection, *self.extra_projections):
+                projection.set_target_moments(codebook)
 
     @torch.no_grad()
     def blend_toward(self, language_codebook: Tensor, lam: float) -> None:
@@ -493,7 +533,7 @@ class StackedQuantizer(nn.Module):
             x_proj = projection.proj_in(x.float())
             if projection.norm_matching != "none" and float(projection.feature_norm) <= 0:
                 projection._update_feature_norm(x_proj)
-            samples = rearrange(x_proj * projection.scale(self.target_norm), "b n c -> (b n) c")
+            samples = rearrange(projection.normalize(x_proj, self.target_norm), "b n c -> (b n) c")
         num_samples = samples.shape[0]
         if num_samples >= self.num_codes:
             pick = torch.randperm(num_samples, generator=generator)[: self.num_codes]

@@ -210,6 +210,8 @@ class HierarchicalStack(QuantizerStack):
             norm_decay=settings.feature_norm_decay,
             sync=sync_codebook,
         )
+        # The bottom level maps onto the same codebook, so it needs the same target moments.
+        self.quantizer.extra_projections.append(self.bottom_projection)
 
     def code_shape(self, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
         h, w = latent_hw
