@@ -101,7 +101,7 @@ class VQGANLoss(nn.Module):
         logits_fake = self.discriminator(x_rec.float().detach())
         d_loss = hinge_d_loss(logits_real, logits_fake)
         return d_loss, {
-            "d_loss": float(d_loss),
-            "logits_real": float(logits_real.mean()),
-            "logits_fake": float(logits_fake.mean()),
+            "d_loss": d_loss.item(),
+            "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake.mean().item(),
         }
