@@ -1,0 +1,491 @@
+"""Stage-2 training samples: VQA, captioning, text-to-image and image decompression conversations.
+
+A builder renders a conversation with a template (`data/conversation.py`), tokenizes the text once
+with offsets, and labels exactly the tokens inside the assistant replies; everything else, the
+system line, the user turns, the roles and every image the LLM reads, is IGNORE_INDEX. Images enter as
+LLM token ids (h, w, d) (`VisualTokenizer.codes_to_token_ids` of its codes):
+
+- an image the LLM reads becomes `<img>` + s placeholder slots (IMAGE_PLACEHOLDER_ID) + `</img>`, with
+  s = h*w for `aggregated` reading and h*w*d for `interleaved`; the model splices the embeddings in;
+- an image the LLM writes becomes `<img>` + its h*w*d ids in writing order + `</img>`, all labelled.
+
+Never dropped silently (STYLE §5): a sample that cannot be built, is too long, has a template
+mismatch (a token straddling a label boundary, a marker the text tokenizer splits, reserved text) or
+misses its image raises `SampleError` in strict mode (the default), else returns None and is counted
+by reason in a `SkipCounter`, whose summary and `max_skip_fraction` check belong at the end of every
+epoch. Over-long samples are skipped unless `overflow="truncate"` is asked for; truncation is counted,
+and one that would cut through an image span is an error, never a partial image.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from unicode_mllm.data.conversation import ConversationTemplate, ImageRead, ImageWrite, Turn, get_template
+from unicode_mllm.data.stream import SkipDelta
+from unicode_mllm.errors import UserError
+from unicode_mllm.model.decompression import check_num_segments, split_into_segments
+from unicode_mllm.model.special_tokens import multimodal_token_ids, special_token_texts
+
+log = logging.getLogger(__name__)
+
+ReadingMode = Literal["aggregated", "interleaved"]
+READING_MODES: tuple[str, ...] = ("aggregated", "interleaved")
+TASKS: tuple[str, ...] = ("vqa", "caption", "text_to_image", "decompression")
+
+# Skip reasons, one name each so that counts add up across workers.
+TOO_LONG = "too long"
+TEMPLATE_MISMATCH = "template mismatch"
+MISSING_IMAGE = "missing image"
+MISSING_TEXT = "missing text"
+NO_LABELS = "no labels"
+
+
+class SampleError(UserError, ValueError):
+    """A sample that cannot be built, raised in strict mode; `reason` is one of the skip reasons."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class SkipCounter:
+    """Counts built, skipped (by reason) and truncated samples; strict mode raises instead of skipping.
+
+    `check()` raises UserError once skipped / (built + skipped) exceeds `max_skip_fraction`.
+    """
+
+    def __init__(self, strict: bool = True, max_skip_fraction: float | None = None):
+        if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.strict = strict
+        self.max_skip_fraction = max_skip_fraction
+        self.reset()
+
+    def reset(self) -> None:
+        self.built = 0
+        self.truncated = 0
+        self.skipped: Counter[str] = Counter()
+
+    def skip(self, reason: str, message: str) -> None:
+        """Raise SampleError in strict mode, else count the skip under `reason`."""
+        if self.strict:
+            raise SampleError(reason, message)
+        self.skipped[reason] += 1
+        log.debug("skipped sample (%s): %s", reason, message)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def fraction(self) -> float:
+        total = self.built + self.num_skipped
+        return self.num_skipped / total if total else 0.0
+
+    def summary(self) -> str:
+        """One line, e.g. "skipped 2 of 50 samples (4.00%): 2 too long; 1 truncated"."""
+        text = f"skipped {self.num_skipped} of {self.built + self.num_skipped} samples ({100 * self.fraction:.2f}%)"
+        if self.skipped:
+            text += ": " + ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+        if self.truncated:
+            text += f"; {self.truncated} truncated"
+        return text
+
+    def check(self) -> None:
+        if self.max_skip_fraction is not None and self.fraction > self.max_skip_fraction:
+            raise UserError(
+                f"{self.summary()} exceeds max_skip_fraction={self.max_skip_fraction}; fix the data or the "
+                "template, or raise max_length"
+            )
+
+    def to_delta(self) -> SkipDelta:
+        """The skips as a `SkipDelta`, to travel with batches from data-loader workers (see data/stream.py)."""
+        return SkipDelta(samples=dict(self.skipped))
+
+
+@dataclass
+class MLLMSample:
+    """input_ids, labels: (t,) int64, IMAGE_PLACEHOLDER_ID in read spans, IGNORE_INDEX off the replies;
+    image_token_ids: (n, h, w, d) int64 LLM token ids of the n images read, in span order."""
+
+    input_ids: Tensor
+    labels: Tensor
+    image_token_ids: Tensor
+    task: str
+    sample_id: str = ""
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class TaskPrompts:
+    """The fixed user text of the tasks whose user turn is not data."""
+
+    caption: str = "Describe the image."
+    decompression: str = "Write part {part} of {total} of the image."
+
+
+@dataclass
+class MLLMSampleBuilder:
+    """Builds `MLLMSample`s for one text tokenizer, template and visual code shape.
+
+    code_shape: (h, w, d) of the visual tokenizer (`VisualTokenizer.code_shape`).
+    reading: `aggregated` (h*w slots per image read) or `interleaved` (h*w*d slots).
+    max_length: the longest sequence allowed, bos and image spans included.
+    overflow: `skip` (count or raise) or `truncate` (cut text at max_length; counted; an error in an image).
+    cfg_drop_rate: probability that a text-to-image prompt is replaced by the empty prompt.
+    num_segments: decompression turns T, dividing h*w; None for one grid row per turn (T = h).
+    seed: seeds the prompt-drop draws, so a builder replays the same drops.
+    """
+
+    text_tokenizer: Any
+    code_shape: tuple[int, int, int]
+    template: ConversationTemplate | str = "plain"
+    reading: ReadingMode = "aggregated"
+    max_length: int = 1024
+    strict: bool = True
+    overflow: Literal["skip", "truncate"] = "skip"
+    cfg_drop_rate: float = 0.0
+    num_segments: int | None = None
+    seed: int = 0
+    prompts: TaskPrompts = field(default_factory=TaskPrompts)
+    skips: SkipCounter | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.template, str):
+            self.template = get_template(self.template)
+        self.code_shape = tuple(int(x) for x in self.code_shape)  # type: ignore[assignment]
+        if len(self.code_shape) != 3:
+            raise ValueError(f"code_shape must be (h, w, d), got {self.code_shape}")
+        if self.reading not in READING_MODES:
+            raise ValueError(f"reading {self.reading!r} is unknown; choose one of {list(READING_MODES)}")
+        if self.overflow not in ("skip", "truncate"):
+            raise ValueError(f"overflow {self.overflow!r} is unknown; choose 'skip' or 'truncate'")
+        if not 0.0 <= self.cfg_drop_rate <= 1.0:
+            raise ValueError(f"cfg_drop_rate must lie in [0, 1], got {self.cfg_drop_rate}")
+        h, _, _ = self.code_shape
+        self.num_segments = h if self.num_segments is None else self.num_segments
+        check_num_segments(self.code_shape, self.num_segments)
+        if self.skips is None:
+            self.skips = SkipCounter(strict=self.strict)
+        elif self.skips.strict != self.strict:
+            raise ValueError(f"builder strict={self.strict} but its SkipCounter has strict={self.skips.strict}")
+        ids = multimodal_token_ids(self.text_tokenizer)  # UserError when the sentinels are missing
+        self.image_start_id, self.image_end_id = ids.image_start, ids.image_end
+        self.image_marker_id = ids.image_placeholder
+        self._reserved_text = special_token_texts(self.text_tokenizer)
+        self._rng = random.Random(self.seed)
+
+    # ----- sizes --------------------------------------------------------------------------------
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder slots one read image takes: h*w (aggregated) or h*w*d (interleaved)."""
+        h, w, d = self.code_shape
+        return h * w if self.reading == "aggregated" else h * w * d
+
+    @property
+    def num_write_tokens(self) -> int:
+        h, w, d = self.code_shape
+        return h * w * d
+
+    # ----- the tasks ----------------------------------------------------------------------------
+
+    def vqa(
+        self, image_token_ids: Tensor | None, qa: Sequence[tuple[str, str]], sample_id: str = ""
+    ) -> MLLMSample | None:
+        """A multi-turn VQA conversation about one image; the image opens the first user turn."""
+        if not qa:
+            return self._skip(MISSING_TEXT, sample_id, "no question/answer pairs")
+        turns = [Turn((ImageRead(0), q) if i == 0 else q, a) for i, (q, a) in enumerate(qa)]
+        return self.conversation(turns, [image_token_ids], "vqa", sample_id)
+
+    def caption(self, image_token_ids: Tensor | None, caption: str, sample_id: str = "") -> MLLMSample | None:
+        """The image and `prompts.caption` in, the caption out."""
+        if not caption:
+            return self._skip(MISSING_TEXT, sample_id, "empty caption")
+        turns = [Turn((ImageRead(0), self.prompts.caption), caption)]
+        return self.conversation(turns, [image_token_ids], "caption", sample_id)
+
+    def text_to_image(
+        self, prompt: str, image_token_ids: Tensor | None, sample_id: str = "", drop_prompt: bool | None = None
+    ) -> MLLMSample | None:
+        """The prompt in, `<img>` + h*w*d ids + `</img>` out (all labelled).
+
+        drop_prompt: replace the prompt by the empty one (classifier-free guidance's unconditional
+        branch); None draws it with probability `cfg_drop_rate` from the builder's seeded RNG.
+        The task is `text_to_image_uncond` when dropped.
+        """
+        if image_token_ids is None:
+            return self._skip(MISSING_IMAGE, sample_id, "no image to write")
+        if not self._check_image(image_token_ids, sample_id):
+            return None
+        if drop_prompt is None:
+            drop_prompt = self.cfg_drop_rate > 0 and self._rng.random() < self.cfg_drop_rate
+        if not prompt and not drop_prompt:
+            return self._skip(MISSING_TEXT, sample_id, "empty text-to-image prompt")
+        write = ImageWrite(image_token_ids.reshape(-1))
+        task = "text_to_image_uncond" if drop_prompt else "text_to_image"
+        return self.conversation([Turn("" if drop_prompt else prompt, (write,))], [], task, sample_id)
+
+    def decompression(self, image_token_ids: Tensor | None, sample_id: str = "") -> MLLMSample | None:
+        """The compact image in, its h*w*d ids out over T turns (`prompts.decompression` in each user turn)."""
+        if image_token_ids is None:
+            return self._skip(MISSING_IMAGE, sample_id, "no image to decompress")
+        if not self._check_image(image_token_ids, sample_id):
+            return None
+        segments = split_into_segments(image_token_ids, self.num_segments)
+        total = len(segments)
+        turns = []
+        for k, segment in enumerate(segments):
+            ask = self.prompts.decompression.format(part=k + 1, total=total)
+            user = (ImageRead(0), ask) if k == 0 else ask
+            turns.append(Turn(user, (ImageWrite(segment, opens=k == 0, closes=k == total - 1),)))
+        return self.conversation(turns, [image_token_ids], "decompression", sample_id)
+
+    # ----- prompts for inference ----------------------------------------------------------------
+
+    def text_to_image_prompt(self, prompt: str) -> Tensor:
+        """(t,) ids of the generation prompt, ending with `<img>` exactly as training lays it out.
+
+        Use prompt "" for the unconditional branch of classifier-free guidance.
+        """
+        dummy = torch.full(self.code_shape, -1, dtype=torch.long)  # never emitted: the prompt stops at <img>
+        sample = self._prompt([Turn(prompt, (ImageWrite(dummy.reshape(-1)),))], [])
+        start = int((sample.input_ids == self.image_start_id).nonzero()[-1, 0])
+        return sample.input_ids[: start + 1].clone()
+
+    def question_prompt(self, image_token_ids: Tensor | None, question: str) -> MLLMSample:
+        """A one-turn prompt (image, question), ending with the assistant role; labels all IGNORE_INDEX."""
+        user = (ImageRead(0), question) if image_token_ids is not None else question
+        images = [image_token_ids] if image_token_ids is not None else []
+        return self._prompt([Turn(user, None)], images)
+
+    def _prompt(self, turns: Sequence[Turn], images: Sequence[Tensor | None]) -> MLLMSample:
+        # A prompt that cannot be built is always an error: there is no sample to skip at inference.
+        strict, self.skips.strict = self.skips.strict, True
+        try:
+            sample = self._build(turns, images, "prompt", "", check_length=False)
+        finally:
+            self.skips.strict = strict
+        assert sample is not None  # strict builds return a sample or raise
+        return sample
+
+    # ----- the general builder -----------------------------------------------------------------
+
+    def conversation(
+        self, turns: Sequence[Turn], images: Sequence[Tensor | None], task: str, sample_id: str = ""
+    ) -> MLLMSample | None:
+        """Any conversation: `images[i]` (h, w, d) is what `ImageRead(i)` shows. None for a counted skip."""
+        sample = self._build(turns, images, task, sample_id, check_length=True)
+        if sample is not None:
+            self.skips.built += 1
+        return sample
+
+    def _skip(self, reason: str, sample_id: str, message: str) -> None:
+        self.skips.skip(reason, f"sample {sample_id or '?'}: {message}")
+        return None
+
+    def _check_image(self, image_token_ids: Tensor, sample_id: str) -> bool:
+        if tuple(image_token_ids.shape) != self.code_shape:
+            self._skip(
+                TEMPLATE_MISMATCH,
+                sample_id,
+                f"image ids are {tuple(image_token_ids.shape)}, not the code shape {self.code_shape}",
+            )
+            return False
+        return True
+
+    def _build(
+        self, turns: Sequence[Turn], images: Sequence[Tensor | None], task: str, sample_id: str, check_length: bool
+    ) -> MLLMSample | None:
+        tok = self.text_tokenizer
+        for image in images:
+            if image is None:
+                return self._skip(MISSING_IMAGE, sample_id, f"{task} sample without its image")
+            if not self._check_image(image, sample_id):
+                return None
+        try:
+            rendered = self.template.render(turns, tok.eos_token)
+        except ValueError as exn:
+            return self._skip(TEMPLATE_MISMATCH, sample_id, str(exn))
+        for part in rendered.images:
+            if isinstance(part, ImageRead) and not 0 <= part.index < len(images):
+                return self._skip(TEMPLATE_MISMATCH, sample_id, f"ImageRead({part.index}) but {len(images)} images")
+        for turn in turns:
+            for message in (turn.user, turn.assistant):
+                texts = [message] if isinstance(message, str) else [p for p in message or () if isinstance(p, str)]
+                found = sorted({t for text in texts for t in self._reserved_text if t in text})
+                if found:
+                    return self._skip(TEMPLATE_MISMATCH, sample_id, f"message text contains special tokens {found}")
+
+        encoded = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(encoded["input_ids"], dtype=torch.long)  # (t,)
+        offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)  # (t, 2)
+        labelled = torch.zeros_like(ids, dtype=torch.bool)
+        for start, end in rendered.labelled:
+            inside = (offsets[:, 0] >= start) & (offsets[:, 1] <= end)
+            straddles = (offsets[:, 0] < end) & (offsets[:, 1] > start) & ~inside
+            if bool(straddles.any()):
+                where = int(straddles.nonzero()[0, 0])
+                return self._skip(
+                    TEMPLATE_MISMATCH,
+                    sample_id,
+                    f"token {tok.convert_ids_to_tokens(int(ids[where]))!r} straddles the start or end of a reply "
+                    f"(characters {start}-{end}); the template's separators do not fall on token boundaries",
+                )
+            labelled |= inside
+
+        markers = (ids == self.image_marker_id).nonzero()[:, 0].tolist()
+        if len(markers) != len(rendered.images):
+            return self._skip(
+                TEMPLATE_MISMATCH,
+                sample_id,
+                f"{len(markers)} image markers among the tokens for {len(rendered.images)} images",
+            )
+        # Expand each marker into its span: read slots (never labelled) or written ids (labelled as the reply is).
+        pieces_ids: list[Tensor] = []
+        pieces_labelled: list[Tensor] = []
+        read_images: list[Tensor] = []
+        spans: list[tuple[int, int]] = []  # [start, end) of every image span in the final sequence
+        prev, length = 0, 0
+        for marker, part in zip(markers, rendered.images, strict=True):
+            pieces_ids.append(ids[prev:marker])
+            pieces_labelled.append(labelled[prev:marker])
+            length += marker - prev
+            if isinstance(part, ImageRead):
+                span = torch.full((self.tokens_per_image,), IMAGE_PLACEHOLDER_ID, dtype=torch.long)
+                span_labelled = torch.zeros(self.tokens_per_image, dtype=torch.bool)
+                read_images.append(images[part.index].long())
+            else:
+                span = part.token_ids.long().reshape(-1)
+                span_labelled = torch.full_like(span, bool(labelled[marker]), dtype=torch.bool)
+            pieces_ids.append(span)
+            pieces_labelled.append(span_labelled)
+            # The `<img>` before a span and `</img>` after it belong to the image: a cut there is a cut through it.
+            opens = marker > 0 and int(ids[marker - 1]) == self.image_start_id
+            closes = marker + 1 < len(ids) and int(ids[marker + 1]) == self.image_end_id
+            spans.append((length - int(opens), length + span.numel() + int(closes)))
+            length += span.numel()
+            prev = marker + 1
+        pieces_ids.append(ids[prev:])
+        pieces_labelled.append(labelled[prev:])
+        input_ids = torch.cat(pieces_ids)
+        is_labelled = torch.cat(pieces_labelled)
+        if self.template.add_bos and tok.bos_token_id is not None:
+            input_ids = torch.cat([torch.tensor([tok.bos_token_id]), input_ids])
+            is_labelled = torch.cat([torch.tensor([False]), is_labelled])
+            spans = [(s + 1, e + 1) for s, e in spans]
+        labels = input_ids.masked_fill(~is_labelled, IGNORE_INDEX)
+
+        if check_length and len(input_ids) > self.max_length:
+            if self.overflow == "skip":
+                return self._skip(
+                    TOO_LONG, sample_id, f"{task} sample has {len(input_ids)} tokens, max_length is {self.max_length}"
+                )
+            cut = self.max_length
+            through = [(s, e) for s, e in spans if s < cut < e]
+            if through:
+                s, e = through[0]
+                raise SampleError(
+                    TOO_LONG,
+                    f"sample {sample_id or '?'}: truncating {len(input_ids)} tokens to max_length {cut} would cut "
+                    f"through the image span at tokens {s}-{e}; raise max_length",
+                )
+            input_ids, labels = input_ids[:cut], labels[:cut]
+            self.skips.truncated += 1
+        if check_length and not bool((labels != IGNORE_INDEX).any()):
+            return self._skip(NO_LABELS, sample_id, f"{task} sample has no labelled token")
+        h, w, d = self.code_shape
+        image_token_ids = torch.stack(read_images) if read_images else torch.zeros(0, h, w, d, dtype=torch.long)
+        return MLLMSample(input_ids, labels, image_token_ids, task, sample_id)
+
+
+def build_shapes_samples(
+    builder: MLLMSampleBuilder,
+    meta: Mapping[str, Any],
+    image_token_ids: Tensor | None,
+    tasks: Sequence[str] = TASKS,
+) -> list[MLLMSample]:
+    """The samples of one shapes-world record (its shard JSON: caption, qa, instruction) for `tasks`.
+
+    Skipped samples are counted in `builder.skips` (or raise in strict mode) and left out of the list.
+    """
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
+    sample_id = str(meta.get("id", ""))
+    out: list[MLLMSample | None] = []
+    for task in tasks:
+        if task == "vqa":
+            qa = [(q["question"], q["answer"]) for q in meta.get("qa", [])]
+            out.append(builder.vqa(image_token_ids, qa, sample_id))
+        elif task == "caption":
+            out.append(builder.caption(image_token_ids, meta.get("caption", ""), sample_id))
+        elif task == "text_to_image":
+            out.append(builder.text_to_image(meta.get("instruction", ""), image_token_ids, sample_id))
+        else:
+            out.append(builder.decompression(image_token_ids, sample_id))
+    return [s for s in out if s is not None]
+
+
+# The collated keys `UniCodeMLLM.forward` takes: `model(**{k: batch[k] for k in MODEL_INPUTS})`.
+MODEL_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask", "labels", "image_token_ids", "images_per_sample")
+
+
+@dataclass(frozen=True)
+class MLLMCollator:
+    """Pads `MLLMSample`s into a batch: right padding for training, left for batched generation.
+
+    Returns {"input_ids": (b, t), "attention_mask": (b, t) (1 = real token), "labels": (b, t)
+    (IGNORE_INDEX on padding), "image_token_ids": (n, h, w, d) all images read, row by row,
+    "images_per_sample": (b,), "tasks": list[str], "sample_ids": list[str]}.
+    """
+
+    pad_token_id: int
+    padding_side: Literal["right", "left"] = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, samples: Sequence[MLLMSample]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        if any(s is None for s in samples):
+            raise TypeError("a batch holds None: drop skipped samples before collating (the builder counted them)")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        length = max(len(s) for s in samples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        b = len(samples)
+        input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((b, length), dtype=torch.long)
+        for row, s in enumerate(samples):
+            n = len(s)
+            cols = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            input_ids[row, cols] = s.input_ids
+            labels[row, cols] = s.labels
+            attention_mask[row, cols] = 1
+        shapes = {tuple(s.image_token_ids.shape[1:]) for s in samples}
+        if len(shapes) > 1:
+            raise ValueError(f"samples hold images of different code shapes {sorted(shapes)}")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "image_token_ids": torch.cat([s.image_token_ids for s in samples]),
+            "images_per_sample": torch.tensor([s.image_token_ids.shape[0] for s in samples], dtype=torch.long),
+            "tasks": [s.task for s in samples],
+            "sample_ids": [s.sample_id for s in samples],
+        }

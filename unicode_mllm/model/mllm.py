@@ -1,0 +1,397 @@
+"""`UniCodeMLLM`: a Hugging Face causal LM that reads and writes images through its own vocabulary.
+
+The model holds the LM (any `AutoModelForCausalLM`, optionally wrapped by peft LoRA), the frozen
+`VisualTokenizer` whose codes are LM token ids, and the text tokenizer. It is a composition rather than
+the `LlamaForCausalLM` subclass STYLE §5 sketches: composition keeps the LM loadable by
+`AutoModelForCausalLM.from_pretrained` for any architecture, lets peft wrap and unwrap it (LoRA
+merge for export) without a model class of our own, and still never copies HF's forward.
+
+Reading an image: its (h, w, d) token ids go through the LM's *own current* input-embedding layer and
+are either summed over depth (`aggregated`, h*w embeddings, the default) or laid out one per id
+(`interleaved`, h*w*d embeddings), then spliced over the placeholder span (`model/splice.py`).
+Writing an image: the LM emits `<img>` + h*w*d ids (raster order, depth-first) + `</img>` as ordinary
+next tokens (`model/decompression.py` gives the order).
+
+Saved layout (`save_pretrained`):
+
+    unicode_mllm.json     reading mode, code shape, special token ids, template, where the tokenizer is
+    lm/                   the LM and the text tokenizer (AutoModelForCausalLM / AutoTokenizer load it)
+    visual_tokenizer/     a copy of the visual tokenizer (unless saved by reference)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from unicode_mllm.errors import UserError
+from unicode_mllm.model.special_tokens import MultimodalTokenIds, add_multimodal_tokens
+from unicode_mllm.model.splice import SplicedInputs, splice_image_embeddings
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+log = logging.getLogger(__name__)
+
+ReadingMode = Literal["aggregated", "interleaved"]
+READING_MODES: tuple[str, ...] = ("aggregated", "interleaved")
+CONFIG_NAME = "unicode_mllm.json"
+LM_DIR = "lm"
+VISUAL_TOKENIZER_DIR = "visual_tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft LoRA on the LM; defaults are the reference code's (r 128, alpha 256)."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"  # peft's shortcut: every linear layer but the LM head
+
+    def to_peft(self) -> Any:
+        from peft import LoraConfig
+
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+
+
+@dataclass(frozen=True)
+class UniCodeMLLMConfig:
+    """What `unicode_mllm.json` records next to the LM."""
+
+    reading: ReadingMode
+    code_shape: tuple[int, int, int]
+    token_ids: MultimodalTokenIds
+    template: str = "plain"
+    visual_tokenizer: str = VISUAL_TOKENIZER_DIR  # relative to the saved folder, or an absolute reference
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, data mixture)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "reading": self.reading,
+            "code_shape": list(self.code_shape),
+            "token_ids": self.token_ids.to_dict(),
+            "template": self.template,
+            "visual_tokenizer": self.visual_tokenizer,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = CONFIG_NAME) -> UniCodeMLLMConfig:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{source}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if data.get("reading") not in READING_MODES:
+            raise UserError(f"{source}: reading {data.get('reading')!r} is unknown; one of {list(READING_MODES)}")
+        return cls(
+            reading=data["reading"],
+            code_shape=tuple(data["code_shape"]),  # type: ignore[arg-type]
+            token_ids=MultimodalTokenIds.from_dict(data["token_ids"]),
+            template=data.get("template", "plain"),
+            visual_tokenizer=data.get("visual_tokenizer", VISUAL_TOKENIZER_DIR),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+class UniCodeMLLM(nn.Module):
+    """A causal LM + a frozen visual tokenizer whose codes are the LM's token ids.
+
+    lm: a HF causal LM (`AutoModelForCausalLM`); its embeddings are grown if the text tokenizer needs
+        new special tokens (existing rows kept, see `model/special_tokens.py`).
+    visual_tokenizer: frozen here (no gradients, always in eval mode).
+    text_tokenizer: gains `<img>`, `</img>`, `<image>` and a pad token where missing.
+    reading: `aggregated` (h*w embeddings per image read) or `interleaved` (h*w*d).
+    template: the conversation template name the data uses (recorded, see `data/conversation.py`).
+
+    Raises UserError when the visual codebook's width is not the LM's, or a code's token id is not
+    one of the LM's ids.
+    """
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        visual_tokenizer: VisualTokenizer,
+        text_tokenizer: Any,
+        *,
+        reading: ReadingMode = "aggregated",
+        template: str = "plain",
+        visual_tokenizer_source: str | None = None,
+    ):
+        super().__init__()
+        if reading not in READING_MODES:
+            raise UserError(f"reading {reading!r} is unknown; choose one of {list(READING_MODES)}")
+        width = lm.get_input_embeddings().weight.shape[1]
+        if visual_tokenizer.config.llm_width != width:
+            raise UserError(
+                f"visual tokenizer codebook width {visual_tokenizer.config.llm_width} differs from the LM's embedding "
+                f"width {width}; build the tokenizer from this LM's embeddings"
+            )
+        self.lm = lm
+        self.visual_tokenizer = visual_tokenizer
+        self.text_tokenizer = text_tokenizer
+        self.token_ids = add_multimodal_tokens(text_tokenizer, lm, visual_tokenizer.code_to_token_id)
+        vocab = lm.get_input_embeddings().weight.shape[0]
+        top = int(visual_tokenizer.code_to_token_id.max())
+        if top >= vocab:  # add_multimodal_tokens grows the LM; this guards a base LM it could not grow
+            raise UserError(f"visual code token id {top} is outside the LM vocabulary of {vocab} rows")
+        self.reading: ReadingMode = reading
+        self.template = template
+        self.visual_tokenizer_source = visual_tokenizer_source
+        visual_tokenizer.requires_grad_(False)
+        visual_tokenizer.eval()
+
+    # ----- sizes and config -----------------------------------------------------------------------
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        return tuple(self.visual_tokenizer.code_shape)  # type: ignore[return-value]
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Embeddings one read image takes: h*w (aggregated) or h*w*d (interleaved)."""
+        vt = self.visual_tokenizer
+        return vt.num_read_tokens if self.reading == "aggregated" else vt.num_write_tokens
+
+    @property
+    def num_write_tokens(self) -> int:
+        return self.visual_tokenizer.num_write_tokens
+
+    @property
+    def config(self) -> UniCodeMLLMConfig:
+        return UniCodeMLLMConfig(
+            reading=self.reading, code_shape=self.code_shape, token_ids=self.token_ids, template=self.template
+        )
+
+    def train(self, mode: bool = True) -> UniCodeMLLM:
+        super().train(mode)
+        self.visual_tokenizer.eval()  # frozen: its EMA codebook must never move during stage 2
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- images ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(n, 3, H, W) in [-1, 1] -> (n, h, w, d) int64 LLM token ids."""
+        return self.visual_tokenizer.codes_to_token_ids(self.visual_tokenizer.encode(pixel_values))
+
+    def embed_images(self, image_token_ids: Tensor) -> Tensor:
+        """(n, h, w, d) LLM token ids -> (n, s, c) with the LM's current input embeddings.
+
+        s = h*w (sum over depth) for `aggregated`, h*w*d (raster order, depth-first) for `interleaved`.
+        Raises ValueError for a wrong shape or an id that is not a visual code.
+        """
+        if image_token_ids.ndim != 4 or tuple(image_token_ids.shape[1:]) != self.code_shape:
+            shape = ", ".join(map(str, self.code_shape))
+            raise ValueError(f"image_token_ids must be (n, {shape}), got {tuple(image_token_ids.shape)}")
+        if not bool(self.visual_tokenizer.is_code_token_id(image_token_ids).all()):
+            raise ValueError("image_token_ids hold ids that are not visual codes (codes passed for token ids?)")
+        embeds = self.lm.get_input_embeddings()(image_token_ids)  # (n, h, w, d, c)
+        if self.reading == "aggregated":
+            # Sum the depth in fp32: a bf16 LM would otherwise round after every addition.
+            return rearrange(embeds.float().sum(dim=3).to(embeds.dtype), "n h w c -> n (h w) c")
+        return rearrange(embeds, "n h w d c -> n (h w d) c")
+
+    def build_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        image_token_ids: Tensor | None = None,
+        images_per_sample: Tensor | None = None,
+    ) -> SplicedInputs:
+        """(b, t) ids with placeholder spans + (n, h, w, d) images -> inputs_embeds, mask, positions."""
+        image_embeds = None
+        if image_token_ids is not None and image_token_ids.shape[0] > 0:
+            image_embeds = self.embed_images(image_token_ids.to(input_ids.device))
+        return splice_image_embeddings(
+            input_ids,
+            image_embeds,
+            self.lm.get_input_embeddings(),
+            attention_mask,
+            pad_token_id=self.token_ids.pad,
+            images_per_sample=images_per_sample,
+        )
+
+    # ----- the LM --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        image_token_ids: Tensor | None = None,
+        images_per_sample: Tensor | None = None,
+        **lm_kwargs: Any,
+    ) -> Any:
+        """Splice the images in and run the LM; returns the LM's output (logits (b, t, V), loss).
+
+        input_ids: (b, t) with IMAGE_PLACEHOLDER_ID spans; labels: (b, t), IGNORE_INDEX where not
+        trained (the LM shifts them itself); image_token_ids: (n, h, w, d) LLM token ids.
+        Raises ValueError when a placeholder slot carries a label, or the images do not fit the spans.
+        """
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ")
+            if bool(((input_ids == IMAGE_PLACEHOLDER_ID) & (labels != IGNORE_INDEX)).any()):
+                raise ValueError("labels on image placeholder slots: an image the LM reads is never a target")
+        spliced = self.build_inputs(input_ids, attention_mask, image_token_ids, images_per_sample)
+        return self.lm(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids,
+            labels=labels,
+            **lm_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        image_token_ids: Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> Tensor:
+        """HF `generate` from spliced prompt embeddings (left-padded batches); returns only new ids (b, k).
+
+        Plain HF decoding: the constrained image span and classifier-free guidance are not applied here.
+        """
+        spliced = self.build_inputs(input_ids, attention_mask, image_token_ids)
+        generate_kwargs.setdefault("pad_token_id", self.token_ids.pad)
+        return self.lm.generate(
+            inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask, **generate_kwargs
+        )
+
+    # ----- LoRA ----------------------------------------------------------------------------------
+
+    @property
+    def has_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.lm, PeftModel)
+
+    def enable_lora(self, settings: LoraSettings | None = None) -> None:
+        """Wrap the LM with peft LoRA adapters; only the adapters train afterwards."""
+        from peft import get_peft_model
+
+        if self.has_lora:
+            raise UserError("LoRA is already enabled on this model")
+        self.lm = get_peft_model(self.lm, (settings or LoraSettings()).to_peft())
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LM weights and drop peft (for export and fast inference)."""
+        if not self.has_lora:
+            raise UserError("no LoRA adapters to merge; call enable_lora first")
+        self.lm = self.lm.merge_and_unload()
+
+    def save_lora_adapter(self, path: str | Path) -> None:
+        """Save only the adapters (peft format); reload them with `load_lora_adapter` on the same base."""
+        if not self.has_lora:
+            raise UserError("no LoRA adapters to save; call enable_lora first")
+        self.lm.save_pretrained(str(path))
+
+    def load_lora_adapter(self, path: str | Path, is_trainable: bool = False) -> None:
+        """Attach adapters saved by `save_lora_adapter` to this (base) model."""
+        from peft import PeftModel
+
+        if self.has_lora:
+            raise UserError("LoRA is already enabled on this model; load adapters onto the base model")
+        self.lm = PeftModel.from_pretrained(self.lm, str(path), is_trainable=is_trainable)
+
+    # ----- save / load ---------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, *, copy_visual_tokenizer: bool = True) -> None:
+        """Write the layout in the module docstring. The visual tokenizer is copied, or, with
+        `copy_visual_tokenizer=False`, referenced by the absolute path it was loaded from.
+
+        Raises UserError while LoRA adapters are unmerged (merge_lora() for export, or save_lora_adapter).
+        """
+        if self.has_lora:
+            raise UserError(
+                "LoRA adapters are not merged; call merge_lora() before save_pretrained, or save_lora_adapter()"
+            )
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(path / LM_DIR)
+        self.text_tokenizer.save_pretrained(path / LM_DIR)
+        if copy_visual_tokenizer:
+            self.visual_tokenizer.save_pretrained(path / VISUAL_TOKENIZER_DIR)
+            reference = VISUAL_TOKENIZER_DIR
+        else:
+            if self.visual_tokenizer_source is None:
+                raise UserError("the visual tokenizer was not loaded from a folder; save it with copy_visual_tokenizer")
+            reference = str(Path(self.visual_tokenizer_source).resolve())
+        config = UniCodeMLLMConfig(
+            reading=self.reading,
+            code_shape=self.code_shape,
+            token_ids=self.token_ids,
+            template=self.template,
+            visual_tokenizer=reference,
+        )
+        (path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_components(
+        cls,
+        lm_name_or_path: str | Path,
+        visual_tokenizer_path: str | Path,
+        *,
+        reading: ReadingMode = "aggregated",
+        template: str = "plain",
+        **lm_kwargs: Any,
+    ) -> UniCodeMLLM:
+        """Build from a HF causal LM (with its text tokenizer) and a saved visual tokenizer (stage 2 start)."""
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), **lm_kwargs)
+        text_tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path))
+        visual_tokenizer = VisualTokenizer.from_pretrained(str(visual_tokenizer_path))
+        return cls(
+            lm,
+            visual_tokenizer,
+            text_tokenizer,
+            reading=reading,
+            template=template,
+            visual_tokenizer_source=str(visual_tokenizer_path),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **lm_kwargs: Any) -> UniCodeMLLM:
+        """Load what `save_pretrained` wrote. lm_kwargs go to `AutoModelForCausalLM.from_pretrained`.
+
+        Raises UserError when the folder is not a saved UniCodeMLLM or its parts disagree with the config.
+        """
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise UserError(f"{path} holds no {CONFIG_NAME}; it is not a saved UniCodeMLLM")
+        config = UniCodeMLLMConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+        vt_path = Path(config.visual_tokenizer)
+        vt_path = vt_path if vt_path.is_absolute() else path / vt_path
+        model = cls.from_components(
+            path / LM_DIR, vt_path, reading=config.reading, template=config.template, **lm_kwargs
+        )
+        model.visual_tokenizer_source = str(vt_path)
+        if model.code_shape != tuple(config.code_shape):
+            raise UserError(
+                f"{config_file}: code_shape {config.code_shape} but the visual tokenizer's is {model.code_shape}"
+            )
+        if model.token_ids != config.token_ids:
+            raise UserError(
+                f"{config_file}: special token ids {config.token_ids.to_dict()} but the saved text tokenizer gives "
+                f"{model.token_ids.to_dict()}"
+            )
+        return model
