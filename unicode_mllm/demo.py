@@ -51,7 +51,7 @@ PROFILES = {
         analyser_count=100,
         lm_overrides=(
             "train.steps=150",
-            "train.warmup_steps=20",
+            "optim.warmup_steps=20",
             "train.eval_every=75",
             "train.ckpt_every=75",
             "corpus.train_samples=300",
@@ -66,6 +66,37 @@ PROFILES = {
             "train.max_minutes=3",
         ),
     ),
+    # For the test suite: every stage runs end to end on a handful of samples and steps.
+    "smoke": DemoProfile(
+        train=32,
+        val=16,
+        heldout=16,
+        analyser_count=5,
+        lm_overrides=(
+            "train.steps=4",
+            "optim.warmup_steps=1",
+            "train.eval_every=4",
+            "train.ckpt_every=4",
+            "train.log_every=2",
+            "train.batch_size=4",
+            "train.seq_len=32",
+            "corpus.train_samples=20",
+            "corpus.val_samples=5",
+            "model.hidden_size=32",
+            "model.intermediate_size=64",
+            "model.num_hidden_layers=1",
+        ),
+        tokenizer_overrides=(
+            "train.steps=3",
+            "codebook.blend.ramp_steps=2",
+            "train.eval_every=3",
+            "train.ckpt_every=3",
+            "train.log_every=1",
+            "train.eval_batches=1",
+            "data.batch_size=8",
+            "model.z_channels=32",
+        ),
+    ),
 }
 
 
@@ -76,14 +107,16 @@ def _preset(relative: str) -> Path:
     return path
 
 
-def run_demo(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
+def run_demo(out_dir: str | Path, quick: bool = False, profile_name: str | None = None) -> dict[str, Any]:
     """Run every implemented stage into `out_dir`; returns the metrics also written to report/metrics.json."""
     from tokenizer_training.config import TokenizerTrainConfig
     from tokenizer_training.trainer import train_tokenizer
     from unicode_mllm.lm import LMTrainConfig, embedding_structure_report, train_lm
 
     out_dir = Path(out_dir)
-    name = "quick" if quick else "full"
+    name = profile_name or ("quick" if quick else "full")
+    if name not in PROFILES:
+        raise UserError(f"demo profile {name!r} is unknown; choose one of {sorted(PROFILES)}")
     profile = PROFILES[name]
     metrics: dict[str, Any] = {"profile": name, "stages": {}}
     sections: list[Section] = []
