@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,8 @@ class CheckpointManager:
         return final
 
     def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        # Temporary folders start with "." and never match "step-*".
+        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
         for old in done[: max(0, len(done) - self.keep_last)]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
@@ -214,8 +215,3 @@ class CheckpointManager:
         state = json.loads(state_file.read_text())
         tensors = {p.stem: load_tensors(p, device) for p in sorted(path.glob("*.safetensors"))}
         return Checkpoint(path=path, step=int(state["step"]), tensors=tensors, state=state)
-
-
-def iter_checkpoints(root: str | Path) -> Iterator[Path]:
-    """Completed checkpoint directories under `root`, oldest first."""
-    yield from sorted(p for p in Path(root).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
