@@ -45,3 +45,16 @@ def test_moments_spread_collapsed_features_over_more_codes():
         with torch.no_grad():
             used[mode] = q(x).codes.unique().numel()
     assert used["moments"] > 4 * used["running_ratio"], used
+
+
+def test_frozen_statistics_stay_put_in_training_mode():
+    q = make("moments")
+    q.train()
+    q(collapsed_features())
+    before = (q.projection.feature_mean.clone(), q.projection.feature_var.clone())
+    q.freeze_norm_stats(True)
+    q(collapsed_features() * 3 + 1)
+    assert torch.equal(q.projection.feature_mean, before[0]) and torch.equal(q.projection.feature_var, before[1])
+    q.freeze_norm_stats(False)
+    q(collapsed_features() * 3 + 1)
+    assert not torch.equal(q.projection.feature_mean, before[0])

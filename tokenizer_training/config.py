@@ -35,6 +35,7 @@ class CodebookConfig:
     decay: float = bounded(0.99, min=0.0, max=1.0, help="EMA decay of the codebook statistics per step")
     commitment_weight: float = bounded(0.25, min=0.0)
     norm_matching: Literal["running_ratio", "moments", "none"] = "running_ratio"
+    freeze_stats_when_fixed: bool = False  # ramp tail: also stop updating the norm-matching statistics
     backend: Literal["library", "native"] = "library"  # native: chunked argmin + index_add_ EMA (BENCHMARKS.md)
     blend: BlendConfig = field(default_factory=BlendConfig)
 

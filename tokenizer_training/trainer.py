@@ -188,6 +188,8 @@ class TokenizerTrainer:
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
         fixed = self.schedule.codebook_fixed(self.step)
+        if self.cfg.codebook.freeze_stats_when_fixed:
+            self.tokenizer.quantizer.freeze_norm_stats(fixed)
         with acc.autocast():
             out = self.model(images, freeze_codebook=True if fixed else None)
         # The generator's GAN term goes through the unwrapped discriminator, so DDP never waits for

@@ -236,6 +236,9 @@ class NormMatchedProjection(nn.Module):
         self.register_buffer("feature_var", torch.ones(llm_width))
         self.register_buffer("target_mean", torch.zeros(llm_width))
         self.register_buffer("target_std", torch.ones(llm_width))
+        # Set by the trainer once the codebook is fixed (ramp tail): a stationary feature -> LLM map
+        # keeps the decoder's input distribution from drifting under it.
+        self.freeze_stats = False
 
     def scale(self, target_norm: Tensor) -> Tensor:
         """() fp32: the factor from projected features to LLM units."""
@@ -282,7 +285,7 @@ class NormMatchedProjection(nn.Module):
         x_proj = self.proj_in(x)
         if self.norm_matching == "none":
             return x_proj
-        if self.training:
+        if self.training and not self.freeze_stats:
             self._update_feature_norm(x_proj)
         return self.normalize(x_proj, target_norm)
 
@@ -550,6 +553,11 @@ class StackedQuantizer(nn.Module):
         self.install(centroids, set_target_norm=False)
 
     # ----- quantization -----------------------------------------------------------------------
+
+    def freeze_norm_stats(self, frozen: bool) -> None:
+        """Stop (or resume) updating the running feature statistics of every projection onto this codebook."""
+        for projection in (self.projection, *self.extra_projections):
+            projection.freeze_stats = frozen
 
     def is_frozen(self, freeze_codebook: bool | None = None) -> bool:
         """Whether a forward now leaves the codebook untouched (frozen mode, flag, or eval)."""
