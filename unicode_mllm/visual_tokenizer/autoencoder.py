@@ -79,6 +79,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _mid_block(width: int, dropout: float) -> nn.Sequential:
+    """The lowest-resolution block both nets share: res-block, self-attention, res-block."""
+    return nn.Sequential(ResBlock(width, width, dropout), AttnBlock(width), ResBlock(width, width, dropout))
+
+
 class Encoder(nn.Module):
     """(b, 3, H, W) in [-1, 1] -> (b, z_channels, H / f, W / f), f = 2**(len(ch_mult) - 1)."""
 
@@ -109,7 +114,7 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(width))
                 res //= 2
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(width, width, dropout), AttnBlock(width), ResBlock(width, width, dropout))
+        self.mid = _mid_block(width, dropout)
         self.norm_out = norm(width)
         self.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
 
@@ -137,7 +142,7 @@ class Decoder(nn.Module):
         width = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(width, width, dropout), AttnBlock(width), ResBlock(width, width, dropout))
+        self.mid = _mid_block(width, dropout)
         blocks: list[nn.Module] = []
         for level in reversed(range(len(ch_mult))):
             out = ch * ch_mult[level]
