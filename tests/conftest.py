@@ -64,3 +64,36 @@ def tiny_shapes_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("shapes32")
     write_shapes_dataset(ShapesConfig(image_size=32), path, {"train": 48, "val": 16, "heldout": 16}, shard_size=24)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_visual_tokenizer_dir(tiny_lm_dir, tmp_path_factory):
+    """A random 32 px rq visual tokenizer over the tiny LM's ordinary tokens: an 8x8 grid, depth 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unicode_mllm.visual_tokenizer import LanguageCodebook
+    from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    text_tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    specials = {i for i, t in text_tokenizer.added_tokens_decoder.items() if t.special}
+    code_ids = [i for i in range(len(text_tokenizer)) if i not in specials]
+    torch.manual_seed(1)
+    codebook = LanguageCodebook.from_embedding_matrix(lm.get_input_embeddings().weight.detach(), code_ids)
+    vt = VisualTokenizer.from_language_codebook(
+        codebook, stacking="rq", depth=2, image_size=32, ch=8, ch_mult=(1, 2, 2), z_channels=8, num_res_blocks=1
+    )
+    path = tmp_path_factory.mktemp("tiny_vt")
+    vt.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_dir(tiny_lm_dir, tiny_visual_tokenizer_dir, tmp_path_factory):
+    """A saved random UniCodeMLLM (tiny LLaMA + the tiny visual tokenizer): `UniCodeMLLM.from_pretrained` loads it."""
+    from unicode_mllm.model import UniCodeMLLM
+
+    model = UniCodeMLLM.from_components(tiny_lm_dir, tiny_visual_tokenizer_dir, template="plain")
+    path = tmp_path_factory.mktemp("tiny_mllm")
+    model.save_pretrained(path)
+    return path

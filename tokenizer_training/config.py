@@ -58,6 +58,8 @@ class OptimConfig:
     weight_decay: float = bounded(0.0, min=0.0)
     disc_lr: float = bounded(2e-4, min=0.0)
     warmup_steps: int = bounded(0, min=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = bounded(0.1, min=0.0, max=1.0, help="cosine: the lr multiplier reached at the last step")
     grad_clip: float = bounded(1.0, min=0.0, help="max gradient norm; 0 disables clipping")
 
 

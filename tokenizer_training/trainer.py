@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from torch.optim.lr_scheduler import LambdaLR
 from torchvision.utils import make_grid, save_image
 
 from tokenizer_training.blend_schedule import BlendSchedule
-from tokenizer_training.config import TokenizerTrainConfig
+from tokenizer_training.config import OptimConfig, TokenizerTrainConfig
 from tokenizer_training.losses import VQGANLoss
 from tokenizer_training.usage import UsageWindow
 from unicode_mllm.config import dump_config
@@ -33,6 +34,7 @@ from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, join_tensors, split_tensors
+from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
@@ -102,10 +104,12 @@ def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: floa
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def _warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
-    )
+def _lr_scheduler(
+    optimizer: torch.optim.Optimizer, o: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine down to `min_lr_ratio` at the last step."""
+    min_ratio = o.min_lr_ratio if o.lr_schedule == "cosine" else 1.0
+    return LambdaLR(optimizer, WarmupCosine(o.warmup_steps, total_steps, min_ratio))
 
 
 class TokenizerTrainer:
@@ -125,7 +129,8 @@ class TokenizerTrainer:
         o = cfg.optim
         opt_g = _optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
         opt_d = _optimizer(self.loss_fn.discriminator.parameters(), o.disc_lr, o.betas, 0.0)
-        self.sched_g, self.sched_d = _warmup(opt_g, o.warmup_steps), _warmup(opt_d, o.warmup_steps)
+        steps = cfg.train.steps
+        self.sched_g, self.sched_d = _lr_scheduler(opt_g, o, steps), _lr_scheduler(opt_d, o, steps)
         self.model, self.disc, self.opt_g, self.opt_d = self.accelerator.prepare(
             model, self.loss_fn.discriminator, opt_g, opt_d
         )

@@ -189,6 +189,23 @@ def train_tokenizer_cmd(
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 
+@app.command("train-mllm")
+def train_mllm_cmd(
+    config: Path = typer.Option(..., "--config", help="Stage-2 YAML, e.g. configs/mllm/tiny.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.steps=100."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: train.out_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+) -> None:
+    """Stage 2: fine-tune the LLM to read and write images (VQA, captions, text-to-image, decompression)."""
+    from unicode_mllm.config import load_config
+    from unicode_mllm.training import MLLMTrainConfig, train_mllm
+
+    cfg = load_config(MLLMTrainConfig, config, set_)
+    result = train_mllm(cfg, out_dir=out, resume=resume)
+    typer.echo(f"model saved to {result.final_dir} after {result.steps} steps")
+    typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items()))
+
+
 @app.command("compare-codebook-modes")
 def compare_codebook_modes_cmd(
     config: Path = typer.Option(..., "--config", help="Stage-1 YAML; its codebook.mode is replaced per run."),
@@ -265,6 +282,208 @@ def demo(
     run_demo(out, quick=quick)
 
 
+# ---------------------------------------------------------------------------------------- inference
+
+
+def _load_inference_model(path: Path, device: str):
+    """Load a saved UniCodeMLLM onto a device, in eval mode; UserError when the folder is not one."""
+    from unicode_mllm.model import UniCodeMLLM
+    from unicode_mllm.runtime.devices import select_device
+
+    if not path.is_dir():
+        raise UserError(f"model folder {path} not found; it is not a saved UniCodeMLLM (pass a save_pretrained folder)")
+    target = select_device(device)
+    model = UniCodeMLLM.from_pretrained(path)  # raises "... it is not a saved UniCodeMLLM" without its config
+    return model.to(target).eval()
+
+
+def _pair_questions(images: list[Path], questions: list[str]) -> tuple[list[Path | None], list[str]]:
+    """--image/--question lists -> pairs: equal counts pair in order; one image or one question is shared."""
+    if not questions:
+        raise UserError('no question given; pass one, e.g. unicode-mllm ask --model DIR --image a.png "what is it?"')
+    if not images:
+        return [None] * len(questions), questions
+    if len(images) == len(questions):
+        return list(images), questions
+    if len(images) == 1:
+        return [images[0]] * len(questions), questions
+    if len(questions) == 1:
+        return list(images), questions * len(images)
+    raise UserError(f"{len(images)} images but {len(questions)} questions; pass them in pairs, or one of either")
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str | None = typer.Argument(None, help="The question (or use --question, repeatable)."),
+    model: Path = typer.Option(..., "--model", help="A saved UniCodeMLLM folder."),
+    image: list[Path] = typer.Option([], "--image", help="Image file; repeat to pair with repeated questions."),
+    questions: list[str] = typer.Option([], "--question", help="A question; repeatable, paired with --image."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help='Question file: {"image": PATH, "question": TEXT} lines.'),
+    out: Path | None = typer.Option(None, "--out", help="Answers JSONL for --jsonl (default: standard output)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sample within the top-p probability mass."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling (per question, batch-independent)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions decoded together."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print a single answer as it is decoded."),
+) -> None:
+    """Answer questions about images (VQA) with a trained UniCodeMLLM; --jsonl for a question file."""
+    from unicode_mllm.generation import answer_questions
+    from unicode_mllm.generation.answering import generate_answers, question_prompts
+    from unicode_mllm.generation.question_files import answer_record, read_questions_jsonl
+    from unicode_mllm.generation.sampling import resolve_seed
+
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    if jsonl is not None:
+        if question or questions or image:
+            raise UserError("--jsonl takes its questions and images from the file; drop the other questions/--image")
+        records = read_questions_jsonl(jsonl)
+        mllm = _load_inference_model(model, device)
+        settings["seed"] = resolve_seed(seed)  # one seed for the whole file: the chunks continue one request
+        lines = []
+        chunk = max(1, batch_size) * 4  # images are loaded and encoded one chunk at a time
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
+            prompts = question_prompts(mllm, [r.image for r in part], [r.question for r in part])
+            answers = generate_answers(mllm, prompts, first_index=start, **settings)
+            lines += [answer_record(r, a.text) for r, a in zip(part, answers, strict=True)]
+        if out is None:
+            typer.echo("\n".join(lines))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(lines) + "\n")
+            typer.echo(f"{len(lines)} answers written to {out}")
+        return
+    if out is not None:
+        raise UserError("--out writes the answers of a --jsonl question file; pass --jsonl too")
+    pairs_images, pairs_questions = _pair_questions(list(image), [*questions, *([question] if question else [])])
+    mllm = _load_inference_model(model, device)
+    if len(pairs_questions) == 1 and stream:
+        answer_questions(
+            mllm, pairs_images, pairs_questions, stream=lambda _i, piece: typer.echo(piece, nl=False), **settings
+        )
+        typer.echo("")
+        return
+    answers = answer_questions(mllm, pairs_images, pairs_questions, **settings)
+    for img, q, a in zip(pairs_images, pairs_questions, answers, strict=True):
+        typer.echo(f"{img if img is not None else '(no image)'} | {q} -> {a.text}")
+
+
+def _numbered_paths(out: Path, n: int) -> list[Path]:
+    """out.png for one image; out_0.png ... out_{n-1}.png for several."""
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} must name a .png file (e.g. -o drawing.png)")
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The drawing instruction, e.g. 'a red circle at the top left'."),
+    model: Path = typer.Option(..., "--model", help="A saved UniCodeMLLM folder."),
+    out: Path = typer.Option(Path("generated.png"), "-o", "--out", help="PNG path (out_0.png ... for -n > 1)."),
+    num_images: int = typer.Option(1, "-n", "--num-images", help="Images to draw."),
+    temperature: float = typer.Option(1.0, "--temperature", help="1 samples the model; 0 (greedy) gives flat images."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample among the k most likely codes."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sample within the top-p probability mass."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default: random, printed)."),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images decoded together."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Text-to-image: write PNGs, a captioned grid (<out>_grid.png) and the settings/ids (<out>.json)."""
+    import json
+
+    from unicode_mllm.generation import check_prompt_text, generate_images
+    from unicode_mllm.viz import caption_grid
+
+    text = check_prompt_text(prompt, "prompt")
+    if num_images < 1:
+        raise UserError(f"-n must be >= 1, got {num_images}")
+    paths = _numbered_paths(out, num_images)
+    mllm = _load_inference_model(model, device)
+    result = generate_images(
+        mllm,
+        [text],
+        num_images_per_prompt=num_images,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = result.images
+    for path, img in zip(paths, images, strict=True):
+        img.save(path)
+    grid_path = out.with_name(f"{out.stem}_grid.png")
+    captions = [f"#{i} {text}" for i in range(num_images)]
+    caption_grid(images, captions, columns=min(4, num_images), cell_size=128).save(grid_path)
+    record = {
+        "prompt": text,
+        "files": [str(p) for p in paths],
+        "grid": str(grid_path),
+        "settings": result.settings,
+        "image_seeds": result.seeds,
+        "token_ids": result.token_ids.tolist(),
+    }
+    out.with_suffix(".json").write_text(json.dumps(record) + "\n")
+    seed_note = f" (seed {result.seed})" if result.seed is not None else ""
+    typer.echo(f"wrote {', '.join(str(p) for p in paths)} and {grid_path}{seed_note}")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: Path = typer.Option(..., "--model", help="A saved UniCodeMLLM folder."),
+    out_dir: Path = typer.Option(Path("chat_images"), "--out-dir", help="Where drawings are saved (image_NNN.png)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Answers: 0 = greedy."),
+    image_temperature: float = typer.Option(1.0, "--image-temperature", help="Drawings: sampling temperature."),
+    image_top_k: int | None = typer.Option(None, "--image-top-k", help="Drawings: sample among the k best codes."),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Drawings: classifier-free guidance scale."),
+    seed: int | None = typer.Option(None, "--seed", help="Session seed (default: random)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Multi-turn chat on standard input: questions, /image PATH, /draw TEXT (or draw: TEXT), /reset, /quit."""
+    from unicode_mllm.generation import ChatSession, ChatSettings
+    from unicode_mllm.generation.chat_repl import CHAT_HELP, run_chat
+
+    settings = ChatSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        image_temperature=image_temperature,
+        image_top_k=image_top_k,
+        cfg_scale=cfg_scale,
+        seed=seed,
+    )
+    session = ChatSession(_load_inference_model(model, device), settings)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(CHAT_HELP)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_chat(
+        session,
+        sys.stdin,
+        out_dir,
+        write,
+        lambda line: typer.echo(line, err=True),
+        prompt=(lambda: write("you> ")) if interactive else None,
+    )
+
+
 # ---------------------------------------------------------------------------------------- entry
 
 
@@ -283,6 +502,188 @@ def _click_kind(error: BaseException) -> str | None:
         if "click" in cls.__module__ and cls.__name__ in ("Exit", "Abort", "ClickException"):
             return cls.__name__
     return None
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+eval_app = typer.Typer(
+    help="Evaluate a visual tokenizer (reconstruction, code usage) or a model (VQA, text-to-image).",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _write_report(report: dict, out: Path | None) -> None:
+    import json
+
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    typer.echo(f"report: {out}")
+
+
+def _load_mllm(model: Path, device: str, method: str):
+    """UniCodeMLLM.from_pretrained(model) on `device`, checked to offer `method` (answer / generate_images)."""
+    from unicode_mllm.model import UniCodeMLLM
+    from unicode_mllm.runtime.devices import select_device
+
+    mllm = UniCodeMLLM.from_pretrained(model).to(select_device(device)).eval()
+    if not callable(getattr(mllm, method, None)):
+        raise UserError(f"this UniCodeMLLM has no {method}() method; update unicode-mllm to evaluate {model}")
+    return mllm
+
+
+@eval_app.command("tokenizer")
+def eval_tokenizer_cmd(
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Visual tokenizer folder (save_pretrained output)."),
+    data: Path | None = typer.Option(None, "--data", help="Shard folder with manifest.json (split: --split)."),
+    split: str | None = typer.Option(None, "--split", help="Split of --data to evaluate (default: val)."),
+    folder: Path | None = typer.Option(None, "--folder", help="Image folder; unreadable files are counted skips."),
+    photos: bool = typer.Option(False, "--photos", help="The real photos shipped with scikit-image (out of domain)."),
+    photo: list[str] = typer.Option([], "--photo", help="With --photos: evaluate only this photo (repeatable)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    grid: Path | None = typer.Option(None, "--grid", help="Write a PNG grid of original | reconstruction pairs here."),
+    lpips_trunk: str = typer.Option(
+        "auto", "--lpips-trunk", help="VGG16 trunk for LPIPS: auto (torch cache), a path, random (tests), or none."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate at most this many images."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+) -> None:
+    """PSNR, SSIM, LPIPS and per-depth code usage of a visual tokenizer on shards, a folder or photos."""
+    from unicode_mllm.evaluation import ImageSet, eval_visual_tokenizer
+    from unicode_mllm.runtime.devices import select_device
+
+    _require_model_dir(tokenizer, "tokenizer")
+    chosen = [name for name, given in (("--data", data), ("--folder", folder), ("--photos", photos)) if given]
+    if len(chosen) != 1:
+        raise UserError(f"pick exactly one image set: --data DIR [--split S], --folder DIR or --photos (got {chosen})")
+    if split is not None and data is None:
+        raise UserError("--split selects a split of --data; pass --data DIR as well")
+    if photo and not photos:
+        raise UserError("--photo picks photos of --photos; pass --photos as well")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise UserError(f"--batch-size and --limit must be >= 1 (got {batch_size} and {limit})")
+    if data is not None:
+        images = ImageSet.shards(data, split or "val")
+    elif folder is not None:
+        images = ImageSet.folder(folder)
+    else:
+        images = ImageSet.photos(photo or None)
+    result = eval_visual_tokenizer(
+        tokenizer,
+        images,
+        lpips_trunk=None if lpips_trunk == "none" else lpips_trunk,
+        batch_size=batch_size,
+        limit=limit,
+        device=select_device(device),
+        grid_path=grid,
+    )
+    for line in result.summary_lines():
+        typer.echo(line)
+    if grid is not None:
+        typer.echo(f"grid: {grid}")
+    _write_report(result.to_dict(), out)
+
+
+@eval_app.command("vqa")
+def eval_vqa_cmd(
+    model: Path = typer.Option(..., "--model", help="UniCodeMLLM folder (save_pretrained output)."),
+    data: Path | None = typer.Option(None, "--data", help="Shapes shard folder (questions from its samples' qa)."),
+    split: str | None = typer.Option(None, "--split", help="Split of --data (default: heldout)."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help='JSONL of {"image", "question", "answers"} lines.'),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Folder --jsonl image paths are relative to."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Longest answer, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: int | None = typer.Option(None, "--limit", help="Ask at most this many questions."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
+) -> None:
+    """Exact-match VQA accuracy per question kind (greedy answers of UniCodeMLLM.answer)."""
+    from unicode_mllm.evaluation import eval_vqa_jsonl, eval_vqa_shapes
+
+    if (data is None) == (jsonl is None):
+        raise UserError("pick exactly one question set: --data DIR [--split S] or --jsonl FILE")
+    if split is not None and data is None:
+        raise UserError("--split selects a split of --data; pass --data DIR as well")
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise UserError(
+            f"--batch-size, --max-new-tokens and --limit must be >= 1 (got {batch_size}, {max_new_tokens}, {limit})"
+        )
+    mllm = _load_mllm(model, device, "answer")
+
+    def answer_fn(images: list, questions: list[str]) -> list[str]:
+        return mllm.answer(images, questions, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+
+    if data is not None:
+        result = eval_vqa_shapes(answer_fn, data, split or "heldout", batch_size=batch_size, limit=limit)
+    else:
+        result = eval_vqa_jsonl(answer_fn, jsonl, image_root=image_root, batch_size=batch_size, limit=limit)
+    for line in result.summary_lines():
+        typer.echo(line)
+    decoding = {"model": str(model), "max_new_tokens": max_new_tokens, "temperature": 0.0, "batch_size": batch_size}
+    _write_report({**result.to_dict(), "decoding": decoding}, out)
+
+
+@eval_app.command("t2i")
+def eval_t2i_cmd(
+    model: Path = typer.Option(..., "--model", help="UniCodeMLLM folder (save_pretrained output)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Shapes shard folder the model was trained on: its world config (held-out pairs)."
+    ),
+    count: int = typer.Option(50, "--count", help="Prompts per group (seen = val, heldout = heldout split)."),
+    start: int = typer.Option(0, "--start", help="First world sample index of each split."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+    seed: int | None = typer.Option(
+        0, "--seed", help="Sampling seed; batch i of --batch-size prompts is generated with seed + i."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    grid: Path | None = typer.Option(None, "--grid", help="Write a PNG grid of generations with their prompts here."),
+) -> None:
+    """Text-to-image accuracy on shapes instructions (seen vs held-out pairs), scored by the shapes analyser."""
+    from unicode_mllm.evaluation import eval_t2i, shapes_config_from_manifest, shapes_t2i_prompts
+
+    if count < 1 or batch_size < 1 or start < 0:
+        raise UserError(f"--count and --batch-size must be >= 1 and --start >= 0 (got {count}, {batch_size}, {start})")
+    shapes_cfg = shapes_config_from_manifest(data) if data is not None else None
+    prompts = shapes_t2i_prompts(shapes_cfg, count, start=start)
+    mllm = _load_mllm(model, device, "generate_images")
+    batches = iter(range(len(prompts)))
+
+    def generate_fn(batch_prompts: list[str]) -> list:
+        index = next(batches)
+        return mllm.generate_images(
+            batch_prompts,
+            num_images_per_prompt=1,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_scale=cfg_scale,
+            seed=None if seed is None else seed + index,
+            batch_size=batch_size,
+        )
+
+    result = eval_t2i(generate_fn, prompts, cfg=shapes_cfg, batch_size=batch_size, grid_path=grid)
+    for line in result.summary_lines():
+        typer.echo(line)
+    if grid is not None:
+        typer.echo(f"grid: {grid}")
+    sampling = {
+        "model": str(model),
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "batch_size": batch_size,  # with a seed, the images depend on the batching (batch i: seed + i)
+    }
+    _write_report({**result.to_dict(), "sampling": sampling}, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -417,24 +417,36 @@ def build_shapes_samples(
     meta: Mapping[str, Any],
     image_token_ids: Tensor | None,
     tasks: Sequence[str] = TASKS,
+    *,
+    drop_prompt: Sequence[bool] = (),
+    vqa_turns: int = 0,
+    rng: random.Random | None = None,
 ) -> list[MLLMSample]:
     """The samples of one shapes-world record (its shard JSON: caption, qa, instruction) for `tasks`.
 
+    A task may repeat (the stage-2 mixture draws several). drop_prompt: the CFG drop of each
+    `text_to_image` entry in order (missing entries: the builder's own `cfg_drop_rate` draw).
+    vqa_turns: question/answer pairs per VQA conversation (0: all of the record's, in order; else a
+    draw without replacement from `rng`, by default one seeded by the record id).
     Skipped samples are counted in `builder.skips` (or raise in strict mode) and left out of the list.
     """
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
     sample_id = str(meta.get("id", ""))
+    drops = iter(drop_prompt)
     out: list[MLLMSample | None] = []
     for task in tasks:
         if task == "vqa":
             qa = [(q["question"], q["answer"]) for q in meta.get("qa", [])]
+            if vqa_turns and len(qa) > vqa_turns:
+                qa = (rng or random.Random(sample_id)).sample(qa, vqa_turns)
             out.append(builder.vqa(image_token_ids, qa, sample_id))
         elif task == "caption":
             out.append(builder.caption(image_token_ids, meta.get("caption", ""), sample_id))
         elif task == "text_to_image":
-            out.append(builder.text_to_image(meta.get("instruction", ""), image_token_ids, sample_id))
+            prompt = meta.get("instruction", "")
+            out.append(builder.text_to_image(prompt, image_token_ids, sample_id, next(drops, None)))
         else:
             out.append(builder.decompression(image_token_ids, sample_id))
     return [s for s in out if s is not None]

@@ -57,6 +57,7 @@ from unicode_mllm.runtime.checkpoint import (
     split_tensors,
 )
 from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
+from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.viz import plot_curves, read_jsonl
@@ -156,24 +157,6 @@ def build_optimizer(model: torch.nn.Module, cfg: LMOptimConfig) -> torch.optim.A
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-class WarmupCosine:
-    """lr multiplier: linear warm-up over `warmup_steps`, then cosine from 1 to `min_lr_ratio` at `total_steps`.
-
-    A class rather than a lambda so `LambdaLR.state_dict()` saves its settings (as plain JSON).
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps  # the first step already moves (never lr = 0)
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(

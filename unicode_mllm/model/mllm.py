@@ -395,3 +395,112 @@ class UniCodeMLLM(nn.Module):
                 f"{model.token_ids.to_dict()}"
             )
         return model
+
+    # ----- inference (unicode_mllm/generation) ---------------------------------------------------------
+    # Thin entry points. The generation package is imported inside them, not at the top: it imports
+    # unicode_mllm.model itself (through data/mllm_samples.py), which would make the imports circular.
+
+    def answer(
+        self,
+        images: Any,
+        questions: str | list[str],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stream: Any = None,
+        batch_size: int = 8,
+        allow_images: bool = False,
+    ) -> list[str]:
+        """Answer each question about its image; returns one stripped reply per question.
+
+        images: one per question, each a PIL image, an image path, a (3, H, W) float tensor in [-1, 1]
+            or pre-extracted (h, w, d) int64 LLM token ids; None (or a None entry) for text only. A single
+            image (not in a list) goes with a single question.
+        temperature 0 is greedy (the default); seed makes sampling reproducible, per question, whatever
+        the batch size. stream: `stream(question_index, piece)` gets the text as it is decoded.
+        Raises UserError for an empty question, a bad image or a prompt longer than the LM's positions.
+        """
+        from unicode_mllm.generation import answer_questions
+
+        single = isinstance(questions, str)
+        questions = [questions] if single else list(questions)
+        if single and images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        answers = answer_questions(
+            self,
+            images,
+            questions,
+            stream=stream,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            allow_images=allow_images,
+        )
+        return [a.text for a in answers]
+
+    def generate_image_tokens(
+        self,
+        prompts: str | list[str],
+        *,
+        num_images_per_prompt: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+        decode: bool = True,
+    ) -> Any:
+        """Text-to-image returning a `generation.ImageGeneration`: `token_ids` (n, h, w, d) LLM token ids,
+        `sequences` (n, h*w*d + 1) ending with `</img>`, the seeds, and (decode=True) `pixel_values`
+        (n, 3, H, W) in [-1, 1] and `.images` (PIL). n = len(prompts) * num_images_per_prompt, in
+        prompt order. Raises UserError for an empty prompt, a too-long prompt or bad settings.
+        """
+        from unicode_mllm.generation import generate_images
+
+        return generate_images(
+            self,
+            prompts,
+            num_images_per_prompt=num_images_per_prompt,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            batch_size=batch_size,
+            decode=decode,
+        )
+
+    def generate_images(
+        self,
+        prompts: str | list[str],
+        *,
+        num_images_per_prompt: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+    ) -> list[Any]:
+        """Text-to-image: RGB PIL images, `num_images_per_prompt` per prompt, in prompt order.
+
+        Samples at temperature 1 by default (greedy decoding gives flat images); cfg_scale > 1 applies
+        classifier-free guidance against the empty prompt. `generate_image_tokens` also returns the ids.
+        """
+        return self.generate_image_tokens(
+            prompts,
+            num_images_per_prompt=num_images_per_prompt,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            batch_size=batch_size,
+        ).images

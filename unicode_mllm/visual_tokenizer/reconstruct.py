@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -13,6 +14,9 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
+if TYPE_CHECKING:
+    from tokenizer_training.perceptual import PerceptualLoss
+
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square and resize (bicubic) to size x size."""
@@ -21,6 +25,42 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     return image if side == size else image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def load_perceptual(lpips_trunk: str | None, device: str | torch.device = "cpu") -> tuple[PerceptualLoss | None, str]:
+    """(LPIPS module or None, a note saying what was loaded or why nothing was).
+
+    `lpips_trunk`: "auto" (torchvision's cache file), a file path, "random" (an explicit random trunk,
+    whose values are not LPIPS) or None (do not measure). A missing trunk file gives (None, "not
+    measured: ..."): callers report LPIPS as not measured, never as a number.
+    """
+    if lpips_trunk is None:
+        return None, "not measured: no trunk requested"
+    from tokenizer_training.perceptual import PerceptualLoss, resolve_trunk
+
+    try:
+        path = resolve_trunk(lpips_trunk)
+        perceptual = PerceptualLoss(lpips_trunk).to(device)
+    except UserError as exn:
+        return None, f"not measured: {exn}"
+    note = "random VGG16 trunk (explicitly requested; values are not LPIPS)" if path is None else f"VGG16 trunk {path}"
+    return perceptual, note
+
+
+@torch.no_grad()
+def reconstruct_batch(tokenizer: VisualTokenizer, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, 3, H, W) in [-1, 1] -> (codes (b, h, w, d) int64, reconstruction (b, 3, H, W) in [-1, 1])."""
+    codes = tokenizer.encode(pixel_values)
+    return codes, tokenizer.decode(codes)
+
+
+def side_by_side(original: Image.Image, reconstruction: torch.Tensor) -> Image.Image:
+    """original | reconstruction as one RGB image; reconstruction is (3, H, W) in [-1, 1]."""
+    rec = tensor_to_pil(reconstruction.cpu())
+    pair = Image.new("RGB", (original.width + rec.width, max(original.height, rec.height)))
+    pair.paste(original.convert("RGB"), (0, 0))
+    pair.paste(rec, (original.width, 0))
+    return pair
 
 
 @dataclass
@@ -40,14 +80,7 @@ def reconstruct_files(
 ) -> list[Reconstruction]:
     """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each image file."""
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
-    perceptual = None
-    if lpips_trunk is not None:
-        from tokenizer_training.perceptual import PerceptualLoss
-
-        try:
-            perceptual = PerceptualLoss(lpips_trunk).to(device)
-        except UserError:
-            perceptual = None  # reported as n/a by the caller, never as a number
+    perceptual, _ = load_perceptual(lpips_trunk, device)  # None is reported as n/a by the caller, never a number
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = tokenizer.config.image_size
@@ -55,12 +88,10 @@ def reconstruct_files(
     for path in paths:
         image = fit_square(load_image(path), size)
         x = pil_to_tensor(image)[None].to(device)
+        _, rec = reconstruct_batch(tokenizer, x)
         with torch.no_grad():
-            rec = tokenizer.decode(tokenizer.encode(x))
             lp = float(perceptual(x, rec)[0]) if perceptual is not None else None
-        pair = Image.new("RGB", (2 * size, size))
-        pair.paste(image, (0, 0))
-        pair.paste(tensor_to_pil(rec[0].cpu()), (size, 0))
+        pair = side_by_side(image, rec[0])
         output = out_dir / f"{Path(path).stem}_recon.png"
         pair.save(output)
         results.append(Reconstruction(Path(path), output, float(psnr(x, rec)[0]), lp))

@@ -1,0 +1,315 @@
+"""High-resolution view generators: one image -> several encoder views -> one set of feature tokens.
+
+`encode` is any function from pixels (b, 3, H, W) at the encoder's native `view_size` (H, W) to features
+(b, h*w, c) on the encoder's `view_grid` (h, w), raster order: in UniCode, the visual tokenizer's aggregated
+code embeddings (c = the LLM width); in tests, a small deterministic function. A generator resizes the
+input image itself (bicubic in (at least) fp32, align_corners=False, antialias off by default as in the references),
+calls `encode` on the views (batched on the first axis), and returns `ViewFeatures`:
+
+- `single`: the image resized to view_size, encoded once. Grid: view_grid.
+- `s2` (S^2, arXiv 2403.13043, after bfshi/scaling_on_scales@31688b1 s2wrapper/core.py `forward` and
+  utils.py `split_chessboard`/`merge_chessboard`): for each integer scale s (ascending) the image is
+  resized to s*view_size, split into s x s view-size tiles (chessboard, row-major), each tile encoded,
+  the tiles' grids merged into one (s*h, s*w) map, and that map area-pooled to the first scale's grid
+  (s0*h, s0*w). merge='channel' concatenates the scales on channels as S^2 does -> (b, s0^2*h*w, k*c)
+  (a projector must then map k*c -> c); merge='token' (UniCode's default, as in MustDrop's `s2_manner`)
+  concatenates them on the sequence -> (b, k*s0^2*h*w, c), one grid per scale.
+  Deviations: scales are integer factors of view_size (S^2 also accepts sizes it re-rounds to a multiple of
+  the split size with a second bicubic resize); no prefix (CLS) tokens.
+- `inf_llava` (INF-LLaVA, see dual_perspective.py): the image resized to n*view_size gives n*n local tiles
+  and n*n strided global sub-images; with the image resized to view_size that is 2*n*n + 1 views. The DEM
+  fuses the 2*n*n into one view_grid map, and the output is the mean of that map and the base view:
+  (b, h*w, c), trainable (the DEM).
+
+`compress_view_features` applies a compressor to each grid of a `ViewFeatures` and concatenates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from unicode_mllm.compression.base import Compressor
+from unicode_mllm.compression.dual_perspective import DualPerspectiveEnhancement, dual_perspective_crops
+from unicode_mllm.compression.grid_layout import check_grid_hw, merge_blocks, split_blocks
+from unicode_mllm.errors import ConfigError
+
+EncodeFn = Callable[[Tensor], Tensor]  # (b, 3, H, W) pixels -> (b, h*w, c) features
+S2Merge = Literal["token", "channel"]
+
+
+@dataclass(frozen=True)
+class ViewFeatures:
+    """tokens: (b, n, c); grids: the raster grid of each consecutive token segment, sum(h*w) == n."""
+
+    tokens: Tensor
+    grids: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        total = sum(h * w for h, w in self.grids)
+        if self.tokens.ndim != 3 or self.tokens.shape[1] != total:
+            raise ValueError(f"ViewFeatures: tokens {tuple(self.tokens.shape)} do not cover grids {self.grids}")
+
+
+@dataclass(frozen=True)
+class CompressedViews:
+    """tokens: (b, m, c_out), the compressed segments concatenated; per segment its output grid (or None)."""
+
+    tokens: Tensor
+    grids: tuple[tuple[int, int] | None, ...]
+    lengths: tuple[int, ...]
+
+
+def compress_view_features(compressor: Compressor, features: ViewFeatures) -> CompressedViews:
+    """Run `compressor` on each grid segment of `features` and concatenate: (b, n, c) -> (b, m, c_out)."""
+    outputs, grids, lengths, start = [], [], [], 0
+    for h, w in features.grids:
+        out = compressor(features.tokens[:, start : start + h * w], (h, w))
+        outputs.append(out.tokens)
+        grids.append(out.grid_hw)
+        lengths.append(out.tokens.shape[1])
+        start += h * w
+    return CompressedViews(torch.cat(outputs, dim=1), tuple(grids), tuple(lengths))
+
+
+def resize_images(images: Tensor, size_hw: tuple[int, int], antialias: bool = False) -> Tensor:
+    """Bicubic resize of (b, c, H, W) to size_hw in >= fp32 (cast back); the input itself when the size matches."""
+    if tuple(images.shape[-2:]) == tuple(size_hw):
+        return images
+    upcast = images.to(torch.promote_types(images.dtype, torch.float32))
+    out = F.interpolate(upcast, size=size_hw, mode="bicubic", align_corners=False, antialias=antialias)
+    return out.to(images.dtype)
+
+
+class ViewGenerator(nn.Module):
+    """Base class: holds the encoder's native view_size (H, W) pixels, view_grid (h, w) and feature width c."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, view_size: tuple[int, int], view_grid: tuple[int, int], width: int, antialias: bool = False):
+        super().__init__()
+        try:
+            self.view_size = check_grid_hw(tuple(view_size))
+            self.view_grid = check_grid_hw(tuple(view_grid))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"view generator {self.name!r}: view_size and view_grid must be (h, w) pairs of positive ints; got "
+                f"{view_size!r}, {view_grid!r}"
+            ) from None
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(f"view generator {self.name!r}: width must be a positive int, got {width!r}")
+        self.width = width
+        self.antialias = bool(antialias)
+
+    def output_grids(self) -> tuple[tuple[int, int], ...]:
+        """The grids of the returned `ViewFeatures`, in order."""
+        raise NotImplementedError
+
+    def out_width(self) -> int:
+        """The channel width of the returned tokens."""
+        return self.width
+
+    def num_output_tokens(self) -> int:
+        return sum(h * w for h, w in self.output_grids())
+
+    def num_views(self) -> int:
+        """How many view-size images `encode` sees per input image."""
+        raise NotImplementedError
+
+    def _encode(self, encode: EncodeFn, views: Tensor) -> Tensor:
+        """Encode (m, 3, H, W) views and check the result is (m, h*w, width)."""
+        feats = encode(views)
+        h, w = self.view_grid
+        expected = (views.shape[0], h * w, self.width)
+        if tuple(feats.shape) != expected:
+            raise ValueError(
+                f"{self.name}: encode returned {tuple(feats.shape)} for views {tuple(views.shape)}; expected "
+                f"{expected} (view_grid={self.view_grid}, width={self.width})"
+            )
+        return feats
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"{self.name}: images must be (b, c, H, W); got shape {tuple(images.shape)}")
+
+    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+        """(b, c, H, W) images of any size -> ViewFeatures; see the module docstring per generator."""
+        raise NotImplementedError
+
+
+VIEW_GENERATORS: dict[str, type[ViewGenerator]] = {}
+
+
+def register_view_generator(name: str):
+    """Class decorator: register a `ViewGenerator` subclass under `name` (sets `cls.name`)."""
+
+    def decorate(cls: type[ViewGenerator]) -> type[ViewGenerator]:
+        if name in VIEW_GENERATORS:
+            raise ValueError(f"view generator {name!r} is already registered")
+        cls.name = name
+        VIEW_GENERATORS[name] = cls
+        return cls
+
+    return decorate
+
+
+def view_generator_option_names(name: str) -> tuple[str, ...]:
+    """The keyword options generator `name` accepts besides view_size, view_grid and width."""
+    if name not in VIEW_GENERATORS:
+        raise ConfigError(f"view generator {name!r} is unknown; choose one of {sorted(VIEW_GENERATORS)}")
+    params = inspect.signature(VIEW_GENERATORS[name].__init__).parameters
+    return tuple(p for p in params if p not in ("self", "view_size", "view_grid", "width"))
+
+
+def build_view_generator(
+    name: str, *, view_size: tuple[int, int], view_grid: tuple[int, int], width: int, **options: Any
+) -> ViewGenerator:
+    """Build view generator `name` for an encoder with native view_size/view_grid and feature width.
+
+    Raises ConfigError for an unknown name or option (listing the valid ones) and for invalid values.
+    """
+    accepted = view_generator_option_names(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"view generator {name!r} has no option(s) {unknown}; its options are {list(accepted)}")
+    return VIEW_GENERATORS[name](view_size=view_size, view_grid=view_grid, width=width, **options)
+
+
+@register_view_generator("single")
+class SingleView(ViewGenerator):
+    """The image resized to view_size, encoded once: (b, c, H, W) -> (b, h*w, width) on view_grid."""
+
+    def __init__(self, view_size: tuple[int, int], view_grid: tuple[int, int], width: int, antialias: bool = False):
+        super().__init__(view_size, view_grid, width, antialias)
+
+    def output_grids(self) -> tuple[tuple[int, int], ...]:
+        return (self.view_grid,)
+
+    def num_views(self) -> int:
+        return 1
+
+    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+        self._check_images(images)
+        feats = self._encode(encode, resize_images(images, self.view_size, self.antialias))
+        return ViewFeatures(feats, (self.view_grid,))
+
+
+@register_view_generator("s2")
+class S2MultiScale(ViewGenerator):
+    """S^2 multi-scale views: per scale s, s x s view-size tiles of the image at s*view_size, merged and pooled.
+
+    scales: strictly ascending positive ints (e.g. (1, 2) for 256 + 512 px on a 256 px tokenizer).
+    merge: 'token' -> (b, k * s0^2*h*w, c), grids ((s0*h, s0*w),) * k; 'channel' -> (b, s0^2*h*w, k*c).
+    """
+
+    def __init__(
+        self,
+        view_size: tuple[int, int],
+        view_grid: tuple[int, int],
+        width: int,
+        scales: Sequence[int] = (1, 2),
+        merge: S2Merge = "token",
+        antialias: bool = False,
+    ):
+        super().__init__(view_size, view_grid, width, antialias)
+        scales = tuple(scales)
+        if not scales or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
+            raise ConfigError(f"s2 scales must be positive ints (multiples of view_size), got {scales!r}")
+        if any(a >= b for a, b in itertools.pairwise(scales)):
+            raise ConfigError(f"s2 scales must be strictly ascending (outputs are pooled to the first), got {scales!r}")
+        if merge not in ("token", "channel"):
+            raise ConfigError(f"s2 merge {merge!r} is unknown; choose 'token' or 'channel'")
+        self.scales = scales
+        self.merge = merge
+
+    def _base_grid(self) -> tuple[int, int]:
+        return (self.scales[0] * self.view_grid[0], self.scales[0] * self.view_grid[1])
+
+    def output_grids(self) -> tuple[tuple[int, int], ...]:
+        return (self._base_grid(),) * (len(self.scales) if self.merge == "token" else 1)
+
+    def out_width(self) -> int:
+        return self.width * (len(self.scales) if self.merge == "channel" else 1)
+
+    def num_views(self) -> int:
+        return sum(s * s for s in self.scales)
+
+    def scale_maps(self, images: Tensor, encode: EncodeFn) -> list[Tensor]:
+        """Per scale s, the merged feature map of its s x s tiles: [(b, c, s*h, s*w)], before pooling."""
+        self._check_images(images)
+        (vh, vw), (h, w) = self.view_size, self.view_grid
+        maps = []
+        for s in self.scales:
+            scaled = resize_images(images, (s * vh, s * vw), self.antialias)  # (b, 3, s*vh, s*vw)
+            tiles = split_blocks(scaled, s).flatten(0, 1)  # (s*s*b, 3, vh, vw), index (i*s + j)*b + batch
+            feats = self._encode(encode, tiles)  # (s*s*b, h*w, c)
+            feats = rearrange(feats, "(v b) (h w) c -> v b c h w", v=s * s, h=h, w=w)
+            maps.append(merge_blocks(feats, s))  # (b, c, s*h, s*w)
+        return maps
+
+    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+        base = self._base_grid()
+        pooled = []
+        for fmap in self.scale_maps(images, encode):
+            # S^2's F.interpolate(mode='area') is adaptive average pooling, done in (at least) fp32 as the reference.
+            if tuple(fmap.shape[-2:]) != base:
+                upcast = fmap.to(torch.promote_types(fmap.dtype, torch.float32))
+                fmap = F.adaptive_avg_pool2d(upcast, base).to(fmap.dtype)
+            pooled.append(fmap)  # (b, c, s0*h, s0*w)
+        if self.merge == "channel":
+            tokens = rearrange(torch.cat(pooled, dim=1), "b c h w -> b (h w) c")  # (b, s0^2*h*w, k*c)
+        else:
+            tokens = torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)  # (b, k*s0^2*h*w, c)
+        return ViewFeatures(tokens, self.output_grids())
+
+
+@register_view_generator("inf_llava")
+class InfLlavaDualPerspective(ViewGenerator):
+    """INF-LLaVA: 2*n*n + 1 views (local tiles, strided global sub-images, the base view), DEM fusion, mean.
+
+    (b, c, H, W) -> (b, h*w, width) on view_grid. `enhancement` (the DEM) is trainable; width must be divisible
+    by 16 and num_heads.
+    """
+
+    def __init__(
+        self,
+        view_size: tuple[int, int],
+        view_grid: tuple[int, int],
+        width: int,
+        n: int = 3,
+        num_heads: int = 8,
+        antialias: bool = False,
+    ):
+        super().__init__(view_size, view_grid, width, antialias)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ConfigError(f"inf_llava n (tiles per side) must be an int >= 2, got {n!r}")
+        self.n = n
+        self.enhancement = DualPerspectiveEnhancement(width, num_heads)
+
+    def output_grids(self) -> tuple[tuple[int, int], ...]:
+        return (self.view_grid,)
+
+    def num_views(self) -> int:
+        return 2 * self.n * self.n + 1
+
+    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+        self._check_images(images)
+        (vh, vw), n, b = self.view_size, self.n, images.shape[0]
+        large = resize_images(images, (n * vh, n * vw), self.antialias)  # (b, 3, n*vh, n*vw)
+        local_views, global_views = dual_perspective_crops(large, n)  # (n*n, b, 3, vh, vw) each
+        base_view = resize_images(images, (vh, vw), self.antialias)  # (b, 3, vh, vw)
+        views = torch.cat([local_views.flatten(0, 1), global_views.flatten(0, 1), base_view], dim=0)
+        feats = self._encode(encode, views)  # ((2*n*n + 1) * b, h*w, c)
+        local_feats, global_feats = feats[: 2 * n * n * b].unflatten(0, (2, n * n, b)).unbind(0)
+        fused = self.enhancement(local_feats, global_feats, self.view_grid)  # (b, h*w, c)
+        # The reference averages the DEM map and the base view: mean over a stacked last axis.
+        tokens = torch.stack([feats[2 * n * n * b :], fused], dim=-1).mean(dim=-1)
+        return ViewFeatures(tokens, (self.view_grid,))

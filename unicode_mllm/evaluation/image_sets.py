@@ -1,0 +1,116 @@
+"""The image sets a visual tokenizer is evaluated on: a split of a shard folder, an image folder, or photos.
+
+Every image is centre-cropped to a square and resized (bicubic) to the tokenizer's size with
+`visual_tokenizer.reconstruct.fit_square`, the same preparation as `unicode-mllm reconstruct`; an image
+that already has that size is used as it is. Images that cannot be used are counted by reason in a
+`SkipCounts` (corrupt or missing files, undecodable shard samples, text-only shard samples, photos
+whose loader fails), never dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from unicode_mllm.data.image_io import ImageDecodeError, load_image
+from unicode_mllm.errors import UserError
+from unicode_mllm.evaluation.photos import PHOTO_NAMES, load_photos
+from unicode_mllm.evaluation.skips import SkipCounts
+from unicode_mllm.visual_tokenizer.reconstruct import fit_square
+
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TEXT_ONLY = "text-only sample"
+PHOTO_UNAVAILABLE = "photo unavailable"
+
+ImageSetKind = Literal["shards", "folder", "photos"]
+
+
+@dataclass(frozen=True)
+class NamedImage:
+    name: str  # "shard.tar:key", the path relative to the folder, or the photo name
+    image: Image.Image  # RGB, size x size
+    original_size: tuple[int, int]  # (w, h) before fitting
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Where the images come from. Build with `ImageSet.shards`, `ImageSet.folder` or `ImageSet.photos`."""
+
+    kind: ImageSetKind
+    path: Path | None = None
+    split: str | None = None
+    photo_names: tuple[str, ...] | None = None
+
+    @classmethod
+    def shards(cls, data_dir: str | Path, split: str) -> ImageSet:
+        return cls("shards", path=Path(data_dir), split=split)
+
+    @classmethod
+    def folder(cls, folder: str | Path) -> ImageSet:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"image folder {folder} not found; pass an existing directory")
+        return cls("folder", path=folder)
+
+    @classmethod
+    def photos(cls, names: tuple[str, ...] | list[str] | None = None) -> ImageSet:
+        """scikit-image's sample photos (`evaluation.photos.PHOTO_NAMES` unless `names` is given)."""
+        return cls("photos", photo_names=tuple(names) if names is not None else None)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe description of the set (the evaluators add the names of the images they used)."""
+        if self.kind == "shards":
+            return {"kind": "shards", "data_dir": str(self.path), "split": self.split}
+        if self.kind == "folder":
+            return {"kind": "folder", "folder": str(self.path)}
+        return {"kind": "photos", "source": "skimage.data", "requested": list(self.photo_names or PHOTO_NAMES)}
+
+    def iter(self, size: int, skips: SkipCounts) -> Iterator[NamedImage]:
+        """Yield the set's usable images fitted to size x size, counting the rest in `skips`."""
+        sources = {"shards": self._iter_shards, "folder": self._iter_folder, "photos": self._iter_photos}
+        for name, image in sources[self.kind](skips):
+            yield NamedImage(name, fit_square(image, size), image.size)
+
+    def _iter_shards(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image]]:
+        from unicode_mllm.data.stream import SkipReport, StreamingDataset
+
+        assert self.path is not None and self.split is not None, "ImageSet.shards sets path and split"
+        stream = StreamingDataset.from_folder(self.path, self.split, shuffle=False, image_format="pil")
+        report = SkipReport()
+        try:
+            for sample in stream:
+                if not report.add(sample):  # a tally record: skips only
+                    continue
+                name = f"{sample['shard']}:{sample['key']}"
+                if sample["image"] is None:
+                    skips.skip(TEXT_ONLY, name)
+                    continue
+                yield name, sample["image"]
+        finally:
+            # Counted even when the consumer stops early (limit): what was read so far is reported.
+            skips.add_counts(dict(report.skipped), report.broken_shards)
+
+    def _iter_folder(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image]]:
+        assert self.path is not None, "ImageSet.folder sets path"
+        files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+        if not files:
+            raise UserError(f"image folder {self.path} holds no {'/'.join(IMAGE_FILE_SUFFIXES)} files")
+        for path in files:
+            name = str(path.relative_to(self.path))
+            try:
+                image = load_image(path, mode="RGB", name=name)
+            except ImageDecodeError as exn:
+                skips.skip(exn.reason, name, str(exn))
+                continue
+            yield name, image
+
+    def _iter_photos(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image]]:
+        photos, unavailable = load_photos(self.photo_names)
+        for name, why in unavailable.items():
+            skips.skip(PHOTO_UNAVAILABLE, name, f"photo {name}: {why}")
+        for photo in photos:
+            yield photo.name, photo.image

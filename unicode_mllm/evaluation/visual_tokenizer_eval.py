@@ -1,0 +1,208 @@
+"""Evaluate a visual tokenizer on an image set: PSNR, SSIM, LPIPS and per-depth code usage.
+
+The per-image work is `unicode-mllm reconstruct`'s (`visual_tokenizer.reconstruct`: `fit_square`,
+`reconstruct_batch`, `load_perceptual`, `side_by_side`), batched. LPIPS is measured only with a real
+VGG16 trunk (`lpips_trunk="auto"` finds torchvision's cache file, or pass a path); without one it is
+reported as not measured with the reason. A random trunk is used only when asked for by name
+(`lpips_trunk="random"`, for tests), and the result then says so next to the number.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from unicode_mllm.data.image_io import pil_to_tensor
+from unicode_mllm.errors import UserError
+from unicode_mllm.evaluation.code_usage import CodeUsage
+from unicode_mllm.evaluation.image_sets import ImageSet, NamedImage
+from unicode_mllm.evaluation.skips import SkipCounts
+from unicode_mllm.evaluation.ssim import ssim
+from unicode_mllm.image_metrics import psnr
+from unicode_mllm.runtime.progress import track
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+from unicode_mllm.visual_tokenizer.reconstruct import load_perceptual, reconstruct_batch, side_by_side
+from unicode_mllm.viz import caption_grid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    name: str
+    psnr: float  # dB on the [0, 1] scale
+    ssim: float
+    lpips: float | None  # None when LPIPS was not measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "psnr": self.psnr, "ssim": self.ssim, "lpips": self.lpips}
+
+
+@dataclass
+class TokenizerEvalResult:
+    """Scores of one visual tokenizer on one image set; `to_dict()` is the JSON report."""
+
+    tokenizer: str
+    source: dict[str, Any]
+    image_size: int
+    code_shape: tuple[int, int, int]
+    per_image: list[ImageScores]
+    usage: CodeUsage
+    lpips_note: str  # which trunk measured LPIPS, or why it was not measured
+    lpips_is_random_trunk: bool
+    skips: SkipCounts
+    num_resized: int  # images that were centre-cropped and/or resized to image_size
+    grid_path: Path | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.per_image)
+
+    @property
+    def psnr(self) -> float:
+        return sum(s.psnr for s in self.per_image) / self.num_images
+
+    @property
+    def ssim(self) -> float:
+        return sum(s.ssim for s in self.per_image) / self.num_images
+
+    @property
+    def lpips(self) -> float | None:
+        values = [s.lpips for s in self.per_image if s.lpips is not None]
+        return sum(values) / len(values) if values and len(values) == self.num_images else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokenizer": self.tokenizer,
+            "source": self.source,
+            "image_size": self.image_size,
+            "code_shape": list(self.code_shape),
+            "num_images": self.num_images,
+            "num_resized": self.num_resized,
+            "skipped": self.skips.to_dict(),
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "lpips": {
+                "measured": self.lpips is not None,
+                "mean": self.lpips,
+                "random_trunk": self.lpips_is_random_trunk,
+                "note": self.lpips_note,
+            },
+            "usage": self.usage.to_dict(),
+            "grid": str(self.grid_path) if self.grid_path else None,
+            "per_image": [s.to_dict() for s in self.per_image],
+        }
+
+    def summary_lines(self) -> list[str]:
+        if self.lpips is None:
+            lp = f"LPIPS {self.lpips_note}"
+        else:
+            lp = f"LPIPS {self.lpips:.4f}" + (" (RANDOM trunk: not LPIPS)" if self.lpips_is_random_trunk else "")
+        usage = self.usage.to_dict()
+        v = usage["num_codes"]
+        per_depth = ", ".join(
+            f"d{u['depth']} {u['distinct']}/{v} (ppl {u['perplexity']:.1f})" for u in usage["per_depth"]
+        )
+        return [
+            f"{self.num_images} images ({self.num_resized} resized to {self.image_size}px); {self.skips.summary()}",
+            f"PSNR {self.psnr:.2f} dB, SSIM {self.ssim:.4f}, {lp}",
+            f"code usage per depth: {per_depth}",
+        ]
+
+
+def eval_visual_tokenizer(
+    visual_tokenizer: VisualTokenizer | str | Path,
+    images: ImageSet,
+    *,
+    lpips_trunk: str | None = "auto",
+    batch_size: int = 16,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    grid_path: str | Path | None = None,
+    grid_count: int = 16,
+) -> TokenizerEvalResult:
+    """Reconstruct every image of `images` (at most `limit`) and score the reconstructions.
+
+    Args:
+        visual_tokenizer: a loaded `VisualTokenizer` or its save_pretrained folder.
+        lpips_trunk: "auto", a VGG16 file path, "random" (tests only) or None (see the module docstring).
+        grid_path: when given, a PNG of original | reconstruction pairs of the first `grid_count` images.
+
+    Returns a `TokenizerEvalResult` (PSNR and SSIM are means of per-image values; code usage counts
+    every code position of every image). Raises UserError when no image could be used, ValueError for
+    a batch_size, limit or grid_count below 1.
+    """
+    if batch_size < 1 or (limit is not None and limit < 1) or grid_count < 1:
+        raise ValueError(f"batch_size, limit and grid_count must be >= 1 (got {batch_size}, {limit}, {grid_count})")
+    source_name = str(visual_tokenizer) if isinstance(visual_tokenizer, (str, Path)) else "<in memory>"
+    if isinstance(visual_tokenizer, (str, Path)):
+        visual_tokenizer = VisualTokenizer.from_pretrained(str(visual_tokenizer))
+    vt = visual_tokenizer.to(device).eval()
+    size = vt.config.image_size
+    perceptual, lpips_note = load_perceptual(lpips_trunk, device)
+    if perceptual is None:
+        logger.info("LPIPS %s", lpips_note)
+    usage = CodeUsage(vt.config.num_codes, vt.code_shape[2])
+    skips = SkipCounts()
+    scores: list[ImageScores] = []
+    pairs: list[tuple[str, Image.Image]] = []
+    num_resized = 0
+
+    def run(batch: list[NamedImage]) -> None:
+        x = torch.stack([pil_to_tensor(item.image) for item in batch]).to(device)  # (b, 3, H, W) in [-1, 1]
+        codes, rec = reconstruct_batch(vt, x)
+        usage.add(codes)
+        p, s = psnr(x, rec).tolist(), ssim(x, rec).tolist()
+        with torch.no_grad():
+            lp = perceptual(x, rec).tolist() if perceptual is not None else [None] * len(batch)
+        for i, item in enumerate(batch):
+            scores.append(ImageScores(item.name, p[i], s[i], lp[i]))
+            if len(pairs) < grid_count:
+                pairs.append((f"{item.name} {p[i]:.1f} dB", side_by_side(item.image, rec[i])))
+
+    batch: list[NamedImage] = []
+    seen = 0
+    stream = images.iter(size, skips)
+    try:
+        for item in track(stream, f"evaluating tokenizer on {images.kind}"):
+            num_resized += item.original_size != (size, size)
+            batch.append(item)
+            seen += 1
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        stream.close()  # a shard stream adds its skip counts when it closes, also after an early stop
+    if batch:
+        run(batch)
+    if not scores:
+        raise UserError(f"no usable images in {images.describe()}; {skips.summary()}")
+
+    source = images.describe()
+    if images.kind == "photos":
+        source["names"] = [s.name for s in scores]
+    written = None
+    if grid_path is not None:
+        written = Path(grid_path)
+        written.parent.mkdir(parents=True, exist_ok=True)
+        caption_grid([img for _, img in pairs], [cap for cap, _ in pairs], columns=4, cell_size=256).save(written)
+    return TokenizerEvalResult(
+        tokenizer=source_name,
+        source=source,
+        image_size=size,
+        code_shape=tuple(vt.code_shape),  # type: ignore[arg-type]
+        per_image=scores,
+        usage=usage,
+        lpips_note=lpips_note,
+        lpips_is_random_trunk=perceptual is not None and perceptual.is_random_trunk,
+        skips=skips,
+        num_resized=num_resized,
+        grid_path=written,
+    )

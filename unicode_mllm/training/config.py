@@ -1,0 +1,118 @@
+"""`MLLMTrainConfig`: the stage-2 run (decompression pre-training + instruction tuning), from YAML.
+
+    cfg = load_config(MLLMTrainConfig, "configs/mllm/tiny.yaml", overrides=["train.steps=100"])
+
+Sections: `model` (which LM and visual tokenizer, reading mode, template, optional LoRA), `data` (shards,
+where the image token ids come from, the task mixture, sample building), `optim`, `train` (the loop) and
+`eval` (the teacher-forced evaluation run during training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from unicode_mllm.config import bounded
+from unicode_mllm.errors import ConfigError
+from unicode_mllm.runtime.devices import DeviceChoice
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = bounded(128, min=1)
+    alpha: int = bounded(256, min=1)
+    dropout: float = bounded(0.05, min=0.0, max=1.0)
+    target_modules: str = "all-linear"  # peft's shortcut, or a comma-separated list of module names
+    train_embeddings: bool = True  # the embedding table is the codebook the LLM reads: keep it trainable
+
+
+@dataclass
+class MLLMModelConfig:
+    lm: str = ""  # a HF causal LM folder or hub name (stage 0's runs/lm/tiny/model for the tiny preset)
+    visual_tokenizer: str = ""  # a saved VisualTokenizer (stage 1's runs/tokenizer/tiny/final)
+    reading: Literal["aggregated", "interleaved"] = "aggregated"
+    template: str = "plain"  # a registered conversation template (data/conversation.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TaskWeights:
+    """Expected samples of each task per record: the integer part always, the fraction drawn per record."""
+
+    vqa: float = bounded(1.0, min=0.0, max=16.0)
+    caption: float = bounded(0.0, min=0.0, max=16.0)
+    text_to_image: float = bounded(0.5, min=0.0, max=16.0)
+    decompression: float = bounded(0.25, min=0.0, max=16.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass
+class MLLMDataConfig:
+    shards: str = ""  # a shard folder with manifest.json (optionally with pre-extracted codes)
+    train_split: str = "train"
+    token_ids: Literal["auto", "precomputed", "encode"] = "auto"  # auto: the shard's visual_token_ids if present
+    tasks: TaskWeights = field(default_factory=TaskWeights)
+    vqa_turns: int = bounded(0, min=0, help="question/answer turns per VQA sample (0: every pair of the record)")
+    records_per_batch: int = bounded(8, min=1, help="records read per micro-batch; each gives ~sum(tasks) samples")
+    max_length: int = bounded(1024, min=8)
+    max_tokens_per_forward: int = bounded(4096, min=8, help="padded tokens per forward pass (bounds memory)")
+    overflow: Literal["skip", "truncate"] = "skip"
+    cfg_drop_rate: float = bounded(0.1, min=0.0, max=1.0, help="text-to-image prompts replaced by the empty one")
+    num_segments: int | None = bounded(None, min=1, help="decompression turns T (None: one grid row per turn)")
+    shuffle_buffer: int = bounded(1000, min=1)
+    num_workers: int = bounded(0, min=0)
+    max_skip_fraction: float = bounded(0.01, min=0.0, max=1.0)
+
+
+@dataclass
+class MLLMOptimConfig:
+    lr: float = bounded(2e-4, min=0.0)
+    weight_decay: float = bounded(0.0, min=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = bounded(0.03, min=0.0, max=1.0)
+    min_lr_ratio: float = bounded(0.0, min=0.0, max=1.0)
+    grad_clip: float = bounded(1.0, min=0.0, help="max gradient norm; 0 disables clipping")
+    grad_accum: int = bounded(1, min=1, help="sample groups (records_per_batch records each) per optimizer step")
+
+
+@dataclass
+class MLLMLoopConfig:
+    steps: int = bounded(1000, min=1, help="optimizer steps")
+    seed: int = 0
+    device: DeviceChoice = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, else no
+    gradient_checkpointing: bool = False
+    out_dir: str = "runs/mllm"
+    log_every: int = bounded(10, min=1)
+    eval_every: int = bounded(250, min=1)
+    ckpt_every: int = bounded(250, min=1)
+    keep_checkpoints: int = bounded(2, min=1)
+    max_minutes: float | None = bounded(None, min=0.0, help="stop (and save) after this wall time")
+    num_threads: int | None = bounded(None, min=1, help="torch intra-op threads (None: torch's default)")
+
+
+@dataclass
+class MLLMEvalConfig:
+    """Teacher-forced evaluation during training (greedy exact match without decoding, see eval_set.py)."""
+
+    splits: tuple[str, ...] = ("val", "heldout")
+    records: int = bounded(100, min=1, help="records read from each eval split")
+    batch_size: int = bounded(32, min=1)
+
+
+@dataclass
+class MLLMTrainConfig:
+    model: MLLMModelConfig = field(default_factory=MLLMModelConfig)
+    data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
+    optim: MLLMOptimConfig = field(default_factory=MLLMOptimConfig)
+    train: MLLMLoopConfig = field(default_factory=MLLMLoopConfig)
+    eval: MLLMEvalConfig = field(default_factory=MLLMEvalConfig)
+
+    def validate(self) -> None:
+        if sum(self.data.tasks.as_dict().values()) <= 0:
+            raise ConfigError("data.tasks: every weight is 0; give at least one task a positive weight")
+        if self.train.mixed_precision == "fp16" and self.train.device == "cpu":
+            raise ConfigError("train.mixed_precision='fp16' needs a GPU; use 'no' or 'bf16' on CPU")

@@ -1,0 +1,122 @@
+"""Teacher-forced stage-2 evaluation: per-task loss, VQA exact match, next-code accuracy.
+
+One forward pass per batch, no decoding. For a single-turn VQA sample whose labels are the answer and
+its end-of-turn token, "every labelled position's argmax equals its label" is exactly "greedy decoding
+reproduces the answer token for token and stops": greedy decoding feeds back its own argmax, which
+under this condition is the label itself. So the VQA figure here is greedy exact match (at token
+level, a lower bound on string match), measured at the cost of one forward pass.
+
+For images written (text-to-image, decompression) it reports the next-code accuracy: the share of
+code positions whose argmax is the target code given the true prefix.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unicode_mllm.constants import IGNORE_INDEX
+from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder
+
+
+@dataclass
+class EvalSample:
+    """A sample plus what it is scored by: its task, and for VQA the question kind."""
+
+    sample: MLLMSample
+    split: str
+    kind: str = ""
+
+
+def build_eval_samples(
+    builder: MLLMSampleBuilder,
+    records: Iterable[tuple[dict[str, Any], Tensor | None]],
+    split: str,
+    tasks: Sequence[str] = ("vqa", "text_to_image", "decompression"),
+    max_questions_per_record: int = 0,
+    seed: int = 0,
+) -> list[EvalSample]:
+    """Single-turn VQA samples (one per question), plus one text-to-image and one decompression sample
+    per record, from (record JSON, (h, w, d) token ids) pairs; skips are counted by the builder."""
+    out: list[EvalSample] = []
+    rng = random.Random(f"eval-{seed}-{split}")
+    for meta, ids in records:
+        sample_id = str(meta.get("id", ""))
+        if "vqa" in tasks:
+            qa = list(meta.get("qa", []))
+            if max_questions_per_record and len(qa) > max_questions_per_record:
+                qa = rng.sample(qa, max_questions_per_record)
+            for q in qa:
+                sample = builder.vqa(ids, [(q["question"], q["answer"])], sample_id)
+                if sample is not None:
+                    out.append(EvalSample(sample, split, q.get("kind", "")))
+        if "text_to_image" in tasks:
+            sample = builder.text_to_image(meta.get("instruction", ""), ids, sample_id, drop_prompt=False)
+            if sample is not None:
+                out.append(EvalSample(sample, split))
+        if "decompression" in tasks:
+            sample = builder.decompression(ids, sample_id)
+            if sample is not None:
+                out.append(EvalSample(sample, split))
+    return out
+
+
+def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy per position: logits (b, t, V), labels (b, t) -> (b, t-1) losses, mask."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")  # (b, t-1)
+    return losses * mask, mask
+
+
+@torch.no_grad()
+def evaluate_teacher_forced(
+    model: Any,
+    samples: Sequence[EvalSample],
+    collator: MLLMCollator,
+    *,
+    batch_size: int = 32,
+    device: Any = "cpu",
+) -> dict[str, float]:
+    """Metrics keyed `{split}/{name}`: `loss_{task}`, `vqa_exact` and `vqa_exact_{kind}` (fractions),
+    `code_acc_{task}` for written images. `model` is a `UniCodeMLLM`."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, float] = defaultdict(float)
+    try:
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i].sample))  # similar lengths, less padding
+        for start in range(0, len(order), batch_size):
+            chunk = [samples[i] for i in order[start : start + batch_size]]
+            batch = collator([s.sample for s in chunk])
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k != "labels"}
+            labels = batch["labels"].to(device)
+            logits = model(**inputs).logits  # (b, t, V)
+            losses, mask = token_losses(logits, labels)
+            targets = labels[:, 1:]
+            correct = (logits[:, :-1].argmax(-1) == targets) & mask
+            is_code = model.visual_tokenizer.is_code_token_id(targets.clamp_min(0)) & mask
+            for row, item in enumerate(chunk):
+                task = item.sample.task
+                prefix = f"{item.split}/"
+                sums[prefix + f"loss_{task}"] += float(losses[row].sum())
+                counts[prefix + f"loss_{task}"] += float(mask[row].sum())
+                if task == "vqa":
+                    exact = float(bool(correct[row][mask[row]].all()))
+                    for name in ("vqa_exact", f"vqa_exact_{item.kind}" if item.kind else None):
+                        if name:
+                            sums[prefix + name] += exact
+                            counts[prefix + name] += 1
+                elif bool(is_code[row].any()):
+                    sums[prefix + f"code_acc_{task}"] += float((correct[row] & is_code[row]).sum())
+                    counts[prefix + f"code_acc_{task}"] += float(is_code[row].sum())
+    finally:
+        model.train(was_training)
+    return {k: sums[k] / counts[k] for k in sorted(sums) if counts[k]}

@@ -1,0 +1,184 @@
+"""Stage-2 micro-batches from shard records: image token ids, the task mixture, samples, padding.
+
+Each micro-batch reads `records_per_batch` records through `EpochBatches` (so its position is
+(epoch, record batches taken) and resuming replays the epoch's order exactly), gets every record's
+(h, w, d) LLM token ids, either pre-extracted by `unicode-mllm tokenize` (the record JSON's
+`visual_token_ids` + `code_shape`) or encoded on the fly by the frozen visual tokenizer, draws the
+record's tasks from the `TaskMixture` and builds the samples with an `MLLMSampleBuilder`. All samples
+of the record batch form one group (their number varies with the mixture draws), which the trainer
+cuts into forward passes of similar lengths under a padded-token budget (`length_chunks`), so a
+518-token decompression sample does not pad forty 80-token VQA samples.
+
+A record that cannot give a sample (no image, wrong code shape, ids that are not this tokenizer's
+codes, too long) is a counted skip with its reason; `SkipCounter.check()` runs at every epoch end.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from unicode_mllm.data.batches import DataPosition, EpochBatches
+from unicode_mllm.data.mllm_samples import (
+    MLLMSample,
+    MLLMSampleBuilder,
+    build_shapes_samples,
+)
+from unicode_mllm.data.stream import StreamingDataset
+from unicode_mllm.errors import UserError
+from unicode_mllm.training.task_mixture import TaskMixture
+from unicode_mllm.visual_tokenizer.extract import CODE_SHAPE_KEY, TOKEN_IDS_KEY
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+TokenIdSource = Literal["auto", "precomputed", "encode"]
+
+# Skip reasons of records whose token ids cannot be used (one count per record, not per task).
+MISSING_TOKEN_IDS = "missing visual_token_ids"
+FOREIGN_TOKEN_IDS = "visual_token_ids of another tokenizer"
+
+
+class RecordTokenIds:
+    """(h, w, d) LLM token ids for records: pre-extracted from their JSON or encoded from their images."""
+
+    def __init__(self, visual_tokenizer: VisualTokenizer, source: TokenIdSource = "auto", device: Any = "cpu"):
+        if source not in ("auto", "precomputed", "encode"):
+            raise ValueError(f"token id source {source!r} is unknown; choose auto, precomputed or encode")
+        self.visual_tokenizer = visual_tokenizer
+        self.source = source
+        self.device = torch.device(device)
+        self.code_shape = tuple(visual_tokenizer.code_shape)
+
+    def __call__(self, records: dict[str, Any], builder: MLLMSampleBuilder) -> list[Tensor | None]:
+        """The collated records of `collate` -> one (h, w, d) int64 tensor per record, None when unusable.
+
+        Unusable records are counted in `builder.skips` (or raise in strict mode).
+        """
+        metas: list[dict[str, Any]] = records["meta"]
+        out: list[Tensor | None] = [None] * len(metas)
+        to_encode: list[int] = []
+        for i, meta in enumerate(metas):
+            has_ids = TOKEN_IDS_KEY in meta
+            if self.source == "precomputed" or (self.source == "auto" and has_ids):
+                out[i] = self._precomputed(meta, builder)
+            else:
+                to_encode.append(i)
+        if to_encode:
+            images = records["image"]
+            if not isinstance(images, Tensor):
+                missing = [metas[i].get("id", "?") for i in to_encode if images[i] is None]
+                raise UserError(
+                    f"records {missing[:3]} have no image to encode; pre-extract codes with 'unicode-mllm tokenize' "
+                    "or fix the shards"
+                )
+            pixel_values = images[to_encode].to(self.device)  # (k, 3, H, W) in [-1, 1]
+            with torch.no_grad():
+                token_ids = self.visual_tokenizer.codes_to_token_ids(self.visual_tokenizer.encode(pixel_values))
+            for row, i in enumerate(to_encode):
+                out[i] = token_ids[row].cpu()
+        return out
+
+    def _precomputed(self, meta: dict[str, Any], builder: MLLMSampleBuilder) -> Tensor | None:
+        sample_id = str(meta.get("id", "?"))
+        if TOKEN_IDS_KEY not in meta:
+            builder.skips.skip(
+                MISSING_TOKEN_IDS,
+                f"sample {sample_id}: no {TOKEN_IDS_KEY} in its JSON; run 'unicode-mllm tokenize' or set "
+                "data.token_ids=encode",
+            )
+            return None
+        shape = tuple(meta.get(CODE_SHAPE_KEY, ()))
+        if shape != self.code_shape:
+            builder.skips.skip(
+                FOREIGN_TOKEN_IDS,
+                f"sample {sample_id}: pre-extracted code shape {shape} is not the visual tokenizer's "
+                f"{self.code_shape}; "
+                "re-run 'unicode-mllm tokenize' with this tokenizer",
+            )
+            return None
+        ids = torch.tensor(meta[TOKEN_IDS_KEY], dtype=torch.long)
+        if ids.numel() != self.code_shape[0] * self.code_shape[1] * self.code_shape[2] or not bool(
+            self.visual_tokenizer.is_code_token_id(ids).all()
+        ):
+            builder.skips.skip(
+                FOREIGN_TOKEN_IDS,
+                f"sample {sample_id}: pre-extracted ids are not codes of this visual tokenizer; re-run "
+                "'unicode-mllm tokenize' with it",
+            )
+            return None
+        return ids.reshape(self.code_shape)
+
+
+class MLLMBatches:
+    """Endless lists of stage-2 samples (those of `records_per_batch` records each) from one shard split;
+    `position` resumes it. `length_chunks` cuts a list into forward passes of similar lengths."""
+
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        builder: MLLMSampleBuilder,
+        token_ids: RecordTokenIds,
+        mixture: TaskMixture,
+        *,
+        records_per_batch: int,
+        vqa_turns: int = 0,
+        num_workers: int = 0,
+        max_skip_fraction: float | None = None,
+        position: DataPosition | None = None,
+    ):
+        self.records = EpochBatches(
+            dataset,
+            records_per_batch,
+            num_workers=num_workers,
+            max_skip_fraction=max_skip_fraction,
+            position=position,
+        )
+        self.builder = builder
+        self.token_ids = token_ids
+        self.mixture = mixture
+        self.vqa_turns = vqa_turns
+
+    @property
+    def position(self) -> DataPosition:
+        return self.records.position
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.records.position.epoch
+        produced = 0
+        for records in self.records:
+            if self.records.position.epoch != epoch:  # an epoch ended: check the samples that failed to build
+                self.builder.skips.check()
+                if produced == 0:
+                    raise UserError(f"an epoch of the stage-2 data gave no sample ({self.builder.skips.summary()})")
+                epoch, produced = self.records.position.epoch, 0
+            samples: list[MLLMSample] = []
+            token_ids = self.token_ids(records, self.builder)
+            for meta, key, ids in zip(records["meta"], records["key"], token_ids, strict=True):
+                if ids is None:
+                    continue  # counted once for the record by `token_ids`
+                plan = self.mixture.plan(key, epoch)
+                rng = random.Random(f"vqa-turns-{self.mixture.seed}-{epoch}-{key}")
+                samples += build_shapes_samples(
+                    self.builder, meta, ids, plan.tasks, drop_prompt=plan.drop_prompt, vqa_turns=self.vqa_turns, rng=rng
+                )
+            if samples:
+                produced += 1
+                yield samples
+
+
+def length_chunks(samples: list[MLLMSample], max_tokens: int) -> list[list[MLLMSample]]:
+    """Samples sorted by length (longest first) and cut so that len(chunk) * longest <= max_tokens.
+
+    A sample longer than `max_tokens` gets a chunk of its own. Order is deterministic (stable sort).
+    """
+    ordered = sorted(samples, key=len, reverse=True)
+    chunks: list[list[MLLMSample]] = []
+    for sample in ordered:
+        if chunks and (len(chunks[-1]) + 1) * len(chunks[-1][0]) <= max_tokens:
+            chunks[-1].append(sample)
+        else:
+            chunks.append([sample])
+    return chunks

@@ -1,0 +1,407 @@
+"""The stage-2 loop: one causal LM learns to read images (VQA, captions) and write them (text-to-image,
+decompression) with the frozen stage-1 visual tokenizer, through `accelerate`.
+
+    cfg = load_config(MLLMTrainConfig, "configs/mllm/tiny.yaml")
+    result = train_mllm(cfg)             # result.final_dir loads with UniCodeMLLM.from_pretrained
+
+Per optimizer step: `grad_accum` sample groups (each the samples of `records_per_batch` records), cut
+into forward passes of similar lengths, the next-token loss on assistant turns only (mean over every
+labelled token of the step), gradient
+clipping, AdamW, warm-up + cosine. Logged per task to metrics.jsonl and curves.png; evaluated
+teacher-forced (eval_set.py) every `eval_every` steps. Checkpoints hold the trainable weights (all of
+the LM, or the LoRA adapters and the embedding table), the optimizer, the schedule, the data position
+and every RNG: resuming gives the same next-step loss (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LambdaLR
+
+from unicode_mllm.config import dump_config
+from unicode_mllm.constants import IGNORE_INDEX
+from unicode_mllm.data.batches import DataPosition
+from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder, SkipCounter
+from unicode_mllm.data.stream import StreamingDataset, collate
+from unicode_mllm.errors import UserError
+from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
+from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, join_tensors, split_tensors
+from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
+from unicode_mllm.runtime.lr_schedule import WarmupCosine
+from unicode_mllm.runtime.progress import make_progress
+from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.training.config import MLLMTrainConfig
+from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
+from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, length_chunks
+from unicode_mllm.training.task_mixture import TaskMixture
+from unicode_mllm.viz import plot_curves, read_jsonl
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASKS = ("vqa", "caption", "text_to_image", "text_to_image_uncond", "decompression")
+
+
+@dataclass
+class MLLMTrainResult:
+    final_dir: Path
+    steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _accelerator(cfg: MLLMTrainConfig) -> Accelerator:
+    device = select_device(cfg.train.device)  # UserError for cuda/mps that is not there
+    precision = (
+        "no"
+        if cfg.train.mixed_precision == "no"
+        else mixed_precision_name(select_dtype(cfg.train.mixed_precision, device))
+    )
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
+def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
+    """The LM + frozen visual tokenizer of `cfg.model`, with LoRA adapters when enabled."""
+    m = cfg.model
+    for name, value in (("model.lm", m.lm), ("model.visual_tokenizer", m.visual_tokenizer)):
+        if not value:
+            raise UserError(f"{name} is empty: set it, e.g. --set {name}=PATH")
+    if not Path(m.visual_tokenizer).is_dir():
+        raise UserError(f"model.visual_tokenizer {m.visual_tokenizer} is not a folder; train one with train-tokenizer")
+    model = UniCodeMLLM.from_components(m.lm, m.visual_tokenizer, reading=m.reading, template=m.template)
+    if m.lora.enabled:
+        targets = m.lora.target_modules
+        target_modules = targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(","))
+        model.enable_lora(
+            LoraSettings(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=target_modules)
+        )
+        if m.lora.train_embeddings:
+            model.lm.get_input_embeddings().weight.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable()
+    return model
+
+
+class MLLMTrainer:
+    """Owns the model, optimizer, data and logs of one stage-2 run (usable step by step in tests)."""
+
+    def __init__(self, cfg: MLLMTrainConfig, out_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir or cfg.train.out_dir)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.accelerator = _accelerator(cfg)
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg)
+        o = cfg.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+        warmup = round(o.warmup_ratio * cfg.train.steps)
+        self.scheduler = LambdaLR(optimizer, WarmupCosine(warmup, cfg.train.steps, o.min_lr_ratio))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        d = cfg.data
+        self.skips = SkipCounter(strict=False, max_skip_fraction=d.max_skip_fraction)
+        self.builder = MLLMSampleBuilder(
+            self.mllm.text_tokenizer,
+            self.mllm.code_shape,
+            template=cfg.model.template,
+            reading=cfg.model.reading,
+            max_length=d.max_length,
+            strict=False,
+            overflow=d.overflow,
+            num_segments=d.num_segments,
+            seed=cfg.train.seed,
+            skips=self.skips,
+        )
+        self.collator = MLLMCollator(pad_token_id=self.mllm.token_ids.pad)
+        self.mixture = TaskMixture(d.tasks.as_dict(), cfg_drop_rate=d.cfg_drop_rate, seed=cfg.train.seed)
+        self.record_token_ids = RecordTokenIds(self.mllm.visual_tokenizer, d.token_ids, self.accelerator.device)
+        self.step = 0
+        self.position = DataPosition()
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
+        self.log_path = self.out_dir / "metrics.jsonl"
+        self._batches: MLLMBatches | None = None
+        self._eval_samples: list[EvalSample] | None = None
+
+    @property
+    def mllm(self) -> UniCodeMLLM:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ----- data -------------------------------------------------------------------------------------
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        state = self.accelerator.state
+        return StreamingDataset(
+            self.cfg.data.shards,
+            split,
+            shuffle=shuffle,
+            seed=self.cfg.train.seed,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            rank=state.process_index if shuffle else 0,
+            world_size=state.num_processes if shuffle else 1,
+            image_format="tensor",
+            expected_size=self.mllm.visual_tokenizer.config.image_size,
+        )
+
+    def next_samples(self) -> list[MLLMSample]:
+        if self._batches is None:
+            d = self.cfg.data
+            self._batches = MLLMBatches(
+                self._dataset(d.train_split, shuffle=True),
+                self.builder,
+                self.record_token_ids,
+                self.mixture,
+                records_per_batch=d.records_per_batch,
+                vqa_turns=d.vqa_turns,
+                num_workers=d.num_workers,
+                max_skip_fraction=d.max_skip_fraction,
+                position=DataPosition(self.position.epoch, self.position.batch),
+            )
+            self._iter = iter(self._batches)
+        samples = next(self._iter)
+        self.position = DataPosition(self._batches.position.epoch, self._batches.position.batch)
+        return samples
+
+    def eval_samples(self) -> list[EvalSample]:
+        """Built once: `eval.records` records of each eval split (validation never skips silently either)."""
+        if self._eval_samples is None:
+            samples: list[EvalSample] = []
+            for split in self.cfg.eval.splits:
+                loader = torch.utils.data.DataLoader(
+                    self._dataset(split, shuffle=False), batch_size=self.cfg.eval.batch_size, collate_fn=collate
+                )
+                pairs: list[tuple[dict[str, Any], Any]] = []
+                for records in loader:
+                    if not records["key"]:
+                        continue
+                    pairs += list(zip(records["meta"], self.record_token_ids(records, self.builder), strict=True))
+                    if len(pairs) >= self.cfg.eval.records:
+                        break
+                samples += build_eval_samples(self.builder, pairs[: self.cfg.eval.records], split)
+            self._eval_samples = samples
+        return self._eval_samples
+
+    # ----- one step ---------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` sample groups; returns the step's logs.
+
+        The loss is the mean next-token loss over every labelled token of the step (all groups, all
+        forward passes): each pass back-propagates its summed loss divided by the step's token count.
+        """
+        acc, model = self.accelerator, self.model
+        model.train()
+        groups = [self.next_samples() for _ in range(self.cfg.optim.grad_accum)]
+        chunks = [c for g in groups for c in length_chunks(g, self.cfg.data.max_tokens_per_forward)]
+        num_labelled = sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for g in groups for s in g)
+        denominator = max(1, num_labelled)
+        loss_sum = torch.zeros((), device=acc.device)
+        task_sum: dict[str, float] = defaultdict(float)
+        task_tokens: dict[str, float] = defaultdict(float)
+        for i, chunk in enumerate(chunks):
+            batch = self.collator(chunk)
+            inputs = {k: batch[k].to(acc.device) for k in MODEL_INPUTS if k != "labels"}
+            labels = batch["labels"].to(acc.device)
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):  # DDP all-reduces on the last pass
+                with acc.autocast():
+                    logits = model(**inputs).logits  # (b, t, V)
+                    losses, mask = token_losses(logits, labels)  # (b, t-1) each
+                    chunk_loss = losses.sum() / denominator
+                acc.backward(chunk_loss)
+            loss_sum += chunk_loss.detach()
+            per_row_loss, per_row_tokens = losses.detach().sum(1), mask.sum(1)
+            for row, task in enumerate(batch["tasks"]):
+                task_sum[task] += float(per_row_loss[row])
+                task_tokens[task] += float(per_row_tokens[row])
+        clip = self.cfg.optim.grad_clip
+        grad_norm = acc.clip_grad_norm_(self.mllm.trainable_parameters(), clip if clip > 0 else math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        logs: dict[str, Any] = {
+            "step": self.step,
+            "loss": float(acc.reduce(loss_sum, "mean")),
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": sum(len(s) for g in groups for s in g),
+            "padded_tokens": sum(len(c) * len(c[0]) for c in chunks),
+            "samples": sum(len(g) for g in groups),
+            "forward_passes": len(chunks),
+        }
+        for task in TRAIN_TASKS:
+            if task_tokens[task]:
+                logs[f"loss_{task}"] = task_sum[task] / task_tokens[task]
+        return logs
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_teacher_forced(
+            self.mllm,
+            self.eval_samples(),
+            self.collator,
+            batch_size=self.cfg.eval.batch_size,
+            device=self.accelerator.device,
+        )
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.mllm.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        opt_tree, opt_tensors = split_tensors(self.optimizer.state_dict(), "optimizer")
+        state = {
+            "optimizer": opt_tree,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.position.to_dict(),
+            "skips": {
+                "built": self.skips.built,
+                "truncated": self.skips.truncated,
+                "skipped": dict(self.skips.skipped),
+            },
+            "rng": capture_rng_state(),
+        }
+        return self.ckpt.save(self.step, {"trainable": self._trainable_state(), "optimizer": opt_tensors}, state)
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        ckpt = self.ckpt.load(path, device=self.accelerator.device)
+        trainable = dict(self.mllm.named_parameters())
+        saved = ckpt.tensors["trainable"]
+        missing = sorted(n for n, p in trainable.items() if p.requires_grad and n not in saved)
+        if missing:
+            raise UserError(
+                f"{ckpt.path}: checkpoint lacks trainable weights {missing[:3]}; was it written by this config?"
+            )
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                trainable[name].copy_(tensor)
+        self.optimizer.load_state_dict(join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {})))
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        self.step = ckpt.step
+        self.position = DataPosition(**ckpt.state["data"])
+        skips = ckpt.state.get("skips", {})
+        self.skips.built, self.skips.truncated = skips.get("built", 0), skips.get("truncated", 0)
+        self.skips.skipped.clear()
+        self.skips.skipped.update(skips.get("skipped", {}))
+        self._batches = None
+        restore_rng_state(ckpt.state["rng"])
+        log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
+
+    # ----- the run ------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool | str = False) -> MLLMTrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        if resume:
+            self.load_checkpoint(None if resume is True else resume)
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+        started = time.perf_counter()
+        last_eval: dict[str, float] = {}
+        with make_progress(disable=not acc.is_main_process) as progress:
+            task = progress.add_task("stage 2: MLLM", total=cfg.train.steps, completed=self.step, stats="")
+            while self.step < cfg.train.steps:
+                logs = self.train_step()
+                if not math.isfinite(logs["loss"]):
+                    raise UserError(f"loss became {logs['loss']} at step {self.step}; lower optim.lr or check data")
+                step = self.step
+                logs["seconds"] = round(time.perf_counter() - started, 2)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    self._log(logs)
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    last_eval = self.evaluate()
+                    self._log({"step": step, **last_eval})
+                if step % cfg.train.ckpt_every == 0:
+                    self.save_checkpoint()
+                vqa = last_eval.get(f"{cfg.eval.splits[-1]}/vqa_exact") if cfg.eval.splits else None
+                progress.update(
+                    task,
+                    completed=step,
+                    stats=f"loss {logs['loss']:.3f}" + (f" vqa {100 * vqa:.1f}%" if vqa is not None else ""),
+                )
+                if cfg.train.max_minutes and time.perf_counter() - started > 60 * cfg.train.max_minutes:
+                    log.warning(
+                        "train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step
+                    )
+                    if step % cfg.train.eval_every:
+                        last_eval = self.evaluate()
+                        self._log({"step": step, **last_eval})
+                    break
+        self.save_checkpoint()
+        final_dir = self.save_final()
+        metrics = {"step": self.step, "seconds": round(time.perf_counter() - started, 1), **last_eval}
+        metrics["data"] = self.skips.summary()
+        if acc.is_main_process:
+            atomic_write_text(self.out_dir / "final_metrics.json", json.dumps(metrics, indent=2) + "\n")
+            self.plot()
+        log.info("stage 2 data: %s", self.skips.summary())
+        return MLLMTrainResult(final_dir, self.step, metrics)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> Path | None:
+        if not self.log_path.is_file():
+            return None
+        splits = self.cfg.eval.splits
+        return plot_curves(
+            read_jsonl(self.log_path),
+            {
+                "train loss per task": ["loss", *[f"loss_{t}" for t in TRAIN_TASKS]],
+                "eval loss per task": [
+                    f"{s}/loss_{t}" for s in splits for t in ("vqa", "text_to_image", "decompression")
+                ],
+                "VQA exact match (greedy)": [f"{s}/vqa_exact" for s in splits],
+                "next-code accuracy": [f"{s}/code_acc_{t}" for s in splits for t in ("text_to_image", "decompression")],
+            },
+            self.out_dir / "curves.png",
+            log_scale=("train loss per task", "eval loss per task"),
+        )
+
+    def save_final(self) -> Path:
+        """`save_pretrained` into out_dir/final via a temporary folder; LoRA adapters are also kept apart
+        (out_dir/final_lora) and merged into the saved LM."""
+        final = self.out_dir / "final"
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = self.mllm
+            tmp = self.out_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if model.has_lora:
+                adapter = self.out_dir / "final_lora"
+                shutil.rmtree(adapter, ignore_errors=True)
+                model.save_lora_adapter(adapter)
+                model.merge_lora()
+            model.save_pretrained(tmp)
+            atomic_write_text(tmp / "train_config.yaml", dump_config(self.cfg))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        return final
+
+
+def train_mllm(cfg: MLLMTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> MLLMTrainResult:
+    """Run stage 2 to `cfg.train.steps` (or `train.max_minutes`); returns where the model was saved."""
+    return MLLMTrainer(cfg, out_dir).fit(resume=resume)
