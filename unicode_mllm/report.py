@@ -24,6 +24,7 @@ def write_report(out_dir: str | Path, title: str, sections: list[Section], metri
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     body = [f"<h1>{html.escape(title)}</h1>"]
+    targets: dict[Path, str] = {}  # source file -> its name under images/
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.text:
@@ -35,7 +36,7 @@ def write_report(out_dir: str | Path, title: str, sections: list[Section], metri
                 body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
             body.append("</table>")
         for path, caption in section.images:
-            target = out_dir / "images" / Path(path).name
+            target = out_dir / "images" / _image_name(Path(path), targets)
             if Path(path).resolve() != target.resolve():
                 shutil.copyfile(path, target)
             body.append(
@@ -51,3 +52,16 @@ def write_report(out_dir: str | Path, title: str, sections: list[Section], metri
     page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     atomic_write_json(out_dir / "metrics.json", metrics)
     return atomic_write_text(out_dir / "index.html", page)
+
+
+def _image_name(path: Path, taken: dict[Path, str]) -> str:
+    """The file's own name under images/, or `stem-N.suffix` when another file of this report took it
+    (every trainer writes a `curves.png`)."""
+    source = path.resolve()
+    if source not in taken:
+        used = set(taken.values())
+        name, n = path.name, 2
+        while name in used:
+            name, n = f"{path.stem}-{n}{path.suffix}", n + 1
+        taken[source] = name
+    return taken[source]
