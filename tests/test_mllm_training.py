@@ -240,3 +240,16 @@ def test_step_loss_is_the_mean_over_the_steps_labelled_tokens(
         losses.append(logs["loss"])
         assert (logs["forward_passes"] == 2) == (budget == 100_000)  # one pass per group, or more
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_task_weighting_averages_the_task_means(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path):
+    tasks = {"vqa": 1.0, "caption": 0.0, "text_to_image": 1.0, "decompression": 1.0}
+    data = {"tasks": tasks, "cfg_drop_rate": 0.0, "loss_weighting": "tasks"}
+    cfg = make_config(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path, data=data)
+    logs = MLLMTrainer(cfg).train_step()
+    task_means = [logs["loss_vqa"], logs["loss_text_to_image"], logs["loss_decompression"]]
+    assert logs["loss"] == pytest.approx(sum(task_means) / 3, rel=1e-5)
+    weighted = {**data, "loss_weights": {"vqa": 2.0, "caption": 1.0, "text_to_image": 1.0, "decompression": 0.0}}
+    cfg = make_config(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path / "w", data=weighted)
+    logs = MLLMTrainer(cfg).train_step()
+    assert logs["loss"] == pytest.approx((2 * logs["loss_vqa"] + logs["loss_text_to_image"]) / 3, rel=1e-5)

@@ -274,12 +274,20 @@ def _require_model_dir(path: Path, what: str) -> None:
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("outputs/demo"), "--out", help="Working folder for data, models, report."),
-    quick: bool = typer.Option(False, "--quick", help="Smoke-run profile (small data, few steps)."),
+    quick: bool = typer.Option(False, "--quick", help="The quick profile (<= 5 minutes on 2 CPU cores)."),
+    profile: str | None = typer.Option(
+        None, "--profile", help="full (default, <= 30 minutes on 2 CPU cores), quick or smoke (the tests' profile)."
+    ),
 ) -> None:
-    """End-to-end demo on the embedded tiny preset (runs every stage implemented so far)."""
-    from unicode_mllm.demo import run_demo
+    """End-to-end demo on the embedded tiny preset: data, stages 0-2, evaluation -> OUT/report/index.html."""
+    from unicode_mllm.demo import get_profile, run_demo
 
-    run_demo(out, quick=quick)
+    if quick and profile not in (None, "quick"):
+        raise UserError(f"--quick is the quick profile; drop it or --profile {profile}")
+    if profile is not None:
+        get_profile(profile)  # one-line error for an unknown name, before any work
+    metrics = run_demo(out, quick=quick, profile_name=profile)
+    typer.echo(f"report: {out / 'report' / 'index.html'} ({metrics['seconds'] / 60:.1f} minutes)")
 
 
 # ---------------------------------------------------------------------------------------- inference
@@ -684,6 +692,96 @@ def eval_t2i_cmd(
         "batch_size": batch_size,  # with a seed, the images depend on the batching (batch i: seed + i)
     }
     _write_report({**result.to_dict(), "sampling": sampling}, out)
+
+
+@eval_app.command("compressors")
+def eval_compressors_cmd(
+    config: Path = typer.Option(..., "--config", help="Stage-2 YAML, e.g. configs/mllm/tiny.yaml (the shared budget)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value (applies to every run)."),
+    compressors: str | None = typer.Option(
+        None, "--compressors", help="Comma-separated presets or compressor names (default: all eight)."
+    ),
+    out: Path = typer.Option(Path("runs/compressor_ablation"), "--out", help="One run folder per compressor."),
+    prefill_batch_size: int = typer.Option(16, "--prefill-batch-size", help="VQA prompts in the timed batch."),
+    prefill_repeats: int = typer.Option(10, "--prefill-repeats", help="Timed forward passes (after one warm-up)."),
+) -> None:
+    """Stage-2 compressor ablation: equal budgets; tokens/image, prefill time, training time, VQA accuracy."""
+    from unicode_mllm.config import load_config
+    from unicode_mllm.evaluation.compressor_ablation import (
+        parse_compressor_list,
+        rows_to_markdown,
+        run_compressor_ablation,
+    )
+    from unicode_mllm.training import MLLMTrainConfig
+
+    cfg = load_config(MLLMTrainConfig, config, set_)
+    rows = run_compressor_ablation(
+        cfg,
+        out,
+        parse_compressor_list(compressors),
+        prefill_batch_size=prefill_batch_size,
+        prefill_repeats=prefill_repeats,
+    )
+    typer.echo(rows_to_markdown(rows, cfg.eval.splits))
+    typer.echo(f"report: {out / 'comparison.md'} and {out / 'comparison.json'}")
+
+
+@eval_app.command("highres")
+def eval_highres_cmd(
+    model: Path = typer.Option(..., "--model", help="UniCodeMLLM folder (save_pretrained output), the common start."),
+    data: Path | None = typer.Option(None, "--data", help="Shapes shard folder the model was trained on (its world)."),
+    paths: str = typer.Option("single,s2,inf_llava", "--paths", help="Comma-separated: single, s2, inf_llava."),
+    scale: int = typer.Option(2, "--scale", help="Image side = scale x the visual tokenizer's image size."),
+    steps: int = typer.Option(200, "--steps", help="Fine-tuning steps per path (0: score the paths as they are)."),
+    train_records: int = typer.Option(200, "--train-records", help="Train-split images to fine-tune on."),
+    eval_records: int = typer.Option(50, "--eval-records", help="Images per eval split (val, heldout)."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    out: Path = typer.Option(Path("runs/highres"), "--out", help="Folder for highres.md and highres.json."),
+) -> None:
+    """High-resolution check: small objects at 2x size read by one downscaled view, S^2 or INF-LLaVA (VQA)."""
+    from unicode_mllm.evaluation.highres import HighResConfig, rows_to_markdown, run_highres_check
+    from unicode_mllm.evaluation.t2i import shapes_config_from_manifest
+    from unicode_mllm.runtime.devices import select_device
+
+    cfg = HighResConfig(
+        paths=tuple(p.strip() for p in paths.split(",") if p.strip()),
+        scale=scale,
+        train_records=train_records,
+        eval_records=eval_records,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    cfg.validate()
+    shapes = shapes_config_from_manifest(data) if data is not None else None
+    rows = run_highres_check(model, cfg, shapes=shapes, out_dir=out, device=select_device(device))
+    typer.echo(rows_to_markdown(rows, cfg.eval_splits, cfg.steps))
+    typer.echo(f"report: {out / 'highres.md'} and {out / 'highres.json'}")
+
+
+@eval_app.command("ablation")
+def eval_ablation_cmd(
+    out: Path = typer.Option(..., "--out", help="Run folder: data, LM, one sub-folder per setting, ablation.md."),
+    profile: str = typer.Option("quick", "--profile", help="quick or full (the demo profiles' steps and minutes)."),
+    lm: Path | None = typer.Option(None, "--lm", help="A stage-0 LM folder to share (default: train one)."),
+    data: Path | None = typer.Option(None, "--data", help="A shapes shard folder (default: write one)."),
+) -> None:
+    """The paper's ablation: codebook modes (language_driven, frozen, dual, separate) and stage 2 without
+    decompression pre-training, equal budgets, one table of VQA, text-to-image and PSNR."""
+    from unicode_mllm.evaluation.ablation import ABLATION_PROFILES, run_ablation
+
+    if profile not in ABLATION_PROFILES:
+        raise UserError(f"--profile {profile!r} is unknown; choose one of {list(ABLATION_PROFILES)}")
+    for name, path in (("--lm", lm), ("--data", data)):
+        if path is not None and not path.is_dir():
+            raise UserError(f"{name} {path} is not a folder; pass an existing one or leave {name} out")
+    run_ablation(out, profile, lm_dir=lm, data_dir=data)
+    typer.echo((out / "ablation.md").read_text().rstrip())
+    typer.echo(f"table: {out / 'ablation.md'}; every number: {out / 'ablation.json'}")
 
 
 def main(argv: list[str] | None = None) -> int:

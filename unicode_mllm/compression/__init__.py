@@ -70,7 +70,13 @@ reference's hard-coded 1008/336 px, d = 1024 and 24x24 are parameters). Each tak
 (b, 3, H, W) -> (b, h*w, c) and returns `ViewFeatures(tokens, grids)`; `compress_view_features` runs a
 compressor per grid and concatenates. `ViewGeneratorConfig` stores the choice like `CompressorConfig`.
 
-Not here (see SEED_SYSTEMS.md): FocusLLaVA, MustDrop, FiCoCo, hyper attention, VLoRA.
+In the model: `UniCodeMLLM(..., compressor=CompressorConfig(...))` (stage 2: `model.compressor` in the YAML)
+holds the compressor as its submodule `compressor`, sizes every read span with `num_output_tokens(h, w)`
+and saves it in `unicode_mllm.json` + `compressor.safetensors`. The view generators' `make_views` / `fuse`
+split lets `evaluation/highres.py` encode views to token ids once and fuse their embeddings at every step.
+
+Not here (see SEED_SYSTEMS.md): FocusLLaVA, MustDrop, FiCoCo (`unicode_mllm.token_reduction`), hyper
+attention, VLoRA.
 """
 
 from unicode_mllm.compression.base import (

@@ -22,6 +22,12 @@ calls `encode` on the views (batched on the first axis), and returns `ViewFeatur
   (b, h*w, c), trainable (the DEM).
 
 `compress_view_features` applies a compressor to each grid of a `ViewFeatures` and concatenates.
+
+Every generator also splits its `forward` into `make_views(images) -> (v, b, 3, H, W)` (pure pixel work,
+views in encoding order, v = num_views()) and `fuse(view_features (v, b, h*w, c)) -> ViewFeatures`, so a
+caller can encode the views once (e.g. to visual token ids with a frozen tokenizer) and fuse their
+features later: `fuse(encode(make_views(x).flatten(0, 1)).unflatten(0, (v, b)))` equals `forward(x, encode)`
+for an `encode` that treats rows independently.
 """
 
 from __future__ import annotations
@@ -140,6 +146,25 @@ class ViewGenerator(nn.Module):
         if images.ndim != 4:
             raise ValueError(f"{self.name}: images must be (b, c, H, W); got shape {tuple(images.shape)}")
 
+    def _check_view_features(self, view_features: Tensor) -> tuple[int, int]:
+        """(v, b, h*w, c) features of the views -> (v, b); raises ValueError for another shape."""
+        h, w = self.view_grid
+        v = self.num_views()
+        if view_features.ndim != 4 or view_features.shape[0] != v or view_features.shape[2:] != (h * w, self.width):
+            raise ValueError(
+                f"{self.name}: view features must be ({v}, b, {h * w}, {self.width}) (views, batch, view_grid "
+                f"{self.view_grid}, width); got {tuple(view_features.shape)}"
+            )
+        return v, view_features.shape[1]
+
+    def make_views(self, images: Tensor) -> Tensor:
+        """(b, c, H, W) images -> (v, b, c, vh, vw) views at view_size, in the order `fuse` expects."""
+        raise NotImplementedError
+
+    def fuse(self, view_features: Tensor) -> ViewFeatures:
+        """(v, b, h*w, c) features of `make_views`' views (same order) -> ViewFeatures."""
+        raise NotImplementedError
+
     def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
         """(b, c, H, W) images of any size -> ViewFeatures; see the module docstring per generator."""
         raise NotImplementedError
@@ -196,6 +221,14 @@ class SingleView(ViewGenerator):
     def num_views(self) -> int:
         return 1
 
+    def make_views(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        return resize_images(images, self.view_size, self.antialias)[None]  # (1, b, c, vh, vw)
+
+    def fuse(self, view_features: Tensor) -> ViewFeatures:
+        self._check_view_features(view_features)
+        return ViewFeatures(view_features[0], (self.view_grid,))
+
     def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
         self._check_images(images)
         feats = self._encode(encode, resize_images(images, self.view_size, self.antialias))
@@ -242,23 +275,31 @@ class S2MultiScale(ViewGenerator):
     def num_views(self) -> int:
         return sum(s * s for s in self.scales)
 
+    def _scale_views(self, images: Tensor, s: int) -> Tensor:
+        """(b, 3, H, W) -> (s*s, b, 3, vh, vw): the s x s view-size tiles of the image resized to s*view_size."""
+        vh, vw = self.view_size
+        scaled = resize_images(images, (s * vh, s * vw), self.antialias)  # (b, 3, s*vh, s*vw)
+        return split_blocks(scaled, s)  # index (i*s + j, batch), row-major tiles
+
+    def _merge_scale(self, feats: Tensor, s: int) -> Tensor:
+        """(s*s, b, h*w, c) tile features -> (b, c, s*h, s*w) merged map."""
+        h, w = self.view_grid
+        return merge_blocks(rearrange(feats, "v b (h w) c -> v b c h w", h=h, w=w), s)
+
     def scale_maps(self, images: Tensor, encode: EncodeFn) -> list[Tensor]:
         """Per scale s, the merged feature map of its s x s tiles: [(b, c, s*h, s*w)], before pooling."""
         self._check_images(images)
-        (vh, vw), (h, w) = self.view_size, self.view_grid
         maps = []
         for s in self.scales:
-            scaled = resize_images(images, (s * vh, s * vw), self.antialias)  # (b, 3, s*vh, s*vw)
-            tiles = split_blocks(scaled, s).flatten(0, 1)  # (s*s*b, 3, vh, vw), index (i*s + j)*b + batch
-            feats = self._encode(encode, tiles)  # (s*s*b, h*w, c)
-            feats = rearrange(feats, "(v b) (h w) c -> v b c h w", v=s * s, h=h, w=w)
-            maps.append(merge_blocks(feats, s))  # (b, c, s*h, s*w)
+            tiles = self._scale_views(images, s)  # (s*s, b, 3, vh, vw)
+            feats = self._encode(encode, tiles.flatten(0, 1))  # (s*s*b, h*w, c), index (i*s + j)*b + batch
+            maps.append(self._merge_scale(feats.unflatten(0, tiles.shape[:2]), s))
         return maps
 
-    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+    def _pool_and_merge(self, maps: list[Tensor]) -> ViewFeatures:
         base = self._base_grid()
         pooled = []
-        for fmap in self.scale_maps(images, encode):
+        for fmap in maps:
             # S^2's F.interpolate(mode='area') is adaptive average pooling, done in (at least) fp32 as the reference.
             if tuple(fmap.shape[-2:]) != base:
                 upcast = fmap.to(torch.promote_types(fmap.dtype, torch.float32))
@@ -269,6 +310,22 @@ class S2MultiScale(ViewGenerator):
         else:
             tokens = torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pooled], dim=1)  # (b, k*s0^2*h*w, c)
         return ViewFeatures(tokens, self.output_grids())
+
+    def make_views(self, images: Tensor) -> Tensor:
+        """(b, 3, H, W) -> (sum s^2, b, 3, vh, vw): each scale's tiles in turn, scales ascending."""
+        self._check_images(images)
+        return torch.cat([self._scale_views(images, s) for s in self.scales], dim=0)
+
+    def fuse(self, view_features: Tensor) -> ViewFeatures:
+        self._check_view_features(view_features)
+        maps, start = [], 0
+        for s in self.scales:
+            maps.append(self._merge_scale(view_features[start : start + s * s], s))
+            start += s * s
+        return self._pool_and_merge(maps)
+
+    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+        return self._pool_and_merge(self.scale_maps(images, encode))
 
 
 @register_view_generator("inf_llava")
@@ -300,16 +357,25 @@ class InfLlavaDualPerspective(ViewGenerator):
     def num_views(self) -> int:
         return 2 * self.n * self.n + 1
 
-    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+    def make_views(self, images: Tensor) -> Tensor:
+        """(b, 3, H, W) -> (2*n*n + 1, b, 3, vh, vw): n*n local tiles, n*n strided sub-images, the base view."""
         self._check_images(images)
-        (vh, vw), n, b = self.view_size, self.n, images.shape[0]
+        (vh, vw), n = self.view_size, self.n
         large = resize_images(images, (n * vh, n * vw), self.antialias)  # (b, 3, n*vh, n*vw)
         local_views, global_views = dual_perspective_crops(large, n)  # (n*n, b, 3, vh, vw) each
         base_view = resize_images(images, (vh, vw), self.antialias)  # (b, 3, vh, vw)
-        views = torch.cat([local_views.flatten(0, 1), global_views.flatten(0, 1), base_view], dim=0)
-        feats = self._encode(encode, views)  # ((2*n*n + 1) * b, h*w, c)
-        local_feats, global_feats = feats[: 2 * n * n * b].unflatten(0, (2, n * n, b)).unbind(0)
+        return torch.cat([local_views, global_views, base_view[None]], dim=0)
+
+    def fuse(self, view_features: Tensor) -> ViewFeatures:
+        self._check_view_features(view_features)
+        nn_ = self.n * self.n
+        local_feats, global_feats = view_features[:nn_], view_features[nn_ : 2 * nn_]  # (n*n, b, h*w, c) each
         fused = self.enhancement(local_feats, global_feats, self.view_grid)  # (b, h*w, c)
         # The reference averages the DEM map and the base view: mean over a stacked last axis.
-        tokens = torch.stack([feats[2 * n * n * b :], fused], dim=-1).mean(dim=-1)
+        tokens = torch.stack([view_features[2 * nn_], fused], dim=-1).mean(dim=-1)
         return ViewFeatures(tokens, (self.view_grid,))
+
+    def forward(self, images: Tensor, encode: EncodeFn) -> ViewFeatures:
+        views = self.make_views(images)  # (2*n*n + 1, b, 3, vh, vw)
+        feats = self._encode(encode, views.flatten(0, 1))  # ((2*n*n + 1) * b, h*w, c), view-major
+        return self.fuse(feats.unflatten(0, views.shape[:2]))

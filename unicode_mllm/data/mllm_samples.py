@@ -6,7 +6,10 @@ system line, the user turns, the roles and every image the LLM reads, is IGNORE_
 LLM token ids (h, w, d) (`VisualTokenizer.codes_to_token_ids` of its codes):
 
 - an image the LLM reads becomes `<img>` + s placeholder slots (IMAGE_PLACEHOLDER_ID) + `</img>`, with
-  s = h*w for `aggregated` reading and h*w*d for `interleaved`; the model splices the embeddings in;
+  s = h*w for `aggregated` reading and h*w*d for `interleaved`; the model splices the embeddings in. A
+  model with a visual-token compressor reads `read_tokens_per_image` slots instead (the compressor's
+  `num_output_tokens(h, w)`), except in decompression samples, which read the uncompressed grid (the task
+  is h*w -> h*w*d, SEED_SYSTEMS.md §1): each sample's `image_is_uncompressed` says which reads are full;
 - an image the LLM writes becomes `<img>` + its h*w*d ids in writing order + `</img>`, all labelled.
 
 Never dropped silently (STYLE §5): a sample that cannot be built, is too long, has a template
@@ -116,13 +119,25 @@ class SkipCounter:
 @dataclass
 class MLLMSample:
     """input_ids, labels: (t,) int64, IMAGE_PLACEHOLDER_ID in read spans, IGNORE_INDEX off the replies;
-    image_token_ids: (n, h, w, d) int64 LLM token ids of the n images read, in span order."""
+    image_token_ids: (n, h, w, d) int64 LLM token ids of the n images read, in span order;
+    image_is_uncompressed: (n,) bool, True where the span holds the uncompressed grid (decompression reads)
+    rather than the model's compressed read (None: all False)."""
 
     input_ids: Tensor
     labels: Tensor
     image_token_ids: Tensor
     task: str
     sample_id: str = ""
+    image_is_uncompressed: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.image_token_ids.shape[0]
+        if self.image_is_uncompressed is None:
+            self.image_is_uncompressed = torch.zeros(n, dtype=torch.bool)
+        elif tuple(self.image_is_uncompressed.shape) != (n,):
+            raise ValueError(
+                f"image_is_uncompressed {tuple(self.image_is_uncompressed.shape)} must hold one flag per image ({n})"
+            )
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -142,6 +157,8 @@ class MLLMSampleBuilder:
 
     code_shape: (h, w, d) of the visual tokenizer (`VisualTokenizer.code_shape`).
     reading: `aggregated` (h*w slots per image read) or `interleaved` (h*w*d slots).
+    read_tokens_per_image: slots of a compressed read (`UniCodeMLLM.tokens_per_image`, the compressor's
+        `num_output_tokens(h, w)`); None for no compressor. Decompression samples always read h*w.
     max_length: the longest sequence allowed, bos and image spans included.
     overflow: `skip` (count or raise) or `truncate` (cut text at max_length; counted; an error in an image).
     cfg_drop_rate: probability that a text-to-image prompt is replaced by the empty prompt.
@@ -161,6 +178,7 @@ class MLLMSampleBuilder:
     seed: int = 0
     prompts: TaskPrompts = field(default_factory=TaskPrompts)
     skips: SkipCounter | None = None
+    read_tokens_per_image: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.template, str):
@@ -174,6 +192,15 @@ class MLLMSampleBuilder:
             raise ValueError(f"overflow {self.overflow!r} is unknown; choose 'skip' or 'truncate'")
         if not 0.0 <= self.cfg_drop_rate <= 1.0:
             raise ValueError(f"cfg_drop_rate must lie in [0, 1], got {self.cfg_drop_rate}")
+        if self.read_tokens_per_image is not None:
+            value = self.read_tokens_per_image
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"read_tokens_per_image must be a positive int or None, got {value!r}")
+            if self.reading != "aggregated" and value != self.uncompressed_tokens_per_image:
+                raise ValueError(
+                    f"read_tokens_per_image={value} compresses the read span, which needs reading='aggregated' "
+                    f"(got reading={self.reading!r}, whose span is {self.uncompressed_tokens_per_image})"
+                )
         h, _, _ = self.code_shape
         self.num_segments = h if self.num_segments is None else self.num_segments
         check_num_segments(self.code_shape, self.num_segments)
@@ -190,10 +217,15 @@ class MLLMSampleBuilder:
     # ----- sizes --------------------------------------------------------------------------------
 
     @property
-    def tokens_per_image(self) -> int:
-        """Placeholder slots one read image takes: h*w (aggregated) or h*w*d (interleaved)."""
+    def uncompressed_tokens_per_image(self) -> int:
+        """Placeholder slots of an uncompressed read: h*w (aggregated) or h*w*d (interleaved)."""
         h, w, d = self.code_shape
         return h * w if self.reading == "aggregated" else h * w * d
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder slots one read image takes: `read_tokens_per_image` when set, else the uncompressed span."""
+        return self.read_tokens_per_image or self.uncompressed_tokens_per_image
 
     @property
     def num_write_tokens(self) -> int:
@@ -252,7 +284,7 @@ class MLLMSampleBuilder:
             ask = self.prompts.decompression.format(part=k + 1, total=total)
             user = (ImageRead(0), ask) if k == 0 else ask
             turns.append(Turn(user, (ImageWrite(segment, opens=k == 0, closes=k == total - 1),)))
-        return self.conversation(turns, [image_token_ids], "decompression", sample_id)
+        return self.conversation(turns, [image_token_ids], "decompression", sample_id, uncompressed_reads=True)
 
     # ----- prompts for inference ----------------------------------------------------------------
 
@@ -285,10 +317,19 @@ class MLLMSampleBuilder:
     # ----- the general builder -----------------------------------------------------------------
 
     def conversation(
-        self, turns: Sequence[Turn], images: Sequence[Tensor | None], task: str, sample_id: str = ""
+        self,
+        turns: Sequence[Turn],
+        images: Sequence[Tensor | None],
+        task: str,
+        sample_id: str = "",
+        *,
+        uncompressed_reads: bool = False,
     ) -> MLLMSample | None:
-        """Any conversation: `images[i]` (h, w, d) is what `ImageRead(i)` shows. None for a counted skip."""
-        sample = self._build(turns, images, task, sample_id, check_length=True)
+        """Any conversation: `images[i]` (h, w, d) is what `ImageRead(i)` shows. None for a counted skip.
+
+        uncompressed_reads: every read span holds the uncompressed grid (decompression), not the compressed read.
+        """
+        sample = self._build(turns, images, task, sample_id, check_length=True, uncompressed_reads=uncompressed_reads)
         if sample is not None:
             self.skips.built += 1
         return sample
@@ -308,7 +349,13 @@ class MLLMSampleBuilder:
         return True
 
     def _build(
-        self, turns: Sequence[Turn], images: Sequence[Tensor | None], task: str, sample_id: str, check_length: bool
+        self,
+        turns: Sequence[Turn],
+        images: Sequence[Tensor | None],
+        task: str,
+        sample_id: str,
+        check_length: bool,
+        uncompressed_reads: bool = False,
     ) -> MLLMSample | None:
         tok = self.text_tokenizer
         for image in images:
@@ -365,8 +412,9 @@ class MLLMSampleBuilder:
             pieces_labelled.append(labelled[prev:marker])
             length += marker - prev
             if isinstance(part, ImageRead):
-                span = torch.full((self.tokens_per_image,), IMAGE_PLACEHOLDER_ID, dtype=torch.long)
-                span_labelled = torch.zeros(self.tokens_per_image, dtype=torch.bool)
+                slots = self.uncompressed_tokens_per_image if uncompressed_reads else self.tokens_per_image
+                span = torch.full((slots,), IMAGE_PLACEHOLDER_ID, dtype=torch.long)
+                span_labelled = torch.zeros(slots, dtype=torch.bool)
                 read_images.append(images[part.index].long())
             else:
                 span = part.token_ids.long().reshape(-1)
@@ -409,7 +457,8 @@ class MLLMSampleBuilder:
             return self._skip(NO_LABELS, sample_id, f"{task} sample has no labelled token")
         h, w, d = self.code_shape
         image_token_ids = torch.stack(read_images) if read_images else torch.zeros(0, h, w, d, dtype=torch.long)
-        return MLLMSample(input_ids, labels, image_token_ids, task, sample_id)
+        is_uncompressed = torch.full((len(read_images),), uncompressed_reads, dtype=torch.bool)
+        return MLLMSample(input_ids, labels, image_token_ids, task, sample_id, is_uncompressed)
 
 
 def build_shapes_samples(
@@ -453,7 +502,14 @@ def build_shapes_samples(
 
 
 # The collated keys `UniCodeMLLM.forward` takes: `model(**{k: batch[k] for k in MODEL_INPUTS})`.
-MODEL_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask", "labels", "image_token_ids", "images_per_sample")
+MODEL_INPUTS: tuple[str, ...] = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "image_token_ids",
+    "images_per_sample",
+    "image_is_uncompressed",
+)
 
 
 @dataclass(frozen=True)
@@ -462,7 +518,7 @@ class MLLMCollator:
 
     Returns {"input_ids": (b, t), "attention_mask": (b, t) (1 = real token), "labels": (b, t)
     (IGNORE_INDEX on padding), "image_token_ids": (n, h, w, d) all images read, row by row,
-    "images_per_sample": (b,), "tasks": list[str], "sample_ids": list[str]}.
+    "images_per_sample": (b,), "image_is_uncompressed": (n,) bool, "tasks": list[str], "sample_ids": list[str]}.
     """
 
     pad_token_id: int
@@ -498,6 +554,7 @@ class MLLMCollator:
             "labels": labels,
             "image_token_ids": torch.cat([s.image_token_ids for s in samples]),
             "images_per_sample": torch.tensor([s.image_token_ids.shape[0] for s in samples], dtype=torch.long),
+            "image_is_uncompressed": torch.cat([s.image_is_uncompressed for s in samples]),
             "tasks": [s.task for s in samples],
             "sample_ids": [s.sample_id for s in samples],
         }

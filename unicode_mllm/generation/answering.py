@@ -7,6 +7,11 @@ holds pad, bos, `<image>`, `</img>` or ids past the text vocabulary, and holds `
 `allow_images`, in which case the span is constrained like a text-to-image span and the image's ids are
 returned apart from the text (where `<image>` marks the spot).
 
+Token reduction: when `model.token_reduction` is enabled, the prompts' image spans are reduced
+(`unicode_mllm.token_reduction`: vision-stage merges before the splice, in-LM pruning during prefill) and
+decoding runs on the reduced KV cache (`ReducedDecoder`); the text handling below is the same. It is
+switched off (`reduction_for_mode(..., "image")`) when `allow_images` lets a reply write an image.
+
 Streaming: text is handed out as it is decoded, held back only where the next token could still change
 it (a partial UTF-8 character, trailing spaces, the start of a stop string), so the pieces of a row
 join up to exactly the text it returns.
@@ -35,6 +40,7 @@ from unicode_mllm.generation.prompts import (
     prompt_builder,
     reply_stop_strings,
 )
+from unicode_mllm.generation.reduced_decoding import ReducedDecoder
 from unicode_mllm.generation.sampling import (
     SamplingSettings,
     choose_next_tokens,
@@ -43,6 +49,7 @@ from unicode_mllm.generation.sampling import (
     uniform_draws,
 )
 from unicode_mllm.model.decompression import sequence_to_grid
+from unicode_mllm.token_reduction.guard import reduction_for_mode
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM
@@ -131,15 +138,28 @@ def _decode_batch(
     ids = model.token_ids
     device = model_device(model.lm)
     batch = MLLMCollator(ids.pad, padding_side="left")(list(prompts))
-    spliced = model.build_inputs(
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        batch["image_token_ids"],
-        batch["images_per_sample"],
-    )
     b, steps = len(prompts), max(budgets)
-    decoder = IncrementalDecoder(model.lm, use_cache=use_cache)
-    logits = decoder.prefill(spliced.inputs_embeds, spliced.attention_mask)  # (b, V)
+    # A reply that may write an image must read every token of its context: reduction off then.
+    reduction = reduction_for_mode(model.token_reduction, "image" if allow_images else "text")
+    if reduction.enabled:
+        decoder = ReducedDecoder(model, reduction)
+        logits = decoder.prefill(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["image_token_ids"],
+            batch["images_per_sample"],
+            batch["image_is_uncompressed"],
+        )  # (b, V)
+    else:
+        spliced = model.build_inputs(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["image_token_ids"],
+            batch["images_per_sample"],
+            batch["image_is_uncompressed"],
+        )
+        decoder = IncrementalDecoder(model.lm, use_cache=use_cache)
+        logits = decoder.prefill(spliced.inputs_embeds, spliced.attention_mask)  # (b, V)
     constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=allow_images)
     state = constraint.initial_state(b, inside=False, device=device)
     uniforms = None if seeds is None else uniform_draws(seeds, steps)  # (b, steps) on the CPU

@@ -148,11 +148,14 @@ def generate_image_sequences(
             b = len(chunk)
             rows = chunk + [uncond] * b if uncond is not None else chunk  # cond rows first, then theirs
             batch = collate(rows)
+            # No token reduction here, whatever model.token_reduction says: a turn that writes an image reads
+            # every token of its context (token_reduction/guard.py).
             spliced = model.build_inputs(
                 batch["input_ids"].to(device),
                 batch["attention_mask"].to(device),
                 batch["image_token_ids"],
                 batch["images_per_sample"],
+                batch["image_is_uncompressed"],
             )
             decoder = IncrementalDecoder(model.lm, use_cache=use_cache)
             logits = decoder.prefill(spliced.inputs_embeds, spliced.attention_mask)  # (rows, V)

@@ -25,7 +25,8 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_leng
 
 
 def prompt_builder(model: UniCodeMLLM) -> MLLMSampleBuilder:
-    """The sample builder matching `model` (template, code shape, reading mode); prompts raise on error."""
+    """The sample builder matching `model` (template, code shape, reading mode, the compressor's span length);
+    prompts raise on error."""
     limit = max_positions(model.lm)
     return MLLMSampleBuilder(
         model.text_tokenizer,
@@ -34,6 +35,7 @@ def prompt_builder(model: UniCodeMLLM) -> MLLMSampleBuilder:
         reading=model.reading,
         max_length=limit if limit is not None else 1 << 30,
         strict=True,
+        read_tokens_per_image=model.tokens_per_image,
     )
 
 

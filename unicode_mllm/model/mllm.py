@@ -12,30 +12,46 @@ are either summed over depth (`aggregated`, h*w embeddings, the default) or laid
 Writing an image: the LM emits `<img>` + h*w*d ids (raster order, depth-first) + `</img>` as ordinary
 next tokens (`model/decompression.py` gives the order).
 
+Compressor (`unicode_mllm.compression`, SEED_SYSTEMS.md §1): with `aggregated` reading a visual-token
+compressor may sit between the h*w summed embeddings and the LM; an image read then takes
+`compressor.num_output_tokens(h, w)` slots (`tokens_per_image`, which the sample builders and prompts use).
+It never touches what the LM writes (text-to-image and decompression targets keep all h*w*d codes), and
+decompression samples read the uncompressed grid. `identity` (the default) changes nothing. Trainable
+compressors are submodules, so stage 2 trains and checkpoints them with the LM.
+
+Token reduction (`unicode_mllm.token_reduction`): `model.token_reduction` (a `TokenReductionConfig`, off by
+default) shortens the image spans of *text answers* at inference (`answer`, chat replies); it is off for
+any turn that may write an image.
+
 Saved layout (`save_pretrained`):
 
-    unicode_mllm.json     reading mode, code shape, special token ids, template, where the tokenizer is
-    lm/                   the LM and the text tokenizer (AutoModelForCausalLM / AutoTokenizer load it)
-    visual_tokenizer/     a copy of the visual tokenizer (unless saved by reference)
+    unicode_mllm.json        reading mode, code shape, special token ids, template, where the tokenizer is,
+                             the compressor (name + options) and the token-reduction config
+    lm/                      the LM and the text tokenizer (AutoModelForCausalLM / AutoTokenizer load it)
+    visual_tokenizer/        a copy of the visual tokenizer (unless saved by reference)
+    compressor.safetensors   the compressor's weights (only when it has parameters)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from einops import rearrange
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from unicode_mllm.compression import CompressorConfig
 from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from unicode_mllm.errors import UserError
+from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.model.special_tokens import MultimodalTokenIds, add_multimodal_tokens
 from unicode_mllm.model.splice import SplicedInputs, splice_image_embeddings
+from unicode_mllm.token_reduction.config import TokenReductionConfig
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 log = logging.getLogger(__name__)
@@ -45,7 +61,8 @@ READING_MODES: tuple[str, ...] = ("aggregated", "interleaved")
 CONFIG_NAME = "unicode_mllm.json"
 LM_DIR = "lm"
 VISUAL_TOKENIZER_DIR = "visual_tokenizer"
-FORMAT_VERSION = 1
+COMPRESSOR_WEIGHTS = "compressor.safetensors"
+FORMAT_VERSION = 1  # compressor and token_reduction are optional keys: older files load with identity / off
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,8 @@ class UniCodeMLLMConfig:
     visual_tokenizer: str = VISUAL_TOKENIZER_DIR  # relative to the saved folder, or an absolute reference
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, data mixture)
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    token_reduction: TokenReductionConfig = field(default_factory=TokenReductionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +107,8 @@ class UniCodeMLLMConfig:
             "token_ids": self.token_ids.to_dict(),
             "template": self.template,
             "visual_tokenizer": self.visual_tokenizer,
+            "compressor": self.compressor.to_dict(),
+            "token_reduction": self.token_reduction.to_dict(),
             "extra": self.extra,
         }
 
@@ -97,6 +118,10 @@ class UniCodeMLLMConfig:
             raise UserError(f"{source}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
         if data.get("reading") not in READING_MODES:
             raise UserError(f"{source}: reading {data.get('reading')!r} is unknown; one of {list(READING_MODES)}")
+        compressor = CompressorConfig.from_dict(data.get("compressor", {}), source=f"{source}: compressor")
+        token_reduction = TokenReductionConfig.from_dict(
+            data.get("token_reduction", {}), source=f"{source}: token_reduction"
+        )  # ConfigError naming the key
         return cls(
             reading=data["reading"],
             code_shape=tuple(data["code_shape"]),  # type: ignore[arg-type]
@@ -104,6 +129,8 @@ class UniCodeMLLMConfig:
             template=data.get("template", "plain"),
             visual_tokenizer=data.get("visual_tokenizer", VISUAL_TOKENIZER_DIR),
             extra=dict(data.get("extra", {})),
+            compressor=compressor,
+            token_reduction=token_reduction,
         )
 
 
@@ -116,9 +143,13 @@ class UniCodeMLLM(nn.Module):
     text_tokenizer: gains `<img>`, `</img>`, `<image>` and a pad token where missing.
     reading: `aggregated` (h*w embeddings per image read) or `interleaved` (h*w*d).
     template: the conversation template name the data uses (recorded, see `data/conversation.py`).
+    compressor: the visual-token compressor of image reads (default `identity`); built at the LM's width
+        and held as the submodule `compressor` (trained in stage 2 with the LM when it has parameters).
+    token_reduction: inference-time reduction for text answers (default off); see `token_reduction`.
 
-    Raises UserError when the visual codebook's width is not the LM's, or a code's token id is not
-    one of the LM's ids.
+    Raises UserError when the visual codebook's width is not the LM's, a code's token id is not one of
+    the LM's ids, a non-identity compressor is paired with `interleaved` reading, or the token-reduction
+    config does not fit the model.
     """
 
     def __init__(
@@ -130,10 +161,18 @@ class UniCodeMLLM(nn.Module):
         reading: ReadingMode = "aggregated",
         template: str = "plain",
         visual_tokenizer_source: str | None = None,
+        compressor: CompressorConfig | None = None,
+        token_reduction: TokenReductionConfig | None = None,
     ):
         super().__init__()
         if reading not in READING_MODES:
             raise UserError(f"reading {reading!r} is unknown; choose one of {list(READING_MODES)}")
+        compressor = compressor or CompressorConfig()
+        if reading != "aggregated" and compressor.name != "identity":
+            raise UserError(
+                f"compressor {compressor.name!r} needs reading='aggregated' (it merges the h*w summed code "
+                f"embeddings); reading={reading!r} can only use compressor 'identity'"
+            )
         width = lm.get_input_embeddings().weight.shape[1]
         if visual_tokenizer.config.llm_width != width:
             raise UserError(
@@ -153,6 +192,14 @@ class UniCodeMLLM(nn.Module):
         self.visual_tokenizer_source = visual_tokenizer_source
         visual_tokenizer.requires_grad_(False)
         visual_tokenizer.eval()
+        self.compressor_config = compressor
+        self.compressor = compressor.build(width)  # a submodule: its parameters train and save with the model
+        h, w, _ = self.code_shape
+        try:  # now, not at the first image
+            self.compressor.num_output_tokens(h, w)
+        except ValueError as e:
+            raise ConfigError(f"compressor {compressor.name!r} cannot read the {h}x{w} code grid: {e}") from None
+        self.token_reduction = token_reduction or TokenReductionConfig()
 
     # ----- sizes and config -----------------------------------------------------------------------
 
@@ -161,10 +208,66 @@ class UniCodeMLLM(nn.Module):
         return tuple(self.visual_tokenizer.code_shape)  # type: ignore[return-value]
 
     @property
-    def tokens_per_image(self) -> int:
-        """Embeddings one read image takes: h*w (aggregated) or h*w*d (interleaved)."""
+    def uncompressed_tokens_per_image(self) -> int:
+        """Embeddings of an uncompressed read: h*w (aggregated) or h*w*d (interleaved)."""
         vt = self.visual_tokenizer
         return vt.num_read_tokens if self.reading == "aggregated" else vt.num_write_tokens
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Embeddings one read image takes: the compressor's `num_output_tokens(h, w)` (h*w for `identity`)
+        with aggregated reading, h*w*d with interleaved."""
+        if self.reading != "aggregated":
+            return self.uncompressed_tokens_per_image
+        h, w, _ = self.code_shape
+        return self.compressor.num_output_tokens(h, w)
+
+    @property
+    def read_grid_hw(self) -> tuple[int, int] | None:
+        """The raster grid of one read image's embeddings (the compressor's output grid), None when they are
+        no grid (resamplers, interleaved reading)."""
+        if self.reading != "aggregated":
+            return None
+        h, w, _ = self.code_shape
+        return self.compressor.output_grid(h, w)
+
+    @property
+    def compresses(self) -> bool:
+        """Whether image reads go through a compressor other than `identity`."""
+        return self.compressor_config.name != "identity"
+
+    @property
+    def token_reduction(self) -> TokenReductionConfig:
+        """Inference-time token reduction of text answers (`TokenReductionConfig()` = off)."""
+        return self._token_reduction
+
+    @token_reduction.setter
+    def token_reduction(self, config: TokenReductionConfig) -> None:
+        self._token_reduction = self._checked_token_reduction(config)
+
+    def _checked_token_reduction(self, config: TokenReductionConfig) -> TokenReductionConfig:
+        if not isinstance(config, TokenReductionConfig):
+            raise UserError(f"token_reduction must be a TokenReductionConfig, got {type(config).__name__}")
+        if not config.enabled:
+            return config
+        num_layers = getattr(self.lm.config, "num_hidden_layers", None)
+        try:
+            config.validate(num_layers=num_layers if isinstance(num_layers, int) else None)
+        except ValueError as e:
+            raise ConfigError(f"token_reduction: {e}") from None
+        if self.reading != "aggregated":
+            raise ConfigError(f"token reduction needs reading='aggregated', this model reads {self.reading!r}")
+        if config.vision == "focus_sampler":
+            raise ConfigError(
+                "token_reduction.vision='focus_sampler' needs a trained FocusVisionSampler, which UniCodeMLLM does "
+                "not hold or train; use mustdrop_merge or ficoco_v, or an llm-stage reduction"
+            )
+        if config.vision != "none" and self.read_grid_hw is None:
+            raise ConfigError(
+                f"token_reduction.vision={config.vision!r} works on a token grid, but compressor "
+                f"{self.compressor_config.name!r} returns no grid; use vision='none' with an llm-stage reduction"
+            )
+        return config
 
     @property
     def num_write_tokens(self) -> int:
@@ -173,7 +276,12 @@ class UniCodeMLLM(nn.Module):
     @property
     def config(self) -> UniCodeMLLMConfig:
         return UniCodeMLLMConfig(
-            reading=self.reading, code_shape=self.code_shape, token_ids=self.token_ids, template=self.template
+            reading=self.reading,
+            code_shape=self.code_shape,
+            token_ids=self.token_ids,
+            template=self.template,
+            compressor=self.compressor_config,
+            token_reduction=self.token_reduction,
         )
 
     def train(self, mode: bool = True) -> UniCodeMLLM:
@@ -208,17 +316,52 @@ class UniCodeMLLM(nn.Module):
             return rearrange(embeds.float().sum(dim=3).to(embeds.dtype), "n h w c -> n (h w) c")
         return rearrange(embeds, "n h w d c -> n (h w d) c")
 
+    def read_image_embeds(
+        self, image_token_ids: Tensor, image_is_uncompressed: Tensor | None = None
+    ) -> Tensor | list[Tensor]:
+        """(n, h, w, d) LLM token ids -> the embeddings the LM reads for them.
+
+        Returns (n, s, c) with s = `tokens_per_image` (the compressor's output; `embed_images` itself for
+        `identity` or interleaved reading), or a list of n (s_i, c) tensors when `image_is_uncompressed`
+        (n,) bool marks some, not all, images to be read uncompressed (h*w, decompression samples).
+        """
+        embeds = self.embed_images(image_token_ids)  # (n, h*w, c) or (n, h*w*d, c)
+        if not self.compresses:
+            return embeds
+        n = embeds.shape[0]
+        if image_is_uncompressed is None:
+            is_full = torch.zeros(n, dtype=torch.bool, device=embeds.device)
+        else:
+            is_full = image_is_uncompressed.to(device=embeds.device, dtype=torch.bool)
+            if tuple(is_full.shape) != (n,):
+                raise ValueError(f"image_is_uncompressed {tuple(is_full.shape)} must hold one flag per image ({n})")
+        if bool(is_full.all()):
+            return embeds
+        h, w, _ = self.code_shape
+        params = next(self.compressor.parameters(), None)
+        picked = embeds[~is_full] if bool(is_full.any()) else embeds
+        dtype = params.dtype if params is not None else picked.dtype
+        compressed = self.compressor(picked.to(dtype), (h, w)).tokens  # (n', s, c)
+        if not bool(is_full.any()):
+            return compressed
+        rest = iter(compressed)
+        return [embeds[i] if full else next(rest) for i, full in enumerate(is_full.tolist())]
+
     def build_inputs(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         image_token_ids: Tensor | None = None,
         images_per_sample: Tensor | None = None,
+        image_is_uncompressed: Tensor | None = None,
     ) -> SplicedInputs:
-        """(b, t) ids with placeholder spans + (n, h, w, d) images -> inputs_embeds, mask, positions."""
+        """(b, t) ids with placeholder spans + (n, h, w, d) images -> inputs_embeds, mask, positions.
+
+        image_is_uncompressed: (n,) bool, images whose span holds the uncompressed grid (see `read_image_embeds`).
+        """
         image_embeds = None
         if image_token_ids is not None and image_token_ids.shape[0] > 0:
-            image_embeds = self.embed_images(image_token_ids.to(input_ids.device))
+            image_embeds = self.read_image_embeds(image_token_ids.to(input_ids.device), image_is_uncompressed)
         return splice_image_embeddings(
             input_ids,
             image_embeds,
@@ -237,12 +380,14 @@ class UniCodeMLLM(nn.Module):
         labels: Tensor | None = None,
         image_token_ids: Tensor | None = None,
         images_per_sample: Tensor | None = None,
+        image_is_uncompressed: Tensor | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """Splice the images in and run the LM; returns the LM's output (logits (b, t, V), loss).
 
         input_ids: (b, t) with IMAGE_PLACEHOLDER_ID spans; labels: (b, t), IGNORE_INDEX where not
-        trained (the LM shifts them itself); image_token_ids: (n, h, w, d) LLM token ids.
+        trained (the LM shifts them itself); image_token_ids: (n, h, w, d) LLM token ids;
+        image_is_uncompressed: (n,) bool, reads that bypass the compressor (decompression samples).
         Raises ValueError when a placeholder slot carries a label, or the images do not fit the spans.
         """
         if labels is not None:
@@ -250,7 +395,9 @@ class UniCodeMLLM(nn.Module):
                 raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ")
             if bool(((input_ids == IMAGE_PLACEHOLDER_ID) & (labels != IGNORE_INDEX)).any()):
                 raise ValueError("labels on image placeholder slots: an image the LM reads is never a target")
-        spliced = self.build_inputs(input_ids, attention_mask, image_token_ids, images_per_sample)
+        spliced = self.build_inputs(
+            input_ids, attention_mask, image_token_ids, images_per_sample, image_is_uncompressed
+        )
         return self.lm(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
@@ -265,13 +412,17 @@ class UniCodeMLLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         image_token_ids: Tensor | None = None,
+        image_is_uncompressed: Tensor | None = None,
         **generate_kwargs: Any,
     ) -> Tensor:
         """HF `generate` from spliced prompt embeddings (left-padded batches); returns only new ids (b, k).
 
-        Plain HF decoding: the constrained image span and classifier-free guidance are not applied here.
+        Plain HF decoding: the constrained image span, classifier-free guidance and token reduction are not
+        applied here (`answer` applies the model's `token_reduction`).
         """
-        spliced = self.build_inputs(input_ids, attention_mask, image_token_ids)
+        spliced = self.build_inputs(
+            input_ids, attention_mask, image_token_ids, image_is_uncompressed=image_is_uncompressed
+        )
         generate_kwargs.setdefault("pad_token_id", self.token_ids.pad)
         return self.lm.generate(
             inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask, **generate_kwargs
@@ -336,13 +487,12 @@ class UniCodeMLLM(nn.Module):
             if self.visual_tokenizer_source is None:
                 raise UserError("the visual tokenizer was not loaded from a folder; save it with copy_visual_tokenizer")
             reference = str(Path(self.visual_tokenizer_source).resolve())
-        config = UniCodeMLLMConfig(
-            reading=self.reading,
-            code_shape=self.code_shape,
-            token_ids=self.token_ids,
-            template=self.template,
-            visual_tokenizer=reference,
-        )
+        config = replace(self.config, visual_tokenizer=reference)
+        weights = path / COMPRESSOR_WEIGHTS
+        if self.compressor.is_trainable:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.compressor.state_dict().items()}, weights)
+        elif weights.exists():
+            weights.unlink()  # a stale file from an earlier save would contradict the config
         (path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     @classmethod
@@ -353,9 +503,14 @@ class UniCodeMLLM(nn.Module):
         *,
         reading: ReadingMode = "aggregated",
         template: str = "plain",
+        compressor: CompressorConfig | None = None,
+        token_reduction: TokenReductionConfig | None = None,
         **lm_kwargs: Any,
     ) -> UniCodeMLLM:
-        """Build from a HF causal LM (with its text tokenizer) and a saved visual tokenizer (stage 2 start)."""
+        """Build from a HF causal LM (with its text tokenizer) and a saved visual tokenizer (stage 2 start).
+
+        A compressor with parameters starts from its fresh initialisation (train it in stage 2).
+        """
         lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), **lm_kwargs)
         text_tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path))
         visual_tokenizer = VisualTokenizer.from_pretrained(str(visual_tokenizer_path))
@@ -366,6 +521,8 @@ class UniCodeMLLM(nn.Module):
             reading=reading,
             template=template,
             visual_tokenizer_source=str(visual_tokenizer_path),
+            compressor=compressor,
+            token_reduction=token_reduction,
         )
 
     @classmethod
@@ -382,9 +539,16 @@ class UniCodeMLLM(nn.Module):
         vt_path = Path(config.visual_tokenizer)
         vt_path = vt_path if vt_path.is_absolute() else path / vt_path
         model = cls.from_components(
-            path / LM_DIR, vt_path, reading=config.reading, template=config.template, **lm_kwargs
+            path / LM_DIR,
+            vt_path,
+            reading=config.reading,
+            template=config.template,
+            compressor=config.compressor,
+            token_reduction=config.token_reduction,
+            **lm_kwargs,
         )
         model.visual_tokenizer_source = str(vt_path)
+        model._load_compressor_weights(path / COMPRESSOR_WEIGHTS)
         if model.code_shape != tuple(config.code_shape):
             raise UserError(
                 f"{config_file}: code_shape {config.code_shape} but the visual tokenizer's is {model.code_shape}"
@@ -395,6 +559,21 @@ class UniCodeMLLM(nn.Module):
                 f"{model.token_ids.to_dict()}"
             )
         return model
+
+    def _load_compressor_weights(self, weights: Path) -> None:
+        """Load `compressor.safetensors` into a compressor with parameters; UserError when missing or mismatched."""
+        if not self.compressor.is_trainable:
+            return
+        if not weights.is_file():
+            raise UserError(
+                f"{weights.parent}: compressor {self.compressor_config.name!r} has parameters but {weights.name} is "
+                "missing; the folder was not written by save_pretrained"
+            )
+        device = next(self.compressor.parameters()).device
+        try:
+            self.compressor.load_state_dict(load_file(str(weights), device=str(device)))
+        except RuntimeError as e:
+            raise UserError(f"{weights}: does not fit compressor {self.compressor_config.to_dict()}: {e}") from None
 
     # ----- inference (unicode_mllm/generation) ---------------------------------------------------------
     # Thin entry points. The generation package is imported inside them, not at the top: it imports
@@ -421,6 +600,8 @@ class UniCodeMLLM(nn.Module):
             image (not in a list) goes with a single question.
         temperature 0 is greedy (the default); seed makes sampling reproducible, per question, whatever
         the batch size. stream: `stream(question_index, piece)` gets the text as it is decoded.
+        The model's `token_reduction` (when enabled) shortens the image spans of the prompts; with
+        `allow_images` (the reply may write an image) it is switched off.
         Raises UserError for an empty question, a bad image or a prompt longer than the LM's positions.
         """
         from unicode_mllm.generation import answer_questions

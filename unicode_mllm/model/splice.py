@@ -1,10 +1,12 @@
 """The image-embedding splice: input ids with image placeholder spans -> `inputs_embeds` for the LM.
 
 A sample reserves one span of `tokens_per_image` consecutive `IMAGE_PLACEHOLDER_ID`s per image it reads
-(`h*w` for aggregated reading, `h*w*d` for interleaved; the sample builders lay the spans out), so the
-splice never changes sequence lengths: labels, attention masks and padding made by the collator stay
-aligned. The placeholder is negative, so it is swapped for the pad id before the embedding lookup and
-the image embeddings are then written over those slots with one boolean-mask assignment.
+(`h*w` for aggregated reading, `h*w*d` for interleaved, or a compressor's `num_output_tokens(h, w)`; the
+sample builders lay the spans out), so the splice never changes sequence lengths: labels, attention
+masks and padding made by the collator stay aligned. Images of one batch may take spans of different
+lengths (a compressed read next to a decompression sample's full grid): pass their embeddings as a list
+of (s_i, c) tensors. The placeholder is negative, so it is swapped for the pad id before the embedding
+lookup and the image embeddings are then written over those slots with one boolean-mask assignment.
 
 After deepseek-ai/Janus (`modeling_vlm.py`, `prepare_inputs_embeds`): one `masked_scatter`, but here
 the count invariant is checked, and the caller's tensors are never edited.
@@ -68,9 +70,49 @@ def _check_whole_spans(is_image: Tensor, tokens_per_image: int) -> None:
         )
 
 
+def _image_ends_per_row(is_image: Tensor, lengths: Tensor) -> Tensor:
+    """(b, t) placeholder mask + (n,) span lengths in splice order -> (b,) images whose span ends in each row."""
+    row_ends = is_image.sum(dim=-1).cumsum(0)  # (b,) slots up to and including each row
+    image_ends = lengths.to(row_ends.device).cumsum(0)  # (n,)
+    return torch.diff(torch.searchsorted(image_ends, row_ends, right=True), prepend=row_ends.new_zeros(1))
+
+
+def _check_variable_spans(is_image: Tensor, lengths: Tensor) -> None:
+    """Every run of consecutive placeholders must hold whole images of the given lengths, in order."""
+    edges = torch.nn.functional.pad(is_image.long(), (1, 1)).flatten().diff()  # rows padded: runs never join
+    starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
+    run_ends = (ends - starts).cumsum(0)  # (runs,) slots up to the end of each run
+    image_ends = lengths.to(run_ends.device).cumsum(0)  # (n,)
+    aligned = torch.isin(run_ends, image_ends)
+    if not bool(aligned.all()):
+        t = is_image.shape[1] + 2
+        first = int((~aligned).nonzero()[0, 0])
+        raise ValueError(
+            f"row {int(starts[first]) // t} has a run of {int(ends[first] - starts[first])} image placeholders at "
+            f"position {int(starts[first]) % t} that does not end where an image ends (image spans "
+            f"{lengths.tolist()[:8]} in splice order)"
+        )
+
+
+def _stack_if_uniform(image_embeds: Tensor | Sequence[Tensor] | None) -> Tensor | list[Tensor] | None:
+    """A list of (s_i, c) tensors -> (n, s, c) when every s_i is equal (then the uniform path runs)."""
+    if image_embeds is None or isinstance(image_embeds, Tensor):
+        return image_embeds
+    embeds = list(image_embeds)
+    for i, e in enumerate(embeds):
+        if not isinstance(e, Tensor) or e.ndim != 2:
+            shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
+            raise ValueError(f"image_embeds[{i}] must be an (s, c) tensor, got {shape}")
+    if not embeds:
+        return None
+    if len({e.shape for e in embeds}) == 1:
+        return torch.stack(embeds)
+    return embeds
+
+
 def splice_image_embeddings(
     input_ids: Tensor,
-    image_embeds: Tensor | None,
+    image_embeds: Tensor | Sequence[Tensor] | None,
     embed_tokens: nn.Module,
     attention_mask: Tensor | None = None,
     *,
@@ -81,7 +123,8 @@ def splice_image_embeddings(
 
     input_ids: (b, t) long; image slots hold IMAGE_PLACEHOLDER_ID, in spans of s per image.
     image_embeds: (n, s, c) for the n images of the whole batch, in row order (row 0's images first,
-        each row's images left to right), or None when no row reads an image.
+        each row's images left to right), or a list of n (s_i, c) tensors when spans differ in length,
+        or None when no row reads an image.
     embed_tokens: the LM's current input-embedding layer (so gradients reach it when it trains).
     attention_mask: (b, t), 1 for real tokens; ones when None. Works for left or right padding.
     images_per_sample: (b,) how many images each row should read; checked against the placeholders.
@@ -108,6 +151,11 @@ def splice_image_embeddings(
         )
     if bool((is_image & (attention_mask == 0)).any()):
         raise ValueError("an image placeholder sits on a padding slot (attention_mask 0); the collator misaligned")
+    image_embeds = _stack_if_uniform(image_embeds)
+    if isinstance(image_embeds, list):
+        return _splice_variable(
+            input_ids, is_image, image_embeds, embed_tokens, attention_mask, pad_token_id, images_per_sample
+        )
 
     num_slots = int(is_image.sum())
     num_images = 0 if image_embeds is None else image_embeds.shape[0]
@@ -133,4 +181,39 @@ def splice_image_embeddings(
             raise ValueError(f"image embeddings are {image_embeds.shape[-1]} wide but the LM's are {embeds.shape[-1]}")
         # masked_scatter fills the True slots in row-major order: row 0's spans first, each left to right.
         embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
+    return SplicedInputs(embeds, attention_mask, position_ids_from_attention_mask(attention_mask))
+
+
+def _splice_variable(
+    input_ids: Tensor,
+    is_image: Tensor,
+    image_embeds: list[Tensor],
+    embed_tokens: nn.Module,
+    attention_mask: Tensor,
+    pad_token_id: int,
+    images_per_sample: Tensor | Sequence[int] | None,
+) -> SplicedInputs:
+    """`splice_image_embeddings` for images whose spans differ in length (same checks, same output)."""
+    lengths = torch.tensor([e.shape[0] for e in image_embeds], dtype=torch.long, device=input_ids.device)
+    num_slots = int(is_image.sum())
+    if num_slots != int(lengths.sum()):
+        raise ValueError(
+            f"{num_slots} image placeholders in the batch but {len(image_embeds)} images ({int(lengths.sum())} slots "
+            "in all)"
+        )
+    _check_variable_spans(is_image, lengths)
+    if images_per_sample is not None:
+        expected = torch.as_tensor(images_per_sample, device=input_ids.device).long()
+        found = _image_ends_per_row(is_image, lengths)
+        if expected.shape != found.shape or not torch.equal(expected, found):
+            raise ValueError(
+                f"rows read {found.tolist()} images by their placeholders but images_per_sample says "
+                f"{expected.tolist()}"
+            )
+    embeds = embed_tokens(input_ids.masked_fill(is_image, pad_token_id))  # (b, t, c), a new tensor
+    widths = {e.shape[-1] for e in image_embeds}
+    if widths != {embeds.shape[-1]}:
+        raise ValueError(f"image embeddings are {sorted(widths)} wide but the LM's are {embeds.shape[-1]}")
+    flat = torch.cat([e.to(embeds.dtype) for e in image_embeds])  # (sum s_i, c), splice order
+    embeds = embeds.masked_scatter(is_image[..., None], flat)
     return SplicedInputs(embeds, attention_mask, position_ids_from_attention_mask(attention_mask))

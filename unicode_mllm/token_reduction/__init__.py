@@ -31,6 +31,11 @@ Calling it from `UniCodeMLLM` (for a text answer about images):
     new_ids = generate_reduced(model.lm, sequence, cfg, generation_mode="text", max_new_tokens=64,
                                eos_token_id=eos, pad_token_id=model.token_ids.pad)
 
+`UniCodeMLLM.answer` (and chat replies) do this when `model.token_reduction` is enabled, on the images as
+the model reads them (after its compressor), with the answering loop's own decoding on the reduced cache
+(`generation/reduced_decoding.py`); a reply that may write an image (`allow_images`) and image generation
+run unreduced.
+
 Non-goals
 ---------
 

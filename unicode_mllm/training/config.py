@@ -2,7 +2,8 @@
 
     cfg = load_config(MLLMTrainConfig, "configs/mllm/tiny.yaml", overrides=["train.steps=100"])
 
-Sections: `model` (which LM and visual tokenizer, reading mode, template, optional LoRA), `data` (shards,
+Sections: `model` (which LM and visual tokenizer, reading mode, template, optional LoRA, the visual-token
+compressor of image reads: `model.compressor: {name: pool2x, options: {mode: average}}`), `data` (shards,
 where the image token ids come from, the task mixture, sample building), `optim`, `train` (the loop) and
 `eval` (the teacher-forced evaluation run during training).
 """
@@ -10,8 +11,9 @@ where the image token ids come from, the task mixture, sample building), `optim`
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
+from unicode_mllm.compression import CompressorConfig
 from unicode_mllm.config import bounded
 from unicode_mllm.errors import ConfigError
 from unicode_mllm.runtime.devices import DeviceChoice
@@ -28,12 +30,39 @@ class LoraConfig:
 
 
 @dataclass
+class CompressorSection:
+    """The visual-token compressor between the summed code embeddings and the LM (`unicode_mllm.compression`).
+
+    name: a registered compressor (identity, pool2x, deco_avgpool, ldpv2, internvl_ps, qwen2vl_merger, qformer,
+        perceiver); options: its keyword arguments, e.g. {target_grid: [4, 4], mlp_layers: 2} for deco_avgpool.
+    Trainable compressors train in stage 2 with the LM; all but identity need `reading: aggregated`.
+    """
+
+    name: str = "identity"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_compressor_config(self) -> CompressorConfig:
+        return CompressorConfig(name=self.name, options=dict(self.options))
+
+    def validate(self) -> None:
+        self.to_compressor_config().validate()  # ConfigError naming an unknown compressor or option
+
+
+@dataclass
 class MLLMModelConfig:
     lm: str = ""  # a HF causal LM folder or hub name (stage 0's runs/lm/tiny/model for the tiny preset)
     visual_tokenizer: str = ""  # a saved VisualTokenizer (stage 1's runs/tokenizer/tiny/final)
     reading: Literal["aggregated", "interleaved"] = "aggregated"
     template: str = "plain"  # a registered conversation template (data/conversation.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    compressor: CompressorSection = field(default_factory=CompressorSection)
+
+    def validate(self) -> None:
+        if self.reading != "aggregated" and self.compressor.name != "identity":
+            raise ConfigError(
+                f"model.compressor.name={self.compressor.name!r} needs model.reading='aggregated' (got "
+                f"{self.reading!r}); interleaved reading can only use compressor 'identity'"
+            )
 
 
 @dataclass
@@ -55,6 +84,8 @@ class MLLMDataConfig:
     train_split: str = "train"
     token_ids: Literal["auto", "precomputed", "encode"] = "auto"  # auto: the shard's visual_token_ids if present
     tasks: TaskWeights = field(default_factory=TaskWeights)
+    loss_weighting: Literal["tokens", "tasks"] = "tokens"  # tasks: each task's token mean, weighted by loss_weights
+    loss_weights: TaskWeights = field(default_factory=lambda: TaskWeights(1.0, 1.0, 1.0, 1.0))
     vqa_turns: int = bounded(0, min=0, help="question/answer turns per VQA sample (0: every pair of the record)")
     records_per_batch: int = bounded(8, min=1, help="records read per micro-batch; each gives ~sum(tasks) samples")
     max_length: int = bounded(1024, min=8)

@@ -1,10 +1,11 @@
 """Teacher-forced stage-2 evaluation: per-task loss, VQA exact match, next-code accuracy.
 
 One forward pass per batch, no decoding. For a single-turn VQA sample whose labels are the answer and
-its end-of-turn token, "every labelled position's argmax equals its label" is exactly "greedy decoding
-reproduces the answer token for token and stops": greedy decoding feeds back its own argmax, which
-under this condition is the label itself. So the VQA figure here is greedy exact match (at token
-level, a lower bound on string match), measured at the cost of one forward pass.
+its end-of-turn token, "every answer position's argmax equals its label, and the argmax after the
+answer is a reply end" is exactly "greedy decoding reproduces the answer token for token and stops":
+greedy decoding feeds back its own argmax, which under this condition is the label itself. So the VQA
+figure here is greedy exact match (at token level, a lower bound on string match), measured at the
+cost of one forward pass.
 
 For images written (text-to-image, decompression) it reports the next-code accuracy: the share of
 code positions whose argmax is the target code given the true prefix.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,9 +85,14 @@ def evaluate_teacher_forced(
     *,
     batch_size: int = 32,
     device: Any = "cpu",
+    reply_end_ids: Collection[int] = (),
 ) -> dict[str, float]:
     """Metrics keyed `{split}/{name}`: `loss_{task}`, `vqa_exact` and `vqa_exact_{kind}` (fractions),
-    `code_acc_{task}` for written images. `model` is a `UniCodeMLLM`."""
+    `code_acc_{task}` for written images. `model` is a `UniCodeMLLM`.
+
+    reply_end_ids: tokens that end a reply besides the labelled one (a template such as `plain` ends
+    the last reply with eos and the others with a newline; decoding stops at either).
+    """
     was_training = model.training
     model.eval()
     sums: dict[str, float] = defaultdict(float)
@@ -109,7 +115,11 @@ def evaluate_teacher_forced(
                 sums[prefix + f"loss_{task}"] += float(losses[row].sum())
                 counts[prefix + f"loss_{task}"] += float(mask[row].sum())
                 if task == "vqa":
-                    exact = float(bool(correct[row][mask[row]].all()))
+                    # The answer tokens, then a reply end: any of `reply_end_ids` ends greedy decoding.
+                    where = mask[row].nonzero()[:, 0]
+                    answer_ok = bool(correct[row][where[:-1]].all())
+                    end_ok = int(logits[row, where[-1]].argmax()) in reply_end_ids or bool(correct[row][where[-1]])
+                    exact = float(answer_ok and end_ok)
                     for name in ("vqa_exact", f"vqa_exact_{item.kind}" if item.kind else None):
                         if name:
                             sums[prefix + name] += exact

@@ -71,14 +71,24 @@ def _accelerator(cfg: MLLMTrainConfig) -> Accelerator:
 
 
 def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
-    """The LM + frozen visual tokenizer of `cfg.model`, with LoRA adapters when enabled."""
+    """The LM + frozen visual tokenizer + compressor of `cfg.model`, with LoRA adapters when enabled.
+
+    The compressor is a submodule of the model: its parameters (if any) train with the LM (also under LoRA,
+    which wraps only the LM) and are saved in checkpoints and in `compressor.safetensors`.
+    """
     m = cfg.model
     for name, value in (("model.lm", m.lm), ("model.visual_tokenizer", m.visual_tokenizer)):
         if not value:
             raise UserError(f"{name} is empty: set it, e.g. --set {name}=PATH")
     if not Path(m.visual_tokenizer).is_dir():
         raise UserError(f"model.visual_tokenizer {m.visual_tokenizer} is not a folder; train one with train-tokenizer")
-    model = UniCodeMLLM.from_components(m.lm, m.visual_tokenizer, reading=m.reading, template=m.template)
+    model = UniCodeMLLM.from_components(
+        m.lm,
+        m.visual_tokenizer,
+        reading=m.reading,
+        template=m.template,
+        compressor=m.compressor.to_compressor_config(),
+    )
     if m.lora.enabled:
         targets = m.lora.target_modules
         target_modules = targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(","))
@@ -125,6 +135,7 @@ class MLLMTrainer:
             num_segments=d.num_segments,
             seed=cfg.train.seed,
             skips=self.skips,
+            read_tokens_per_image=self.mllm.tokens_per_image,  # the compressor's span; decompression reads h*w
         )
         self.collator = MLLMCollator(pad_token_id=self.mllm.token_ids.pad)
         self.mixture = TaskMixture(d.tasks.as_dict(), cfg_drop_rate=d.cfg_drop_rate, seed=cfg.train.seed)
@@ -196,18 +207,37 @@ class MLLMTrainer:
 
     # ----- one step ---------------------------------------------------------------------------------
 
+    def loss_scales(self, samples: list[MLLMSample]) -> dict[int, float]:
+        """Per sample (by id()): the factor on its summed token losses that makes the step's loss.
+
+        `tokens`: the mean over every labelled token of the step. `tasks`: the weighted mean over the
+        tasks present of each task's token mean (text_to_image_uncond counts as text_to_image), so
+        the 256 code targets of an image do not drown the two answer tokens of a question.
+        """
+        tokens = {id(s): int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples}
+        if self.cfg.data.loss_weighting == "tokens":
+            total = max(1, sum(tokens.values()))
+            return {key: 1.0 / total for key in tokens}
+        weights = self.cfg.data.loss_weights.as_dict()
+        task_of = {id(s): s.task.removesuffix("_uncond") for s in samples}
+        per_task: dict[str, int] = defaultdict(int)
+        for key, n in tokens.items():
+            per_task[task_of[key]] += n
+        present = {t: n for t, n in per_task.items() if n > 0}
+        norm = sum(weights[t] for t in present) or 1.0
+        return {key: weights[task_of[key]] / (norm * present[task_of[key]]) if tokens[key] else 0.0 for key in tokens}
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum` sample groups; returns the step's logs.
 
-        The loss is the mean next-token loss over every labelled token of the step (all groups, all
-        forward passes): each pass back-propagates its summed loss divided by the step's token count.
+        The loss is over every labelled token of the step (all groups, all forward passes), weighted
+        as `data.loss_weighting` says (`loss_scales`); each pass back-propagates its share.
         """
         acc, model = self.accelerator, self.model
         model.train()
         groups = [self.next_samples() for _ in range(self.cfg.optim.grad_accum)]
         chunks = [c for g in groups for c in length_chunks(g, self.cfg.data.max_tokens_per_forward)]
-        num_labelled = sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for g in groups for s in g)
-        denominator = max(1, num_labelled)
+        row_scale = self.loss_scales([s for g in groups for s in g])  # sample_id(task) -> loss multiplier
         loss_sum = torch.zeros((), device=acc.device)
         task_sum: dict[str, float] = defaultdict(float)
         task_tokens: dict[str, float] = defaultdict(float)
@@ -220,7 +250,8 @@ class MLLMTrainer:
                 with acc.autocast():
                     logits = model(**inputs).logits  # (b, t, V)
                     losses, mask = token_losses(logits, labels)  # (b, t-1) each
-                    chunk_loss = losses.sum() / denominator
+                    scale = torch.tensor([row_scale[id(x)] for x in chunk], device=acc.device)  # (b,)
+                    chunk_loss = (losses.sum(1) * scale).sum()
                 acc.backward(chunk_loss)
             loss_sum += chunk_loss.detach()
             per_row_loss, per_row_tokens = losses.detach().sum(1), mask.sum(1)
@@ -248,6 +279,15 @@ class MLLMTrainer:
                 logs[f"loss_{task}"] = task_sum[task] / task_tokens[task]
         return logs
 
+    def reply_end_ids(self) -> set[int]:
+        """eos, and the template's end of a non-final reply when it is one token (decoding stops at both)."""
+        text_tokenizer = self.mllm.text_tokenizer
+        ends = {int(text_tokenizer.eos_token_id)}
+        separator = text_tokenizer.encode(self.builder.template.assistant_end, add_special_tokens=False)
+        if len(separator) == 1:
+            ends.add(int(separator[0]))
+        return ends
+
     def evaluate(self) -> dict[str, float]:
         return evaluate_teacher_forced(
             self.mllm,
@@ -255,6 +295,7 @@ class MLLMTrainer:
             self.collator,
             batch_size=self.cfg.eval.batch_size,
             device=self.accelerator.device,
+            reply_end_ids=self.reply_end_ids(),
         )
 
     # ----- checkpoints ------------------------------------------------------------------------------
@@ -315,15 +356,19 @@ class MLLMTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
         started = time.perf_counter()
+        train_seconds = 0.0  # optimizer steps only: evaluation and checkpoints excluded
         last_eval: dict[str, float] = {}
         with make_progress(disable=not acc.is_main_process) as progress:
             task = progress.add_task("stage 2: MLLM", total=cfg.train.steps, completed=self.step, stats="")
             while self.step < cfg.train.steps:
+                step_started = time.perf_counter()
                 logs = self.train_step()
+                train_seconds += time.perf_counter() - step_started
                 if not math.isfinite(logs["loss"]):
                     raise UserError(f"loss became {logs['loss']} at step {self.step}; lower optim.lr or check data")
                 step = self.step
                 logs["seconds"] = round(time.perf_counter() - started, 2)
+                logs["train_seconds"] = round(train_seconds, 2)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     self._log(logs)
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -347,7 +392,12 @@ class MLLMTrainer:
                     break
         self.save_checkpoint()
         final_dir = self.save_final()
-        metrics = {"step": self.step, "seconds": round(time.perf_counter() - started, 1), **last_eval}
+        metrics = {
+            "step": self.step,
+            "seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": round(train_seconds, 2),
+            **last_eval,
+        }
         metrics["data"] = self.skips.summary()
         if acc.is_main_process:
             atomic_write_text(self.out_dir / "final_metrics.json", json.dumps(metrics, indent=2) + "\n")
