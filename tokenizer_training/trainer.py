@@ -9,10 +9,8 @@ reconstruction grids) and a final `save_pretrained`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +26,18 @@ from tokenizer_training.blend_schedule import BlendSchedule
 from tokenizer_training.config import OptimConfig, TokenizerTrainConfig
 from tokenizer_training.losses import VQGANLoss
 from tokenizer_training.usage import UsageWindow
-from unicode_mllm.config import dump_config
 from unicode_mllm.data.batches import DataPosition, EpochBatches
 from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
-from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, join_tensors, split_tensors
+from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
+from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
+from unicode_mllm.runtime.run_files import RunFiles
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
-from unicode_mllm.viz import plot_curves, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +94,6 @@ def build_tokenizer(cfg: TokenizerTrainConfig, sync_codebook: bool) -> tuple[Vis
     return VisualTokenizer.from_language_codebook(language, **kwargs), language
 
 
-def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # conv/linear weights; norms and biases are not decayed
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
 def _lr_scheduler(
     optimizer: torch.optim.Optimizer, o: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -127,8 +117,8 @@ class TokenizerTrainer:
         self.language_codebook = language.embeddings.to(self.accelerator.device)
         self.loss_fn = VQGANLoss(cfg.loss).to(self.accelerator.device)
         o = cfg.optim
-        opt_g = _optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
-        opt_d = _optimizer(self.loss_fn.discriminator.parameters(), o.disc_lr, o.betas, 0.0)
+        opt_g = adamw_decaying_matrices(model.parameters(), o.lr, o.betas, o.weight_decay)
+        opt_d = adamw_decaying_matrices(self.loss_fn.discriminator.parameters(), o.disc_lr, o.betas, 0.0)
         steps = cfg.train.steps
         self.sched_g, self.sched_d = _lr_scheduler(opt_g, o, steps), _lr_scheduler(opt_d, o, steps)
         self.model, self.disc, self.opt_g, self.opt_d = self.accelerator.prepare(
@@ -140,7 +130,7 @@ class TokenizerTrainer:
         q = self.tokenizer.quantizer
         self.usage = UsageWindow(q.num_codes, self.tokenizer.code_shape[2], cfg.train.usage_window)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
-        self.log_path = self.out_dir / "metrics.jsonl"
+        self.files = RunFiles(self.out_dir, self.accelerator, cfg)
         self._batches = None
 
     # ----- pieces ---------------------------------------------------------------------------
@@ -318,9 +308,7 @@ class TokenizerTrainer:
         cfg, acc = self.cfg, self.accelerator
         if resume:
             self.load_checkpoint(None if resume is True else resume)
-        if acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+        self.files.write_config()
         started = time.perf_counter()
         last_eval: dict[str, float] = {}
         with make_progress(disable=not acc.is_main_process) as progress:
@@ -357,45 +345,28 @@ class TokenizerTrainer:
         metrics = {"step": self.step, "rel_distance": self.relative_distance(), **last_eval}
         metrics["usage"] = self.usage.unique_per_depth()
         metrics["seconds"] = round(time.perf_counter() - started, 1)
+        self.files.write_final_metrics(metrics)
         if acc.is_main_process:
-            atomic_write_text(self.out_dir / "final_metrics.json", json.dumps(metrics, indent=2) + "\n")
             self.plot()
         return TokenizerTrainResult(final_dir, self.step, metrics)
 
     def _log(self, row: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.files.log(row)
 
     def plot(self) -> Path | None:
-        if not self.log_path.is_file():
-            return None
-        return plot_curves(
-            read_jsonl(self.log_path),
+        return self.files.plot(
             {
                 "loss": ["total", "pixel", "lpips", "quant"],
                 "PSNR (dB)": ["psnr", *[f"psnr_{s}" for s in self.cfg.data.eval_splits]],
                 "unique codes per depth (window)": ["usage"],
                 "||C - C_L|| / ||C_L||": ["rel_distance"],
             },
-            self.out_dir / "curves.png",
             log_scale=("loss",),
         )
 
     def save_final(self) -> Path:
         """`save_pretrained` into out_dir/final via a temporary folder (never a half-written model)."""
-        final = self.out_dir / "final"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            tmp = self.out_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.tokenizer.save_pretrained(tmp)
-            atomic_write_text(tmp / "train_config.yaml", dump_config(self.cfg))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        return final
+        return self.files.save_final(self.tokenizer.save_pretrained)
 
 
 def train_tokenizer(

@@ -6,12 +6,13 @@ explicit grid (h, w), to the (b, n, c_out) embeddings the LLM reads, with c_out 
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
 from unicode_mllm.compression.grid_layout import check_grid_hw, check_tokens
+from unicode_mllm.compression.registry import ClassRegistry
 from unicode_mllm.errors import ConfigError
 
 
@@ -78,28 +79,17 @@ class Compressor(nn.Module):
         raise NotImplementedError
 
 
-COMPRESSORS: dict[str, type[Compressor]] = {}
+COMPRESSORS: ClassRegistry[type[Compressor]] = ClassRegistry("compressor", size_args=("llm_width",))
 
 
-def register_compressor(name: str):
+def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compressor]]:
     """Class decorator: register a `Compressor` subclass under `name` (sets `cls.name`)."""
-
-    def decorate(cls: type[Compressor]) -> type[Compressor]:
-        if name in COMPRESSORS:
-            raise ValueError(f"compressor {name!r} is already registered by {COMPRESSORS[name].__name__}")
-        cls.name = name
-        COMPRESSORS[name] = cls
-        return cls
-
-    return decorate
+    return COMPRESSORS.register(name)
 
 
 def compressor_option_names(name: str) -> tuple[str, ...]:
     """The keyword options compressor `name` accepts besides `llm_width`. Raises ConfigError for unknown names."""
-    if name not in COMPRESSORS:
-        raise ConfigError(f"compressor {name!r} is unknown; choose one of {sorted(COMPRESSORS)}")
-    params = inspect.signature(COMPRESSORS[name].__init__).parameters
-    return tuple(p for p in params if p not in ("self", "llm_width"))
+    return COMPRESSORS.option_names(name)
 
 
 def build_compressor(name: str, llm_width: int, **options: Any) -> Compressor:
@@ -107,11 +97,7 @@ def build_compressor(name: str, llm_width: int, **options: Any) -> Compressor:
 
     Raises ConfigError for an unknown name or option (listing the valid ones) and for invalid values.
     """
-    accepted = compressor_option_names(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(f"compressor {name!r} has no option(s) {unknown}; its options are {list(accepted) or 'none'}")
-    return COMPRESSORS[name](llm_width=llm_width, **options)
+    return COMPRESSORS.build(name, options, llm_width=llm_width)
 
 
 @register_compressor("identity")

@@ -13,10 +13,11 @@ passed to `build`, never stored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-from unicode_mllm.compression.base import Compressor, build_compressor, compressor_option_names
-from unicode_mllm.compression.views import ViewGenerator, build_view_generator, view_generator_option_names
+from unicode_mllm.compression.base import COMPRESSORS, Compressor, build_compressor
+from unicode_mllm.compression.registry import ClassRegistry
+from unicode_mllm.compression.views import VIEW_GENERATORS, ViewGenerator, build_view_generator
 from unicode_mllm.errors import ConfigError
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -50,8 +51,45 @@ def _check_keys(data: Any, source: str) -> None:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys are 'name' and 'options'")
 
 
+_Choice = TypeVar("_Choice", bound="_RegisteredChoice")
+
+
 @dataclass(frozen=True)
-class CompressorConfig:
+class _RegisteredChoice:
+    """A registered class's name plus its options: what `CompressorConfig` and `ViewGeneratorConfig` share."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    registry: ClassVar[ClassRegistry]  # the family the name is looked up in
+    default_source: ClassVar[str]  # how `from_dict` names the data in its errors
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", _normalise_options(self.options, f"{self.registry.kind} {self.name!r}"))
+
+    def validate(self) -> None:
+        """Raises ConfigError for an unknown name or option name (values are checked by `build`)."""
+        self.registry.check_options(self.name, self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": {k: _thaw(v) for k, v in self.options.items()}}
+
+    @classmethod
+    def from_dict(cls: type[_Choice], data: dict[str, Any], source: str | None = None) -> _Choice:
+        """The config `to_dict` wrote (a missing name is the default one). Raises ConfigError naming `source`."""
+        source = cls.default_source if source is None else source
+        _check_keys(data, source)
+        try:
+            default_name = cls.__dataclass_fields__["name"].default
+            cfg = cls(name=data.get("name", default_name), options=dict(data.get("options") or {}))
+            cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return cfg
+
+
+@dataclass(frozen=True)
+class CompressorConfig(_RegisteredChoice):
     """Which compressor sits between the code embeddings and the LLM, and its options.
 
     name: a registered compressor ('identity', 'pool2x', 'deco_avgpool', 'ldpv2', 'internvl_ps',
@@ -59,70 +97,24 @@ class CompressorConfig:
     """
 
     name: str = "identity"
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "options", _normalise_options(self.options, f"compressor {self.name!r}"))
-
-    def validate(self) -> None:
-        """Raises ConfigError for an unknown name or option name (values are checked by `build`)."""
-        accepted = compressor_option_names(self.name)
-        unknown = sorted(set(self.options) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"compressor {self.name!r} has no option(s) {unknown}; its options are {list(accepted) or 'none'}"
-            )
+    registry: ClassVar[ClassRegistry] = COMPRESSORS
+    default_source: ClassVar[str] = "compressor"
 
     def build(self, llm_width: int) -> Compressor:
         self.validate()
         return build_compressor(self.name, llm_width, **self.options)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "options": {k: _thaw(v) for k, v in self.options.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "compressor") -> CompressorConfig:
-        _check_keys(data, source)
-        try:
-            cfg = cls(name=data.get("name", "identity"), options=dict(data.get("options") or {}))
-            cfg.validate()
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        return cfg
-
 
 @dataclass(frozen=True)
-class ViewGeneratorConfig:
+class ViewGeneratorConfig(_RegisteredChoice):
     """How a high-resolution image becomes encoder views: name ('single', 's2', 'inf_llava') and its options."""
 
     name: str = "single"
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "options", _normalise_options(self.options, f"view generator {self.name!r}"))
-
-    def validate(self) -> None:
-        """Raises ConfigError for an unknown name or option name (values are checked by `build`)."""
-        accepted = view_generator_option_names(self.name)
-        unknown = sorted(set(self.options) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"view generator {self.name!r} has no option(s) {unknown}; its options are {list(accepted)}"
-            )
+    registry: ClassVar[ClassRegistry] = VIEW_GENERATORS
+    default_source: ClassVar[str] = "view_generator"
 
     def build(self, *, view_size: tuple[int, int], view_grid: tuple[int, int], width: int) -> ViewGenerator:
         self.validate()
         return build_view_generator(self.name, view_size=view_size, view_grid=view_grid, width=width, **self.options)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "options": {k: _thaw(v) for k, v in self.options.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "view_generator") -> ViewGeneratorConfig:
-        _check_keys(data, source)
-        try:
-            cfg = cls(name=data.get("name", "single"), options=dict(data.get("options") or {}))
-            cfg.validate()
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        return cfg

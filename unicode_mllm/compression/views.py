@@ -32,7 +32,6 @@ for an `encode` that treats rows independently.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from unicode_mllm.compression.base import Compressor
 from unicode_mllm.compression.dual_perspective import DualPerspectiveEnhancement, dual_perspective_crops
 from unicode_mllm.compression.grid_layout import check_grid_hw, merge_blocks, split_blocks
+from unicode_mllm.compression.registry import ClassRegistry
 from unicode_mllm.errors import ConfigError
 
 EncodeFn = Callable[[Tensor], Tensor]  # (b, 3, H, W) pixels -> (b, h*w, c) features
@@ -170,28 +170,19 @@ class ViewGenerator(nn.Module):
         raise NotImplementedError
 
 
-VIEW_GENERATORS: dict[str, type[ViewGenerator]] = {}
+VIEW_GENERATORS: ClassRegistry[type[ViewGenerator]] = ClassRegistry(
+    "view generator", size_args=("view_size", "view_grid", "width")
+)
 
 
-def register_view_generator(name: str):
+def register_view_generator(name: str) -> Callable[[type[ViewGenerator]], type[ViewGenerator]]:
     """Class decorator: register a `ViewGenerator` subclass under `name` (sets `cls.name`)."""
-
-    def decorate(cls: type[ViewGenerator]) -> type[ViewGenerator]:
-        if name in VIEW_GENERATORS:
-            raise ValueError(f"view generator {name!r} is already registered")
-        cls.name = name
-        VIEW_GENERATORS[name] = cls
-        return cls
-
-    return decorate
+    return VIEW_GENERATORS.register(name)
 
 
 def view_generator_option_names(name: str) -> tuple[str, ...]:
     """The keyword options generator `name` accepts besides view_size, view_grid and width."""
-    if name not in VIEW_GENERATORS:
-        raise ConfigError(f"view generator {name!r} is unknown; choose one of {sorted(VIEW_GENERATORS)}")
-    params = inspect.signature(VIEW_GENERATORS[name].__init__).parameters
-    return tuple(p for p in params if p not in ("self", "view_size", "view_grid", "width"))
+    return VIEW_GENERATORS.option_names(name)
 
 
 def build_view_generator(
@@ -201,11 +192,7 @@ def build_view_generator(
 
     Raises ConfigError for an unknown name or option (listing the valid ones) and for invalid values.
     """
-    accepted = view_generator_option_names(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(f"view generator {name!r} has no option(s) {unknown}; its options are {list(accepted)}")
-    return VIEW_GENERATORS[name](view_size=view_size, view_grid=view_grid, width=width, **options)
+    return VIEW_GENERATORS.build(name, options, view_size=view_size, view_grid=view_grid, width=width)
 
 
 @register_view_generator("single")

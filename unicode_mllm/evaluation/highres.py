@@ -48,7 +48,6 @@ from unicode_mllm.data.shapes.language import questions
 from unicode_mllm.data.shapes.render import render_scene
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import UniCodeMLLM
-from unicode_mllm.model.splice import splice_image_embeddings
 from unicode_mllm.runtime.seeding import seed_everything
 from unicode_mllm.training.eval_set import EvalSample, evaluate_teacher_forced, token_losses
 
@@ -213,21 +212,8 @@ class ViewReadingModel(nn.Module):
             image_embeds = self.read_views(image_token_ids.to(input_ids.device))
             if images_per_sample is not None:
                 per_sample = images_per_sample // self.num_views
-        spliced = splice_image_embeddings(
-            input_ids,
-            image_embeds,
-            self.model.lm.get_input_embeddings(),
-            attention_mask,
-            pad_token_id=self.model.token_ids.pad,
-            images_per_sample=per_sample,
-        )
-        return self.model.lm(
-            inputs_embeds=spliced.inputs_embeds,
-            attention_mask=spliced.attention_mask,
-            position_ids=spliced.position_ids,
-            labels=labels,
-            **lm_kwargs,
-        )
+        spliced = self.model.splice_image_embeds(input_ids, image_embeds, attention_mask, per_sample)
+        return self.model.forward_spliced(spliced, labels, **lm_kwargs)
 
 
 def build_view_samples(

@@ -21,10 +21,10 @@ from unicode_mllm.data.image_io import pil_to_tensor
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.code_usage import CodeUsage
 from unicode_mllm.evaluation.image_sets import ImageSet, NamedImage
+from unicode_mllm.evaluation.item_batches import run_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
 from unicode_mllm.evaluation.ssim import ssim
 from unicode_mllm.image_metrics import psnr
-from unicode_mllm.runtime.progress import track
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 from unicode_mllm.visual_tokenizer.reconstruct import load_perceptual, reconstruct_batch, side_by_side
 from unicode_mllm.viz import caption_grid
@@ -154,6 +154,8 @@ def eval_visual_tokenizer(
     num_resized = 0
 
     def run(batch: list[NamedImage]) -> None:
+        nonlocal num_resized
+        num_resized += sum(item.original_size != (size, size) for item in batch)
         x = torch.stack([pil_to_tensor(item.image) for item in batch]).to(device)  # (b, 3, H, W) in [-1, 1]
         codes, rec = reconstruct_batch(vt, x)
         usage.add(codes)
@@ -165,23 +167,8 @@ def eval_visual_tokenizer(
             if len(pairs) < grid_count:
                 pairs.append((f"{item.name} {p[i]:.1f} dB", side_by_side(item.image, rec[i])))
 
-    batch: list[NamedImage] = []
-    seen = 0
-    stream = images.iter(size, skips)
-    try:
-        for item in track(stream, f"evaluating tokenizer on {images.kind}"):
-            num_resized += item.original_size != (size, size)
-            batch.append(item)
-            seen += 1
-            if len(batch) == batch_size:
-                run(batch)
-                batch = []
-            if limit is not None and seen >= limit:
-                break
-    finally:
-        stream.close()  # a shard stream adds its skip counts when it closes, also after an early stop
-    if batch:
-        run(batch)
+    description = f"evaluating tokenizer on {images.kind}"
+    run_in_batches(images.iter(size, skips), run, batch_size=batch_size, limit=limit, description=description)
     if not scores:
         raise UserError(f"no usable images in {images.describe()}; {skips.summary()}")
 

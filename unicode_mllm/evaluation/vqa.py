@@ -34,8 +34,8 @@ from PIL import Image
 from unicode_mllm.data.image_io import ImageDecodeError, load_image
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.answers import is_correct
+from unicode_mllm.evaluation.item_batches import run_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
-from unicode_mllm.runtime.progress import track
 
 AnswerFn = Callable[[list[Image.Image], list[str]], list[str]]
 UNTYPED = "untyped"
@@ -136,24 +136,7 @@ def eval_vqa(
                     }
                 )
 
-    batch: list[VQAItem] = []
-    seen = 0
-    stream = iter(items)
-    try:
-        for item in track(stream, "answering questions"):
-            batch.append(item)
-            seen += 1
-            if len(batch) == batch_size:
-                run(batch)
-                batch = []
-            if limit is not None and seen >= limit:
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()  # a shard reader adds its skip counts when it closes
-    if batch:
-        run(batch)
+    run_in_batches(items, run, batch_size=batch_size, limit=limit, description="answering questions")
     if not result.num_questions:
         raise UserError(f"no questions to evaluate in {result.source}; {result.skips.summary()}")
     return result

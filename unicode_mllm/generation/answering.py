@@ -28,11 +28,12 @@ import torch
 from torch import Tensor
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
-from unicode_mllm.data.mllm_samples import MLLMCollator, MLLMSample
+from unicode_mllm.data.mllm_samples import MLLMSample
 from unicode_mllm.errors import UserError
+from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.generation.constrained_span import OUTSIDE, image_span_constraint
 from unicode_mllm.generation.image_inputs import ImageInput, images_to_token_ids
-from unicode_mllm.generation.incremental_decoding import IncrementalDecoder, evaluation_mode, model_device
+from unicode_mllm.generation.incremental_decoding import evaluation_mode, model_device
 from unicode_mllm.generation.prompts import (
     check_fits,
     check_prompt_text,
@@ -40,7 +41,6 @@ from unicode_mllm.generation.prompts import (
     prompt_builder,
     reply_stop_strings,
 )
-from unicode_mllm.generation.reduced_decoding import ReducedDecoder
 from unicode_mllm.generation.sampling import (
     SamplingSettings,
     choose_next_tokens,
@@ -137,29 +137,10 @@ def _decode_batch(
     """Decode one left-padded batch; yields (row, piece) while decoding, then the list of Answers last."""
     ids = model.token_ids
     device = model_device(model.lm)
-    batch = MLLMCollator(ids.pad, padding_side="left")(list(prompts))
     b, steps = len(prompts), max(budgets)
     # A reply that may write an image must read every token of its context: reduction off then.
     reduction = reduction_for_mode(model.token_reduction, "image" if allow_images else "text")
-    if reduction.enabled:
-        decoder = ReducedDecoder(model, reduction)
-        logits = decoder.prefill(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["image_token_ids"],
-            batch["images_per_sample"],
-            batch["image_is_uncompressed"],
-        )  # (b, V)
-    else:
-        spliced = model.build_inputs(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["image_token_ids"],
-            batch["images_per_sample"],
-            batch["image_is_uncompressed"],
-        )
-        decoder = IncrementalDecoder(model.lm, use_cache=use_cache)
-        logits = decoder.prefill(spliced.inputs_embeds, spliced.attention_mask)  # (b, V)
+    decoder, logits = prefill_prompts(model, prompts, use_cache=use_cache, reduction=reduction)  # logits (b, V)
     constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=allow_images)
     state = constraint.initial_state(b, inside=False, device=device)
     uniforms = None if seeds is None else uniform_draws(seeds, steps)  # (b, steps) on the CPU

@@ -22,11 +22,12 @@ from PIL import Image
 from torch import Tensor
 
 from unicode_mllm.data.image_io import tensor_to_pil
-from unicode_mllm.data.mllm_samples import MLLMCollator, MLLMSample
+from unicode_mllm.data.mllm_samples import MLLMSample
 from unicode_mllm.errors import UserError
+from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.generation.constrained_span import image_span_constraint
 from unicode_mllm.generation.guidance import check_cfg_scale, mix_guidance
-from unicode_mllm.generation.incremental_decoding import IncrementalDecoder, evaluation_mode, model_device
+from unicode_mllm.generation.incremental_decoding import evaluation_mode, model_device
 from unicode_mllm.generation.prompts import (
     check_fits,
     check_prompt_text,
@@ -139,7 +140,6 @@ def generate_image_sequences(
     uncond = unconditional_prompt(model) if use_cfg else None
     request_seed = None if sampling.is_greedy else resolve_seed(seed)
     seeds = None if request_seed is None else [row_seed(request_seed, i) for i in range(len(prompts))]
-    collate = MLLMCollator(ids.pad, padding_side="left")
     device = model_device(model.lm)
     out = []
     with evaluation_mode(model):
@@ -147,18 +147,9 @@ def generate_image_sequences(
             chunk = list(prompts[start : start + batch_size])
             b = len(chunk)
             rows = chunk + [uncond] * b if uncond is not None else chunk  # cond rows first, then theirs
-            batch = collate(rows)
             # No token reduction here, whatever model.token_reduction says: a turn that writes an image reads
             # every token of its context (token_reduction/guard.py).
-            spliced = model.build_inputs(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["image_token_ids"],
-                batch["images_per_sample"],
-                batch["image_is_uncompressed"],
-            )
-            decoder = IncrementalDecoder(model.lm, use_cache=use_cache)
-            logits = decoder.prefill(spliced.inputs_embeds, spliced.attention_mask)  # (rows, V)
+            decoder, logits = prefill_prompts(model, rows, use_cache=use_cache)  # logits (rows, V)
             constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=False)
             state = constraint.initial_state(b, inside=True, device=device)
             uniforms = None if seeds is None else uniform_draws(seeds[start : start + b], span)  # (b, n), CPU

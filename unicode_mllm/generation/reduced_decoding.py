@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from unicode_mllm.errors import UserError
-from unicode_mllm.model.splice import splice_image_embeddings
 from unicode_mllm.token_reduction.config import TokenReductionConfig
 from unicode_mllm.token_reduction.decode import decode_step
 from unicode_mllm.token_reduction.kv_cache import ReducedKVCache
@@ -53,14 +52,7 @@ class ReducedDecoder:
             image_embeds = model.read_image_embeds(image_token_ids.to(input_ids.device), image_is_uncompressed)
             if isinstance(image_embeds, list):
                 raise UserError("token reduction cannot mix compressed and uncompressed image reads in one batch")
-        spliced = splice_image_embeddings(
-            input_ids,
-            image_embeds,
-            model.lm.get_input_embeddings(),
-            attention_mask,
-            pad_token_id=model.token_ids.pad,
-            images_per_sample=images_per_sample,
-        )
+        spliced = model.splice_image_embeds(input_ids, image_embeds, attention_mask, images_per_sample)
         n = 0 if image_embeds is None else image_embeds.shape[1]
         # A compressor without an output grid (resampler) gives a (1, n) pseudo-grid: only llm-stage reductions,
         # which never look at the grid, accept it (`UniCodeMLLM.token_reduction` checks that).

@@ -362,6 +362,21 @@ class UniCodeMLLM(nn.Module):
         image_embeds = None
         if image_token_ids is not None and image_token_ids.shape[0] > 0:
             image_embeds = self.read_image_embeds(image_token_ids.to(input_ids.device), image_is_uncompressed)
+        return self.splice_image_embeds(input_ids, image_embeds, attention_mask, images_per_sample)
+
+    def splice_image_embeds(
+        self,
+        input_ids: Tensor,
+        image_embeds: Tensor | list[Tensor] | None,
+        attention_mask: Tensor | None = None,
+        images_per_sample: Tensor | None = None,
+    ) -> SplicedInputs:
+        """`splice_image_embeddings` with the LM's current input embeddings and this model's pad id.
+
+        input_ids: (b, t) with placeholder spans; image_embeds: (n, s, c) or n (s_i, c) tensors, already read
+        (`read_image_embeds`, or another reader such as the high-res views). Raises ValueError when they do not
+        fit the spans.
+        """
         return splice_image_embeddings(
             input_ids,
             image_embeds,
@@ -398,6 +413,10 @@ class UniCodeMLLM(nn.Module):
         spliced = self.build_inputs(
             input_ids, attention_mask, image_token_ids, images_per_sample, image_is_uncompressed
         )
+        return self.forward_spliced(spliced, labels, **lm_kwargs)
+
+    def forward_spliced(self, spliced: SplicedInputs, labels: Tensor | None = None, **lm_kwargs: Any) -> Any:
+        """Run the LM on already spliced inputs (embeddings, mask, positions); returns the LM's output."""
         return self.lm(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
@@ -625,63 +644,24 @@ class UniCodeMLLM(nn.Module):
         )
         return [a.text for a in answers]
 
-    def generate_image_tokens(
-        self,
-        prompts: str | list[str],
-        *,
-        num_images_per_prompt: int = 1,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 1.0,
-        seed: int | None = None,
-        batch_size: int = 8,
-        decode: bool = True,
-    ) -> Any:
+    def generate_image_tokens(self, prompts: str | list[str], **settings: Any) -> Any:
         """Text-to-image returning a `generation.ImageGeneration`: `token_ids` (n, h, w, d) LLM token ids,
         `sequences` (n, h*w*d + 1) ending with `</img>`, the seeds, and (decode=True) `pixel_values`
         (n, 3, H, W) in [-1, 1] and `.images` (PIL). n = len(prompts) * num_images_per_prompt, in
         prompt order. Raises UserError for an empty prompt, a too-long prompt or bad settings.
+
+        settings (keywords) are `generation.generate_images`'s: num_images_per_prompt (1), temperature (1.0),
+        top_k, top_p, cfg_scale (1.0), seed, batch_size (8), use_cfg, use_cache (True), decode (True).
         """
         from unicode_mllm.generation import generate_images
 
-        return generate_images(
-            self,
-            prompts,
-            num_images_per_prompt=num_images_per_prompt,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cfg_scale=cfg_scale,
-            seed=seed,
-            batch_size=batch_size,
-            decode=decode,
-        )
+        return generate_images(self, prompts, **settings)
 
-    def generate_images(
-        self,
-        prompts: str | list[str],
-        *,
-        num_images_per_prompt: int = 1,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = 1.0,
-        seed: int | None = None,
-        batch_size: int = 8,
-    ) -> list[Any]:
+    def generate_images(self, prompts: str | list[str], **settings: Any) -> list[Any]:
         """Text-to-image: RGB PIL images, `num_images_per_prompt` per prompt, in prompt order.
 
         Samples at temperature 1 by default (greedy decoding gives flat images); cfg_scale > 1 applies
-        classifier-free guidance against the empty prompt. `generate_image_tokens` also returns the ids.
+        classifier-free guidance against the empty prompt. settings: those of `generate_image_tokens`, except
+        `decode` (always on here); `generate_image_tokens` also returns the ids.
         """
-        return self.generate_image_tokens(
-            prompts,
-            num_images_per_prompt=num_images_per_prompt,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cfg_scale=cfg_scale,
-            seed=seed,
-            batch_size=batch_size,
-        ).images
+        return self.generate_image_tokens(prompts, **settings, decode=True).images

@@ -1,1 +1,2 @@
-"""Run-time plumbing shared by every stage: seeding, devices, checkpoints, progress and logging."""
+"""Run-time plumbing shared by every stage: seeding, devices, checkpoints, the run folder's files, the optimizer's
+parameter groups, lr schedules, progress and logging."""

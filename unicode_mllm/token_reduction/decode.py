@@ -17,7 +17,7 @@ from torch import Tensor
 from unicode_mllm.token_reduction.config import TokenReductionConfig
 from unicode_mllm.token_reduction.guard import GenerationMode
 from unicode_mllm.token_reduction.kv_cache import ReducedKVCache
-from unicode_mllm.token_reduction.prefill import attention_mask_for, decoder_parts, reduced_prefill
+from unicode_mllm.token_reduction.prefill import decoder_parts, reduced_prefill, run_cached_layer
 from unicode_mllm.token_reduction.sequence import ReducedSequence
 
 
@@ -36,19 +36,13 @@ def decode_step(lm: Any, cache: ReducedKVCache, inputs_embeds: Tensor) -> Tensor
     hidden = inputs_embeds
     new_valid = torch.ones(b, 1, dtype=torch.bool, device=hidden.device)
     new_source = torch.full((b, 1), cache.prompt_length + cache.num_decoded, device=hidden.device)
-    for layer_idx, layer in enumerate(parts.layers):
+    for layer_idx in range(len(parts.layers)):
         positions = cache.decode_positions(layer_idx)[:, None]  # (b, 1)
-        cos, sin = parts.rotary_emb(hidden, positions)
+        position_embeddings = parts.rotary_emb(hidden, positions)  # (cos, sin)
         allowed = torch.cat([cache.valid[layer_idx], new_valid], dim=1)[:, None, :]  # (b, 1, L_l + 1)
-        hidden = layer(
-            hidden,
-            attention_mask=attention_mask_for(allowed, parts.attn_implementation, hidden.dtype),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=(cos, sin),
+        hidden = run_cached_layer(
+            parts, layer_idx, hidden, allowed, positions, position_embeddings, cache, new_valid, new_source
         )
-        cache.add_rows(layer_idx, new_valid, new_source)
     cache.num_decoded += 1
     return parts.lm_head(parts.norm(hidden))[:, -1]
 

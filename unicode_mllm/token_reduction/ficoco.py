@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from unicode_mllm.token_reduction.config import FiCoCoLLMConfig, FiCoCoVisionConfig
-from unicode_mllm.token_reduction.image_tokens import ReducedImageTokens, check_grid, gather_rows, pack_by_mask
+from unicode_mllm.token_reduction.image_tokens import ReducedImageTokens, check_grid, pack_merged
 from unicode_mllm.token_reduction.pruner import PruneDecision, PruneInputs
 
 
@@ -130,21 +130,9 @@ def ficoco_vision_reduce(
     size = torch.ones(n, s, device=device) if sizes is None else sizes.float()
     merged, new_sizes = ficoco_compress(image_embeds, size, discard, targets, weights)
 
-    tokens, src_index = pack_by_mask(merged, keep)
-    slot_mask = src_index >= 0
-    slot_of_cell = torch.full((n, s), -1, dtype=torch.long, device=device)
-    rows, slots = slot_mask.nonzero(as_tuple=True)
-    slot_of_cell[rows, src_index[rows, slots]] = slots
     main_target = targets.gather(2, weights.argmax(dim=-1, keepdim=True))[..., 0]  # (n, s)
     home = torch.where(discard, main_target, torch.arange(s, device=device).expand(n, s))
-    return ReducedImageTokens(
-        tokens=tokens,
-        mask=slot_mask,
-        src_index=src_index,
-        sizes=gather_rows(new_sizes[..., None], src_index)[..., 0],
-        assignment=slot_of_cell.gather(1, home),
-        grid_hw=(h, w),
-    )
+    return pack_merged(merged, keep, new_sizes, home, (h, w))
 
 
 def ficoco_llm_scores(attn: Tensor, is_image: Tensor, is_text_query: Tensor, filter_weight: float) -> Tensor:

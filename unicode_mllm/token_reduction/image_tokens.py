@@ -126,3 +126,32 @@ def pack_by_mask(values: Tensor, keep: Tensor, order: Tensor | None = None) -> t
     valid = keep.gather(1, perm)
     index = torch.where(valid, perm, torch.full_like(perm, -1))
     return gather_rows(values, index), index
+
+
+def slots_of_cells(src_index: Tensor, num_cells: int) -> Tensor:
+    """Inverse of a (n, m) `src_index` (-1 on padding): (n, num_cells) long, the slot holding each grid cell's
+    token, -1 for a cell that holds no slot."""
+    out = torch.full((src_index.shape[0], num_cells), -1, dtype=torch.long, device=src_index.device)
+    rows, slots = (src_index >= 0).nonzero(as_tuple=True)
+    out[rows, src_index[rows, slots]] = slots
+    return out
+
+
+def pack_merged(
+    merged: Tensor, keep: Tensor, sizes: Tensor, destination: Tensor, grid_hw: tuple[int, int]
+) -> ReducedImageTokens:
+    """The result of a merge on the grid: each kept cell becomes a slot, every cell is assigned to its destination's.
+
+    merged: (n, h*w, c) cell values after merging; keep: (n, h*w) bool, the cells that stay (in raster order);
+    sizes: (n, h*w) float, original tokens each cell's value stands for; destination: (n, h*w) long, the kept
+    cell each cell was merged into (itself when kept).
+    """
+    tokens, src_index = pack_by_mask(merged, keep)  # (n, m, c), (n, m) in raster order of the slots
+    return ReducedImageTokens(
+        tokens=tokens,
+        mask=src_index >= 0,
+        src_index=src_index,
+        sizes=gather_rows(sizes[..., None], src_index)[..., 0],
+        assignment=slots_of_cells(src_index, keep.shape[1]).gather(1, destination),
+        grid_hw=grid_hw,
+    )

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from unicode_mllm.token_reduction.config import MustDropMergeConfig
-from unicode_mllm.token_reduction.image_tokens import ReducedImageTokens, check_grid, gather_rows, pack_by_mask
+from unicode_mllm.token_reduction.image_tokens import ReducedImageTokens, check_grid, pack_merged
 
 
 def window_members(grid_hw: tuple[int, int], window: tuple[int, int], device: torch.device | None = None) -> Tensor:
@@ -94,16 +94,4 @@ def mustdrop_window_merge(
     keep = target == raster  # representatives and unmerged cells: (n, s)
     averaged = (summed / mass.clamp(min=1e-12)[..., None]).to(image_embeds.dtype)
 
-    tokens, src_index = pack_by_mask(averaged, keep)  # (n, m, c), (n, m) in raster order of the slots
-    slot_mask = src_index >= 0
-    slot_of_cell = torch.full((n, s), -1, dtype=torch.long, device=device)
-    rows, slots = slot_mask.nonzero(as_tuple=True)
-    slot_of_cell[rows, src_index[rows, slots]] = slots
-    return ReducedImageTokens(
-        tokens=tokens,
-        mask=slot_mask,
-        src_index=src_index,
-        sizes=gather_rows(mass[..., None], src_index)[..., 0],
-        assignment=slot_of_cell.gather(1, target),
-        grid_hw=(h, w),
-    )
+    return pack_merged(averaged, keep, mass, target, (h, w))

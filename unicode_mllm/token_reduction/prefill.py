@@ -102,6 +102,35 @@ def prefill_allowed(valid: Tensor) -> Tensor:
     return (causal[None] & valid[:, None, :]) | eye[None]
 
 
+def run_cached_layer(
+    parts: DecoderParts,
+    layer_idx: int,
+    hidden: Tensor,
+    allowed: Tensor,
+    positions: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    cache: ReducedKVCache,
+    valid: Tensor,
+    source: Tensor,
+) -> Tensor:
+    """Run decoder layer `layer_idx` on hidden (b, L, c) and record its new K/V rows in `cache`; -> (b, L, c).
+
+    allowed: (b, L, L_k) bool "may attend" over the cached rows plus these; positions: (b, L) RoPE positions
+    and position_embeddings their (cos, sin); valid, source: (b, L) the rows' validity and source column,
+    recorded with the K/V the layer appends (`ReducedKVCache.add_rows`).
+    """
+    hidden = parts.layers[layer_idx](
+        hidden,
+        attention_mask=attention_mask_for(allowed, parts.attn_implementation, hidden.dtype),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        position_embeddings=position_embeddings,
+    )
+    cache.add_rows(layer_idx, valid, source)
+    return hidden
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -195,15 +224,7 @@ def reduced_prefill(
         cos, sin = parts.rotary_emb(hidden, positions)
         allowed = prefill_allowed(valid)
         probs = attention_probs(layer, hidden, cos, sin, allowed) if layer_idx in pruning_layers else None
-        hidden = layer(
-            hidden,
-            attention_mask=attention_mask_for(allowed, parts.attn_implementation, hidden.dtype),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=(cos, sin),
-        )
-        cache.add_rows(layer_idx, valid, source)
+        hidden = run_cached_layer(parts, layer_idx, hidden, allowed, positions, (cos, sin), cache, valid, source)
         if probs is None:
             continue
         decision = pruner.select(PruneInputs(probs, hidden, is_image, is_text_query, valid, sizes, layer_idx))

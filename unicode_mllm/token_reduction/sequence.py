@@ -22,7 +22,7 @@ from torch import Tensor
 from unicode_mllm.constants import IMAGE_PLACEHOLDER_ID
 from unicode_mllm.model.splice import SplicedInputs, position_ids_from_attention_mask
 from unicode_mllm.token_reduction.config import PositionPolicy
-from unicode_mllm.token_reduction.image_tokens import ReducedImageTokens, compact_rows, gather_rows
+from unicode_mllm.token_reduction.image_tokens import ReducedImageTokens, compact_rows, gather_rows, slots_of_cells
 
 POSITION_POLICIES: tuple[str, ...] = ("keep_original", "renumber")
 
@@ -112,9 +112,7 @@ def apply_image_reduction(
         return sequence_from_embeds(spliced.inputs_embeds, spliced.attention_mask, is_image, spliced.position_ids)
     slot_id = (is_image.flatten().long().cumsum(0) - 1).view_as(input_ids).clamp(min=0)  # (b, t), splice order
     image_of, cell_of = slot_id // cells, slot_id % cells  # (b, t) each; only read on image slots
-    slot_of_cell = torch.full((n, cells), -1, dtype=torch.long, device=input_ids.device)
-    rows, slots = reduced.mask.nonzero(as_tuple=True)
-    slot_of_cell[rows, reduced.src_index[rows, slots]] = slots
+    slot_of_cell = slots_of_cells(reduced.src_index, cells)  # (n, h*w); src_index >= 0 exactly on mask (checked)
     image_of = image_of.clamp(max=n - 1)
     slot = torch.where(is_image, slot_of_cell[image_of, cell_of], -1)  # (b, t): reduced slot, -1 = removed
 

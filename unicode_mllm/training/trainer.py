@@ -16,7 +16,6 @@ and every RNG: resuming gives the same next-step loss (tested).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -30,23 +29,23 @@ import torch
 from accelerate import Accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from unicode_mllm.config import dump_config
 from unicode_mllm.constants import IGNORE_INDEX
 from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder, SkipCounter
 from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
-from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, join_tensors, split_tensors
+from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
 from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
+from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
+from unicode_mllm.runtime.run_files import RunFiles
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
 from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, length_chunks
 from unicode_mllm.training.task_mixture import TaskMixture
-from unicode_mllm.viz import plot_curves, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +113,7 @@ class MLLMTrainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg)
         o = cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+        optimizer = adamw_decaying_matrices(model.parameters(), o.lr, o.betas, o.weight_decay)
         warmup = round(o.warmup_ratio * cfg.train.steps)
         self.scheduler = LambdaLR(optimizer, WarmupCosine(warmup, cfg.train.steps, o.min_lr_ratio))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -143,7 +138,7 @@ class MLLMTrainer:
         self.step = 0
         self.position = DataPosition()
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
-        self.log_path = self.out_dir / "metrics.jsonl"
+        self.files = RunFiles(self.out_dir, self.accelerator, cfg)
         self._batches: MLLMBatches | None = None
         self._eval_samples: list[EvalSample] | None = None
 
@@ -352,9 +347,7 @@ class MLLMTrainer:
         cfg, acc = self.cfg, self.accelerator
         if resume:
             self.load_checkpoint(None if resume is True else resume)
-        if acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+        self.files.write_config()
         started = time.perf_counter()
         train_seconds = 0.0  # optimizer steps only: evaluation and checkpoints excluded
         last_eval: dict[str, float] = {}
@@ -399,25 +392,18 @@ class MLLMTrainer:
             **last_eval,
         }
         metrics["data"] = self.skips.summary()
+        self.files.write_final_metrics(metrics)
         if acc.is_main_process:
-            atomic_write_text(self.out_dir / "final_metrics.json", json.dumps(metrics, indent=2) + "\n")
             self.plot()
         log.info("stage 2 data: %s", self.skips.summary())
         return MLLMTrainResult(final_dir, self.step, metrics)
 
     def _log(self, row: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.files.log(row)
 
     def plot(self) -> Path | None:
-        if not self.log_path.is_file():
-            return None
         splits = self.cfg.eval.splits
-        return plot_curves(
-            read_jsonl(self.log_path),
+        return self.files.plot(
             {
                 "train loss per task": ["loss", *[f"loss_{t}" for t in TRAIN_TASKS]],
                 "eval loss per task": [
@@ -426,30 +412,23 @@ class MLLMTrainer:
                 "VQA exact match (greedy)": [f"{s}/vqa_exact" for s in splits],
                 "next-code accuracy": [f"{s}/code_acc_{t}" for s in splits for t in ("text_to_image", "decompression")],
             },
-            self.out_dir / "curves.png",
             log_scale=("train loss per task", "eval loss per task"),
         )
 
     def save_final(self) -> Path:
         """`save_pretrained` into out_dir/final via a temporary folder; LoRA adapters are also kept apart
         (out_dir/final_lora) and merged into the saved LM."""
-        final = self.out_dir / "final"
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+
+        def save(tmp: Path) -> None:
             model = self.mllm
-            tmp = self.out_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             if model.has_lora:
                 adapter = self.out_dir / "final_lora"
                 shutil.rmtree(adapter, ignore_errors=True)
                 model.save_lora_adapter(adapter)
                 model.merge_lora()
             model.save_pretrained(tmp)
-            atomic_write_text(tmp / "train_config.yaml", dump_config(self.cfg))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        return final
+
+        return self.files.save_final(save)
 
 
 def train_mllm(cfg: MLLMTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> MLLMTrainResult:

@@ -1,0 +1,51 @@
+"""The start of batched decoding: built prompts -> one left-padded batch, images read and spliced, LM prefilled.
+
+Answers and text-to-image both begin here; what they do with the returned decoder afterwards (stop strings
+and streaming, or the constrained image span with guidance) is theirs. With token reduction enabled the
+prompt's image spans are reduced and decoding continues on the reduced KV cache (`ReducedDecoder`);
+otherwise `IncrementalDecoder` keeps Hugging Face's cache (or none, `use_cache=False`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from unicode_mllm.data.mllm_samples import MLLMCollator, MLLMSample
+from unicode_mllm.generation.incremental_decoding import IncrementalDecoder, model_device
+from unicode_mllm.generation.reduced_decoding import ReducedDecoder
+from unicode_mllm.token_reduction.config import TokenReductionConfig
+
+if TYPE_CHECKING:
+    from unicode_mllm.model.mllm import UniCodeMLLM
+
+
+def prefill_prompts(
+    model: UniCodeMLLM,
+    prompts: Sequence[MLLMSample],
+    *,
+    use_cache: bool = True,
+    reduction: TokenReductionConfig | None = None,
+) -> tuple[IncrementalDecoder | ReducedDecoder, Tensor]:
+    """Left-pad `prompts` (b of them) into one batch and run the LM over it, images spliced in.
+
+    Returns the decoder holding the batch's context (`step((b,) ids)` continues every row) and the (b, V)
+    fp32 logits of each row's next token. `reduction` (when enabled) reduces the images' tokens.
+    """
+    device = model_device(model.lm)
+    batch = MLLMCollator(model.token_ids.pad, padding_side="left")(list(prompts))
+    inputs = (
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        batch["image_token_ids"],
+        batch["images_per_sample"],
+        batch["image_is_uncompressed"],
+    )
+    if reduction is not None and reduction.enabled:
+        reduced = ReducedDecoder(model, reduction)
+        return reduced, reduced.prefill(*inputs)  # (b, V)
+    spliced = model.build_inputs(*inputs)
+    decoder = IncrementalDecoder(model.lm, use_cache=use_cache)
+    return decoder, decoder.prefill(spliced.inputs_embeds, spliced.attention_mask)  # (b, V)
