@@ -1,0 +1,50 @@
+"""Every YAML preset in configs/ loads and validates against its config class (the GPU ones included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unicode_mllm.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _classes():
+    from tokenizer_training.config import TokenizerTrainConfig
+    from unicode_mllm.lm import LMTrainConfig
+    from unicode_mllm.training import MLLMTrainConfig
+
+    return {"lm": LMTrainConfig, "tokenizer": TokenizerTrainConfig, "mllm": MLLMTrainConfig}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for d in ("lm", "tokenizer", "mllm") for p in (CONFIGS / d).glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_preset_loads_and_validates(path):
+    cfg = load_config(_classes()[path.parent.name], path)
+    assert cfg is not None
+
+
+def test_gpu_stage2_preset_mirrors_the_reference_recipe():
+    from unicode_mllm.training import MLLMTrainConfig
+
+    cfg = load_config(MLLMTrainConfig, CONFIGS / "mllm" / "vicuna7b_lora.yaml")
+    lora = cfg.model.lora
+    assert (lora.enabled, lora.r, lora.alpha) == (True, 128, 256)
+    assert cfg.optim.lr == 2e-4 and cfg.optim.warmup_ratio == 0.03 and cfg.train.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "accelerate").glob("*.yaml")))
+def test_accelerate_configs_parse_with_accelerate(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(CONFIGS / "accelerate" / name))
+    assert config.num_processes >= 1 and config.mixed_precision == "bf16"
+    if name.startswith("zero3"):
+        assert config.deepspeed_config["zero_stage"] == 3
+    if name.startswith("fsdp"):
+        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
