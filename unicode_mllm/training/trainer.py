@@ -262,7 +262,7 @@ class MLLMTrainer:
         logs: dict[str, Any] = {
             "step": self.step,
             "loss": float(acc.reduce(loss_sum, "mean")),
-            "grad_norm": float(grad_norm),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,  # DeepSpeed clips itself: None
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": sum(len(s) for g in groups for s in g),
             "padded_tokens": sum(len(c) * len(c[0]) for c in chunks),
