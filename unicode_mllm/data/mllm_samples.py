@@ -111,6 +111,14 @@ class SkipCounter:
                 "template, or raise max_length"
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON (saved in checkpoints so a resumed run keeps counting)."""
+        return {"built": self.built, "truncated": self.truncated, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.built, self.truncated = int(state.get("built", 0)), int(state.get("truncated", 0))
+        self.skipped = Counter(state.get("skipped", {}))
+
     def to_delta(self) -> SkipDelta:
         """The skips as a `SkipDelta`, to travel with batches from data-loader workers (see data/stream.py)."""
         return SkipDelta(samples=dict(self.skipped))

@@ -308,11 +308,7 @@ class MLLMTrainer:
             "optimizer": opt_tree,
             "scheduler": self.scheduler.state_dict(),
             "data": self.position.to_dict(),
-            "skips": {
-                "built": self.skips.built,
-                "truncated": self.skips.truncated,
-                "skipped": dict(self.skips.skipped),
-            },
+            "skips": self.skips.state_dict(),
             "rng": capture_rng_state(),
         }
         return self.ckpt.save(self.step, {"trainable": self._trainable_state(), "optimizer": opt_tensors}, state)
@@ -333,10 +329,7 @@ class MLLMTrainer:
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         self.step = ckpt.step
         self.position = DataPosition(**ckpt.state["data"])
-        skips = ckpt.state.get("skips", {})
-        self.skips.built, self.skips.truncated = skips.get("built", 0), skips.get("truncated", 0)
-        self.skips.skipped.clear()
-        self.skips.skipped.update(skips.get("skipped", {}))
+        self.skips.load_state_dict(ckpt.state.get("skips", {}))
         self._batches = None
         restore_rng_state(ckpt.state["rng"])
         log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
