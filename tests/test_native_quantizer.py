@@ -21,6 +21,7 @@ from unicode_mllm.visual_tokenizer import QuantizerSettings, StackedQuantizer, b
 from unicode_mllm.visual_tokenizer.native_quantizer import (
     NativeResidualQuantizer,
     nearest_codes,
+    principal_basis,
     smoothed_cluster_size,
 )
 
@@ -438,3 +439,95 @@ def test_two_gloo_ranks_sync_like_the_library(tmp_path):
     for step in range(3):
         alone(features(seed=step))
     assert float((alone.codebook_buffers()["cluster_size"] - ranks[0]["cluster_size"][1]).abs().max()) > 0.1
+
+
+# ----- low-dimensional search (search_dim) --------------------------------------------------------
+
+
+def _reference_subspace_codes(x_llm: torch.Tensor, codebook: torch.Tensor, basis: torch.Tensor, depth: int):
+    """Brute force: residuals in full width, nearest row by cdist after projecting both onto `basis`."""
+    residual, codes = x_llm.reshape(-1, x_llm.shape[-1]), []
+    projected_rows = codebook @ basis
+    for _ in range(depth):
+        idx = torch.cdist(residual @ basis, projected_rows).argmin(dim=-1)
+        codes.append(idx)
+        residual = residual - codebook[idx]
+    return torch.stack(codes, dim=-1)
+
+
+def test_principal_basis_is_orthonormal_and_spans_the_leading_directions():
+    scales = torch.tensor([5.0, 4.0, 0.5, 0.1, 0.1, 0.1])
+    rows = torch.randn(2000, 6, generator=torch.Generator().manual_seed(0)) * scales
+    basis = principal_basis(rows, 2)
+    assert basis.shape == (6, 2)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2), atol=1e-5, rtol=0)
+    # The two large-variance axes are the span: projecting e_0 and e_1 onto it keeps them.
+    for axis in (0, 1):
+        e = torch.zeros(6)
+        e[axis] = 1.0
+        torch.testing.assert_close(basis @ (basis.T @ e), e, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="search_dim must lie in"):
+        principal_basis(rows, 7)
+
+
+def test_subspace_search_picks_the_nearest_code_in_the_projected_space():
+    q = make_quantizer("native", depth=3, search_dim=4).eval()
+    c_l = language_codebook()
+    q.install(c_l)
+    basis = q.rvq.search_basis
+    torch.testing.assert_close(basis, principal_basis(c_l, 4))  # install set it from C_L
+    x_llm = torch.randn(2, 16, LLM_WIDTH, generator=torch.Generator().manual_seed(3)) * 0.5
+    _, codes, _ = q.quantize_llm(x_llm)
+    expected = _reference_subspace_codes(x_llm, c_l, basis, depth=3).reshape(codes.shape)
+    assert torch.equal(codes, expected)
+    # And it is a different search from the full-width one (the option does something).
+    full = make_quantizer("native", depth=3).eval()
+    full.install(c_l)
+    assert not torch.equal(full.quantize_llm(x_llm)[1], codes)
+
+
+def test_full_width_search_dim_equals_the_plain_search():
+    # An orthonormal basis of the whole space preserves distances, so the codes cannot change.
+    plain, projected = make_quantizer("native", depth=3).eval(), make_quantizer("native", depth=3, search_dim=LLM_WIDTH)
+    projected.eval()
+    c_l = language_codebook()
+    plain.install(c_l)
+    projected.install(c_l)
+    x_llm = torch.randn(4, 16, LLM_WIDTH, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(plain.quantize_llm(x_llm)[1], projected.quantize_llm(x_llm)[1])
+
+
+def test_subspace_search_trains_round_trips_and_keeps_the_basis_in_the_state_dict():
+    q = make_quantizer("native", depth=2, search_dim=3)
+    q.install(language_codebook())
+    basis = q.rvq.search_basis.clone()
+    opt = torch.optim.SGD(q.parameters(), lr=0.05)
+    for step in range(2):
+        train_step(q, opt, step)
+    assert torch.equal(q.rvq.search_basis, basis)  # EMA steps move rows, not the search subspace
+    assert "rvq.search_basis" in q.state_dict()
+    clone = make_quantizer("native", depth=2, search_dim=3, seed=5)
+    clone.load_state_dict(q.state_dict())
+    q.eval()
+    clone.eval()
+    x = features(seed=9)
+    out, again = q(x), clone(x)
+    assert torch.equal(out.codes, again.codes)
+    assert torch.equal(q.decode_codes(out.codes), out.z_q)  # decode equals the eval forward
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"backend": "library", "search_dim": 4}, "needs backend 'native'"),
+        ({"backend": "native", "search_dim": 0}, "search_dim must be >= 1"),
+    ],
+)
+def test_search_dim_settings_are_validated(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantizerSettings(**settings).validate()
+
+
+def test_search_dim_larger_than_the_codebook_width_is_refused():
+    with pytest.raises(ConfigError, match="search_dim must lie in"):
+        make_quantizer("native", search_dim=LLM_WIDTH + 1)

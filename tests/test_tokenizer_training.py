@@ -108,6 +108,23 @@ def test_native_backend_trains_and_round_trips(tiny_lm_dir, tiny_shapes_dir, tmp
     assert torch.equal(VisualTokenizer.from_pretrained(path).encode(x), trainer.tokenizer.encode(x))
 
 
+def test_subspace_search_trains_saves_and_reloads(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+    overrides = {"codebook.backend": "native", "codebook.search_dim": 4}
+    trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **overrides))
+    [trainer.train_step(trainer.next_batch()) for _ in range(2)]
+    path = trainer.save_final()
+    loaded = VisualTokenizer.from_pretrained(path)
+    assert loaded.config.search_dim == 4 and loaded.quantizer.rvq.search_dim == 4
+    assert torch.equal(loaded.quantizer.rvq.search_basis, trainer.tokenizer.quantizer.rvq.search_basis)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x), trainer.tokenizer.encode(x))
+
+
+def test_search_dim_needs_the_native_backend(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs codebook.backend='native'"):
+        tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"codebook.search_dim": 4})
+
+
 @pytest.mark.parametrize("mode", ["frozen", "separate", "dual"])
 def test_other_codebook_modes_run(tiny_lm_dir, tiny_shapes_dir, tmp_path, mode):
     cfg = tiny_cfg(

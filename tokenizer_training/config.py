@@ -37,6 +37,9 @@ class CodebookConfig:
     norm_matching: Literal["running_ratio", "moments", "none"] = "running_ratio"
     freeze_stats_when_fixed: bool = False  # ramp tail: also stop updating the norm-matching statistics
     backend: Literal["library", "native"] = "library"  # native: chunked argmin + index_add_ EMA (BENCHMARKS.md)
+    # native only: choose codes in the span of C_L's `search_dim` leading principal directions (the full
+    # rows are still what is summed and decoded); None searches the full LLM width. See native_quantizer.py.
+    search_dim: int | None = bounded(None, min=1)
     blend: BlendConfig = field(default_factory=BlendConfig)
 
 
@@ -95,6 +98,11 @@ class TokenizerTrainConfig:
             raise ConfigError(
                 f"codebook.blend.ramp_steps ({self.codebook.blend.ramp_steps}) must be <= train.steps "
                 f"({self.train.steps}) so the codebook reaches C_L"
+            )
+        if self.codebook.search_dim is not None and self.codebook.backend != "native":
+            raise ConfigError(
+                f"codebook.search_dim={self.codebook.search_dim} needs codebook.backend='native'; "
+                "set --set codebook.backend=native or unset search_dim"
             )
         if self.model.stacking == "vq" and self.model.depth != 1:
             raise ConfigError(f"model.stacking='vq' needs model.depth=1 (got {self.model.depth})")

@@ -87,6 +87,7 @@ def build_tokenizer(cfg: TokenizerTrainConfig, sync_codebook: bool) -> tuple[Vis
         commitment_weight=cfg.codebook.commitment_weight,
         norm_matching=cfg.codebook.norm_matching,
         backend=cfg.codebook.backend,
+        search_dim=cfg.codebook.search_dim,
         sync_codebook=sync_codebook,
     )
     if cfg.codebook.mode == "separate":

@@ -51,6 +51,7 @@ class VisualTokenizerConfig(PretrainedConfig):
         norm_matching: str = "running_ratio",
         feature_norm_decay: float = 0.99,
         backend: str = "library",
+        search_dim: int | None = None,
         **kwargs,
     ):
         self.image_size = image_size
@@ -74,6 +75,7 @@ class VisualTokenizerConfig(PretrainedConfig):
         self.norm_matching = norm_matching
         self.feature_norm_decay = feature_norm_decay
         self.backend = backend  # 'library' (vector-quantize-pytorch) or 'native'; buffers differ in keys
+        self.search_dim = search_dim  # native only: code search in C_L's leading principal directions
         super().__init__(**kwargs)
 
     @property
@@ -105,6 +107,7 @@ class VisualTokenizerConfig(PretrainedConfig):
             norm_matching=self.norm_matching,
             feature_norm_decay=self.feature_norm_decay,
             backend=self.backend,
+            search_dim=self.search_dim,
         )
 
 

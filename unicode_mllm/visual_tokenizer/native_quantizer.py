@@ -40,6 +40,16 @@ What is different, on purpose:
   differ from the library's on exact float ties only;
 - no dead-code expiry, k-means init, masks, cosine distance, beam search or quantize dropout: the
   project keeps all of them off (QUANTIZER.md);
+- optional low-dimensional search (`search_dim=k`, the library has no equivalent): the nearest code
+  is chosen in the span of the k principal directions of the installed codebook (`search_basis`,
+  (c, k), set by `set_search_basis`), while the codes' full rows are what is summed, subtracted,
+  returned and averaged by the EMA. Why: a fixed language codebook of a few hundred rows cannot
+  cover a 128-d (let alone 4096-d) feature space, so full-width residual search barely shrinks the
+  residual (the best of v random directions has cosine ~sqrt(2 ln v / c) ~ 0.3) and the encoder
+  collapses onto a handful of codes (measured: 5 of 435 per depth on the tiny preset). In k = 8
+  dimensions the same rows tile the space and every depth refines (RESULTS.md, stage 1). This is the
+  low-dimensional lookup of ViT-VQGAN / LlamaGen, with the projection fixed by C_L instead of learned,
+  so a code is still exactly one LLM embedding row;
 - freezing (`freeze_codebook=True` or eval mode) leaves every buffer untouched; the library's
   training-mode forward recomputes `embed` even when frozen;
 - on CUDA, `index_add_` accumulates with atomics, so `embed_avg` is not bit-reproducible run to run
@@ -91,6 +101,20 @@ def squared_norms(rows: Tensor) -> Tensor:
     return torch.linalg.vector_norm(rows, dim=-1).square()
 
 
+def principal_basis(codebook: Tensor, k: int) -> Tensor:
+    """(v, c) rows -> (c, k) fp32 orthonormal basis of their k leading principal directions (rows centred).
+
+    Distances inside the span do not depend on the basis chosen for it (signs, rotations), so
+    neither do the codes. Raises ValueError unless 1 <= k <= min(v, c).
+    """
+    v, c = codebook.shape
+    if not 1 <= k <= min(v, c):
+        raise ValueError(f"search_dim must lie in [1, {min(v, c)}] for a ({v}, {c}) codebook; got {k}")
+    rows = codebook.detach().float()
+    _, _, vh = torch.linalg.svd(rows - rows.mean(dim=0, keepdim=True), full_matrices=False)
+    return vh[:k].T.contiguous()
+
+
 def nearest_codes(
     x: Tensor, codebook: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE, codebook_sq_norm: Tensor | None = None
 ) -> Tensor:
@@ -138,6 +162,8 @@ class NativeResidualQuantizer(nn.Module):
         commitment_weight: weight of each layer's commitment loss.
         sync_codebook: all-reduce the step's counts and sums (DDP); an explicit bool.
         chunk_size: rows per distance chunk.
+        search_dim: search in the span of the codebook's `search_dim` principal directions (buffer
+            `search_basis`, refreshed by `set_search_basis`); None searches the full width.
     """
 
     def __init__(
@@ -151,6 +177,7 @@ class NativeResidualQuantizer(nn.Module):
         commitment_weight: float = 0.25,
         sync_codebook: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        search_dim: int | None = None,
     ) -> None:
         super().__init__()
         if dim < 1 or depth < 1 or codebook_size < 2:
@@ -166,6 +193,11 @@ class NativeResidualQuantizer(nn.Module):
             raise ConfigError(f"native quantizer chunk_size must be >= 1; got {chunk_size}")
         if not isinstance(sync_codebook, bool):
             raise ConfigError(f"sync_codebook must be an explicit bool; got {sync_codebook!r}")
+        if search_dim is not None and not 1 <= search_dim <= min(dim, codebook_size):
+            raise ConfigError(
+                f"search_dim must lie in [1, {min(dim, codebook_size)}] (codebook width {dim}, "
+                f"{codebook_size} codes) or be unset; got {search_dim}"
+            )
         self.dim = dim
         self.codebook_size = codebook_size
         self.depth = depth
@@ -174,6 +206,7 @@ class NativeResidualQuantizer(nn.Module):
         self.commitment_weight = commitment_weight
         self.sync_codebook = sync_codebook
         self.chunk_size = chunk_size
+        self.search_dim = search_dim
 
         # The library's initial codebook: Kaiming-uniform over the (1, v, c) tensor (fan_in = v * c).
         embed = torch.empty(1, codebook_size, dim)
@@ -182,11 +215,24 @@ class NativeResidualQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(1, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("embed", embed)
+        if search_dim is not None:
+            self.register_buffer("search_basis", principal_basis(embed[0], search_dim))
+
+    @torch.no_grad()
+    def set_search_basis(self, codebook: Tensor) -> None:
+        """Make the search subspace the leading principal directions of `codebook` (v, c).
+
+        No-op without `search_dim`. The owner calls it when it installs a codebook (C_L), so the
+        basis is a function of the language codebook and is saved with the model.
+        """
+        if self.search_dim is not None:
+            self.search_basis.copy_(principal_basis(codebook, self.search_dim))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, depth={self.depth}, decay={self.decay}, "
-            f"eps={self.eps}, sync_codebook={self.sync_codebook}, chunk_size={self.chunk_size}"
+            f"eps={self.eps}, sync_codebook={self.sync_codebook}, chunk_size={self.chunk_size}, "
+            f"search_dim={self.search_dim}"
         )
 
     def forward(self, x: Tensor, freeze_codebook: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,7 +257,13 @@ class NativeResidualQuantizer(nn.Module):
     def _search(self, flat: Tensor, *, update: bool) -> tuple[Tensor, list[Tensor]]:
         """(m, c) -> codes (d, m) and the running sums sum_{j<=k} q_j, (m, c) each; maybe one EMA step."""
         embed = self.embed[0]  # (v, c), unchanged until every layer has chosen its codes
-        sq_norm = squared_norms(embed)  # (v,)
+        if self.search_dim is None:
+            search_rows = embed
+            project = None
+        else:
+            project = self.search_basis  # (c, k)
+            search_rows = embed @ project  # (v, k): the codebook as the search sees it
+        sq_norm = squared_norms(search_rows)  # (v,)
         num_codes, depth, decay = self.codebook_size, self.depth, self.decay
         if update:
             total_decay = decay**depth
@@ -228,7 +280,8 @@ class NativeResidualQuantizer(nn.Module):
         partial = torch.zeros_like(flat)
         all_codes, partial_sums = [], []
         for k in range(depth):
-            codes = nearest_codes(residual, embed, chunk_size=self.chunk_size, codebook_sq_norm=sq_norm)  # (m,)
+            query = residual if project is None else residual @ project  # (m, c) or (m, k)
+            codes = nearest_codes(query, search_rows, chunk_size=self.chunk_size, codebook_sq_norm=sq_norm)  # (m,)
             quantized = F.embedding(codes, embed)  # (m, c), a gather
             if update:
                 # Layer k's statistics are decayed by the d - 1 - k layers after it (library: lerp per layer).
@@ -260,6 +313,7 @@ __all__ = [
     "NativeResidualQuantizer",
     "SharedCodebookState",
     "nearest_codes",
+    "principal_basis",
     "smoothed_cluster_size",
     "squared_norms",
 ]

@@ -141,6 +141,9 @@ class QuantizerSettings:
     native_chunk_size: int = bounded(
         DEFAULT_CHUNK_SIZE, min=1, help="rows per distance chunk of the native backend (memory: rows x v fp32)"
     )
+    search_dim: int | None = bounded(
+        None, min=1, help="native backend: nearest-code search in C_L's leading principal directions (None: full width)"
+    )
 
     def validate(self) -> None:
         """Raises ConfigError naming the bad key and its value."""
@@ -170,6 +173,14 @@ class QuantizerSettings:
             )
         if self.native_chunk_size < 1:
             raise ConfigError(f"quantizer.native_chunk_size must be >= 1 (e.g. 2048); got {self.native_chunk_size}")
+        if self.search_dim is not None:
+            if self.search_dim < 1:
+                raise ConfigError(f"quantizer.search_dim must be >= 1 (e.g. 8) or unset; got {self.search_dim}")
+            if self.backend != "native":
+                raise ConfigError(
+                    f"quantizer.search_dim={self.search_dim} needs backend 'native' (vector-quantize-pytorch "
+                    "searches the full width); set the backend to 'native' or unset search_dim"
+                )
 
 
 @dataclass
@@ -418,6 +429,7 @@ class StackedQuantizer(nn.Module):
             commitment_weight=settings.commitment_weight,
             sync_codebook=sync_codebook,
             chunk_size=settings.native_chunk_size,
+            search_dim=settings.search_dim,
         )
 
     # ----- codebook state ---------------------------------------------------------------------
@@ -474,12 +486,15 @@ class StackedQuantizer(nn.Module):
     def install(self, codebook: Tensor, *, set_target_norm: bool = True) -> None:
         """Write `codebook` (v, llm_width) as the visual codebook (lam = 0), EMA state included.
 
-        With `set_target_norm` (default) the norm-matching reference becomes its mean row norm.
+        With `set_target_norm` (default) the norm-matching reference becomes its mean row norm. With
+        `search_dim` the search subspace becomes its leading principal directions.
         Call on every rank. Raises ConfigError on a shape mismatch.
         """
         self._check_codebook_shape(codebook, "the codebook to install")
         codebook = codebook.detach().float()
         self._write_codebook(codebook)
+        if self.backend == "native":
+            self.rvq.set_search_basis(codebook)  # no-op without search_dim
         if set_target_norm:
             self.target_norm.fill_(float(codebook.norm(dim=-1).mean()))
             for projection in (self.projection, *self.extra_projections):
