@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 
@@ -165,6 +166,26 @@ def test_precomputed_ids_from_another_tokenizer_are_reported(
     trainer = MLLMTrainer(cfg)
     with pytest.raises(UserError, match="missing visual_token_ids"):
         trainer.next_samples()  # every record lacks ids: the skip fraction check refuses the epoch
+
+
+def test_ids_written_by_a_different_tokenizer_of_the_same_shape_are_skipped(
+    tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path
+):
+    codes_dir = tmp_path / "codes"
+    extract_codes(tiny_visual_tokenizer_dir, tiny_shapes_dir, codes_dir, splits=["train"])
+    cfg = make_config(tiny_lm_dir, tiny_visual_tokenizer_dir, codes_dir, tmp_path / "run", data={"token_ids": "auto"})
+    trainer = MLLMTrainer(cfg)
+    records = collate([r for r in StreamingDataset(codes_dir, "train", shuffle=False, image_format="tensor")][:4])
+    same = RecordTokenIds(trainer.mllm.visual_tokenizer, "auto")(records, trainer.builder)
+    assert all(ids is not None for ids in same) and trainer.builder.skips.num_skipped == 0
+    # Another tokenizer with the same code shape: one encoder weight moved, so its ids mean other pixels.
+    other = copy.deepcopy(trainer.mllm.visual_tokenizer)
+    with torch.no_grad():
+        next(other.encoder.parameters()).add_(1e-3)
+    assert other.encoding_fingerprint() != trainer.mllm.visual_tokenizer.encoding_fingerprint()
+    foreign = RecordTokenIds(other, "auto")(records, trainer.builder)
+    assert foreign == [None] * 4
+    assert trainer.builder.skips.skipped["visual_token_ids of another tokenizer"] == 4
 
 
 def test_too_long_samples_are_counted_and_reported(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path):

@@ -15,6 +15,7 @@ codes, too long) is a counted skip with its reason; `SkipCounter.check()` runs a
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -31,8 +32,10 @@ from unicode_mllm.data.mllm_samples import (
 from unicode_mllm.data.stream import StreamingDataset
 from unicode_mllm.errors import UserError
 from unicode_mllm.training.task_mixture import TaskMixture
-from unicode_mllm.visual_tokenizer.extract import CODE_SHAPE_KEY, TOKEN_IDS_KEY
+from unicode_mllm.visual_tokenizer.extract import CODE_SHAPE_KEY, FINGERPRINT_KEY, TOKEN_IDS_KEY
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+logger = logging.getLogger(__name__)
 
 TokenIdSource = Literal["auto", "precomputed", "encode"]
 
@@ -51,6 +54,8 @@ class RecordTokenIds:
         self.source = source
         self.device = torch.device(device)
         self.code_shape = tuple(visual_tokenizer.code_shape)
+        self._fingerprint: str | None = None  # computed on the first pre-extracted record (the tokenizer is frozen)
+        self._warned_unfingerprinted = False
 
     def __call__(self, records: dict[str, Any], builder: MLLMSampleBuilder) -> list[Tensor | None]:
         """The collated records of `collate` -> one (h, w, d) int64 tensor per record, None when unusable.
@@ -99,6 +104,8 @@ class RecordTokenIds:
                 "re-run 'unicode-mllm tokenize' with this tokenizer",
             )
             return None
+        if not self._same_tokenizer(meta, builder, sample_id):
+            return None
         ids = torch.tensor(meta[TOKEN_IDS_KEY], dtype=torch.long)
         if ids.numel() != self.code_shape[0] * self.code_shape[1] * self.code_shape[2] or not bool(
             self.visual_tokenizer.is_code_token_id(ids).all()
@@ -110,6 +117,30 @@ class RecordTokenIds:
             )
             return None
         return ids.reshape(self.code_shape)
+
+    def _same_tokenizer(self, meta: dict[str, Any], builder: MLLMSampleBuilder, sample_id: str) -> bool:
+        # Ids of another tokenizer with the same code shape are valid code ids but mean other images.
+        if self._fingerprint is None:
+            self._fingerprint = self.visual_tokenizer.encoding_fingerprint()
+        written_by = meta.get(FINGERPRINT_KEY)
+        if written_by is None:
+            if not self._warned_unfingerprinted:
+                logger.warning(
+                    "sample %s: pre-extracted ids carry no %s, so they cannot be checked against this visual "
+                    "tokenizer; re-run 'unicode-mllm tokenize' with it (or set data.token_ids=encode)",
+                    sample_id,
+                    FINGERPRINT_KEY,
+                )
+                self._warned_unfingerprinted = True
+            return True
+        if written_by != self._fingerprint:
+            builder.skips.skip(
+                FOREIGN_TOKEN_IDS,
+                f"sample {sample_id}: pre-extracted ids were written by visual tokenizer {written_by}, not by this "
+                f"one ({self._fingerprint}); re-run 'unicode-mllm tokenize' with it or set data.token_ids=encode",
+            )
+            return False
+        return True
 
 
 class MLLMBatches:

@@ -22,11 +22,13 @@ from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 TOKEN_IDS_KEY = "visual_token_ids"
 CODE_SHAPE_KEY = "code_shape"
+FINGERPRINT_KEY = "visual_tokenizer_fingerprint"  # VisualTokenizer.encoding_fingerprint() of the writer
 
 
 def _records(
     tokenizer: VisualTokenizer, loader: DataLoader, report: SkipReport, device: torch.device
 ) -> Iterator[dict[str, Any]]:
+    fingerprint = tokenizer.encoding_fingerprint()
     for batch in report.track(loader):
         if not batch["key"]:
             continue
@@ -36,7 +38,12 @@ def _records(
             yield {
                 "key": key,
                 "image": tensor_to_pil(image),
-                "meta": {**meta, TOKEN_IDS_KEY: ids.flatten().tolist(), CODE_SHAPE_KEY: list(ids.shape)},
+                "meta": {
+                    **meta,
+                    TOKEN_IDS_KEY: ids.flatten().tolist(),
+                    CODE_SHAPE_KEY: list(ids.shape),
+                    FINGERPRINT_KEY: fingerprint,
+                },
             }
 
 
@@ -76,6 +83,7 @@ def extract_codes(
             "generator": "tokenize",
             "tokenizer": str(tokenizer_dir),
             "code_shape": list(tokenizer.code_shape),
+            FINGERPRINT_KEY: tokenizer.encoding_fingerprint(),
             "source": str(shards),
             "source_generator": manifest.generator_config,
         },

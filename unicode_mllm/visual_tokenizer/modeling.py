@@ -7,6 +7,7 @@ id map) and `model.safetensors`; `from_pretrained` rebuilds the same model.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -274,6 +275,21 @@ class VisualTokenizer(PreTrainedModel):
         weight = embedding_table.weight if isinstance(embedding_table, nn.Embedding) else embedding_table
         embeds = nn.functional.embedding(token_ids, weight)  # (b, h, w, d, c)
         return rearrange(embeds.sum(dim=3), "b h w c -> b (h w) c")
+
+    @torch.no_grad()
+    def encoding_fingerprint(self) -> str:
+        """16 hex digits of a SHA-256 over everything that decides the codes of an image: the encoder's and
+        the quantizer stack's tensors (weights, codebook, norm statistics, search basis) and the code ->
+        token id map. `unicode-mllm tokenize` stores it with pre-extracted ids so that stage 2 can refuse
+        ids written by another tokenizer of the same code shape. The decoder does not enter it.
+        """
+        digest = hashlib.sha256()
+        digest.update(repr(list(self.config.code_to_token_id)).encode())
+        for prefix, module in (("encoder", self.encoder), ("stack", self.stack)):
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                digest.update(tensor.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """HF save, minus the duplicate keys of the shared codebook (safetensors refuses shared tensors)."""
