@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ from unicode_mllm.data.mllm_samples import (
     SampleError,
     SkipCounter,
     build_shapes_samples,
+    draw_vqa_turns,
 )
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.errors import UserError
@@ -251,3 +255,22 @@ def test_builder_refuses_a_text_tokenizer_without_the_sentinels(world_samples):
     bare = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="<unk>")
     with pytest.raises(UserError, match="run add_multimodal_tokens first"):
         MLLMSampleBuilder(bare, CODE_SHAPE)
+
+
+def test_vqa_turn_draw_never_keeps_an_answer_named_by_an_earlier_question():
+    leaky = [("What colour is the square?", "purple"), ("What shape is the purple object?", "square")]
+    for seed in range(20):
+        kept = draw_vqa_turns(leaky, 2, random.Random(seed))
+        assert len(kept) == 1  # whichever comes first, the other is answerable from it
+    world = ShapesWorld(ShapesConfig(image_size=32))
+    lengths = []
+    for index in range(50):
+        qa = [(q.question, q.answer) for q in world.sample("train", index).qa]
+        kept = draw_vqa_turns(qa, 4, random.Random(index))
+        lengths.append(len(kept))
+        assert kept == draw_vqa_turns(qa, 4, random.Random(index))  # seeded
+        assert len(set(kept)) == len(kept) and set(kept) <= set(qa)
+        for t, (_, answer) in enumerate(kept):
+            for question, _ in kept[:t]:
+                assert re.search(rf"\b{re.escape(answer)}\b", question) is None, (question, answer)
+    assert min(lengths) >= 2 and sum(lengths) / len(lengths) > 3.5  # the filter rarely starves a conversation

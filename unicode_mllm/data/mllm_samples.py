@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -469,6 +470,26 @@ class MLLMSampleBuilder:
         return MLLMSample(input_ids, labels, image_token_ids, task, sample_id, is_uncompressed)
 
 
+def _mentions(text: str, phrase: str) -> bool:
+    return re.search(rf"\b{re.escape(phrase.lower())}\b", text.lower()) is not None
+
+
+def draw_vqa_turns(qa: Sequence[tuple[str, str]], turns: int, rng: random.Random) -> list[tuple[str, str]]:
+    """Up to `turns` (question, answer) pairs in random order, none answerable from the turns before it.
+
+    A pair is kept only if its answer is not named by an earlier kept question: after "What colour is
+    the square? purple", "What shape is the purple object? square" would be answered by copying a word
+    of the conversation, not by reading the image, and teacher forcing would reward that shortcut.
+    """
+    kept: list[tuple[str, str]] = []
+    for question, answer in rng.sample(list(qa), len(qa)):
+        if len(kept) == turns:
+            break
+        if not any(_mentions(earlier, answer) for earlier, _ in kept):
+            kept.append((question, answer))
+    return kept
+
+
 def build_shapes_samples(
     builder: MLLMSampleBuilder,
     meta: Mapping[str, Any],
@@ -483,8 +504,9 @@ def build_shapes_samples(
 
     A task may repeat (the stage-2 mixture draws several). drop_prompt: the CFG drop of each
     `text_to_image` entry in order (missing entries: the builder's own `cfg_drop_rate` draw).
-    vqa_turns: question/answer pairs per VQA conversation (0: all of the record's, in order; else a
-    draw without replacement from `rng`, by default one seeded by the record id).
+    vqa_turns: question/answer pairs per VQA conversation (0: all of the record's, in order; else
+    `draw_vqa_turns` with `rng`, by default one seeded by the record id: a random order without
+    replacement that leaves out pairs answerable from an earlier question).
     Skipped samples are counted in `builder.skips` (or raise in strict mode) and left out of the list.
     """
     unknown = sorted(set(tasks) - set(TASKS))
@@ -496,8 +518,8 @@ def build_shapes_samples(
     for task in tasks:
         if task == "vqa":
             qa = [(q["question"], q["answer"]) for q in meta.get("qa", [])]
-            if vqa_turns and len(qa) > vqa_turns:
-                qa = (rng or random.Random(sample_id)).sample(qa, vqa_turns)
+            if vqa_turns:
+                qa = draw_vqa_turns(qa, vqa_turns, rng or random.Random(sample_id))
             out.append(builder.vqa(image_token_ids, qa, sample_id))
         elif task == "caption":
             out.append(builder.caption(image_token_ids, meta.get("caption", ""), sample_id))
