@@ -34,6 +34,7 @@ class NamedImage:
     name: str  # "shard.tar:key", the path relative to the folder, or the photo name
     image: Image.Image  # RGB, size x size
     original_size: tuple[int, int]  # (w, h) before fitting
+    scene: dict[str, Any] | None = None  # the shapes world's scene of the image (shards of `data shapes`), if any
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ class ImageSet:
     def iter(self, size: int, skips: SkipCounts) -> Iterator[NamedImage]:
         """Yield the set's usable images fitted to size x size, counting the rest in `skips`."""
         sources = {"shards": self._iter_shards, "folder": self._iter_folder, "photos": self._iter_photos}
-        for name, image in sources[self.kind](skips):
-            yield NamedImage(name, fit_square(image, size), image.size)
+        for name, image, scene in sources[self.kind](skips):
+            yield NamedImage(name, fit_square(image, size), image.size, scene)
 
-    def _iter_shards(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image]]:
+    def _iter_shards(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image, dict[str, Any] | None]]:
         from unicode_mllm.data.stream import SkipReport, StreamingDataset
 
         assert self.path is not None and self.split is not None, "ImageSet.shards sets path and split"
@@ -89,12 +90,13 @@ class ImageSet:
                 if sample["image"] is None:
                     skips.skip(TEXT_ONLY, name)
                     continue
-                yield name, sample["image"]
+                scene = sample["meta"].get("scene")
+                yield name, sample["image"], scene if isinstance(scene, dict) else None
         finally:
             # Counted even when the consumer stops early (limit): what was read so far is reported.
             skips.add_counts(dict(report.skipped), report.broken_shards)
 
-    def _iter_folder(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image]]:
+    def _iter_folder(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image, None]]:
         assert self.path is not None, "ImageSet.folder sets path"
         files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES)
         if not files:
@@ -106,11 +108,11 @@ class ImageSet:
             except ImageDecodeError as exn:
                 skips.skip(exn.reason, name, str(exn))
                 continue
-            yield name, image
+            yield name, image, None
 
-    def _iter_photos(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image]]:
+    def _iter_photos(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image, None]]:
         photos, unavailable = load_photos(self.photo_names)
         for name, why in unavailable.items():
             skips.skip(PHOTO_UNAVAILABLE, name, f"photo {name}: {why}")
         for photo in photos:
-            yield photo.name, photo.image
+            yield photo.name, photo.image, None

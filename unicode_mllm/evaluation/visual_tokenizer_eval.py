@@ -1,4 +1,6 @@
-"""Evaluate a visual tokenizer on an image set: PSNR, SSIM, LPIPS and per-depth code usage.
+"""Evaluate a visual tokenizer on an image set: PSNR, SSIM, LPIPS, per-depth code usage and, on shapes
+shards, scene fidelity (the shapes analyser reads each reconstruction back and scores it against the
+image's scene: whether shapes, colours and positions survive tokenization; the ceiling of text-to-image).
 
 The per-image work is `unicode-mllm reconstruct`'s (`visual_tokenizer.reconstruct`: `fit_square`,
 `reconstruct_batch`, `load_perceptual`, `side_by_side`), batched. LPIPS is measured only with a real
@@ -9,6 +11,7 @@ reported as not measured with the reason. A random trunk is used only when asked
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unicode_mllm.data.image_io import pil_to_tensor
+from unicode_mllm.data.image_io import pil_to_tensor, tensor_to_pil
+from unicode_mllm.data.shapes import Scene, ShapesConfig, ShapesScore, score
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.code_usage import CodeUsage
 from unicode_mllm.evaluation.image_sets import ImageSet, NamedImage
@@ -43,6 +47,41 @@ class ImageScores:
         return {"name": self.name, "psnr": self.psnr, "ssim": self.ssim, "lpips": self.lpips}
 
 
+@dataclass(frozen=True)
+class SceneFidelity:
+    """Shapes-analyser scores of reconstructions (and of the originals, the analyser's own ceiling).
+
+    Fractions as `shapes.score`: per image over its objects, then the mean over images; `overall` is the
+    share of images whose every object keeps shape, colour and position, with the right object count.
+    """
+
+    num_images: int
+    shape: float
+    colour: float
+    position: float
+    size: float
+    overall: float
+    originals_overall: float
+
+    @classmethod
+    def from_scores(cls, reconstructed: list[ShapesScore], originals: list[ShapesScore]) -> SceneFidelity:
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values)
+
+        return cls(
+            num_images=len(reconstructed),
+            shape=mean([r.shape for r in reconstructed]),
+            colour=mean([r.colour for r in reconstructed]),
+            position=mean([r.position for r in reconstructed]),
+            size=mean([r.size for r in reconstructed]),
+            overall=mean([float(r.overall) for r in reconstructed]),
+            originals_overall=mean([float(r.overall) for r in originals]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class TokenizerEvalResult:
     """Scores of one visual tokenizer on one image set; `to_dict()` is the JSON report."""
@@ -58,6 +97,7 @@ class TokenizerEvalResult:
     skips: SkipCounts
     num_resized: int  # images that were centre-cropped and/or resized to image_size
     grid_path: Path | None = None
+    scene_fidelity: SceneFidelity | None = None  # shapes shards only (every image carries its scene)
 
     @property
     def num_images(self) -> int:
@@ -94,6 +134,7 @@ class TokenizerEvalResult:
                 "note": self.lpips_note,
             },
             "usage": self.usage.to_dict(),
+            "scene_fidelity": self.scene_fidelity.to_dict() if self.scene_fidelity else None,
             "grid": str(self.grid_path) if self.grid_path else None,
             "per_image": [s.to_dict() for s in self.per_image],
         }
@@ -108,11 +149,19 @@ class TokenizerEvalResult:
         per_depth = ", ".join(
             f"d{u['depth']} {u['distinct']}/{v} (ppl {u['perplexity']:.1f})" for u in usage["per_depth"]
         )
-        return [
+        lines = [
             f"{self.num_images} images ({self.num_resized} resized to {self.image_size}px); {self.skips.summary()}",
             f"PSNR {self.psnr:.2f} dB, SSIM {self.ssim:.4f}, {lp}",
             f"code usage per depth: {per_depth}",
         ]
+        if self.scene_fidelity is not None:
+            f = self.scene_fidelity
+            lines.append(
+                f"scene fidelity (analyser on reconstructions): shape {f.shape:.3f}, colour {f.colour:.3f}, "
+                f"position {f.position:.3f}, size {f.size:.3f}, whole scene {f.overall:.3f} "
+                f"(originals {f.originals_overall:.3f})"
+            )
+        return lines
 
 
 def eval_visual_tokenizer(
@@ -152,9 +201,12 @@ def eval_visual_tokenizer(
     scores: list[ImageScores] = []
     pairs: list[tuple[str, Image.Image]] = []
     num_resized = 0
+    shapes_cfg = _shapes_config(images, size)
+    scene_scores: tuple[list[ShapesScore], list[ShapesScore]] = ([], [])
+    scenes_complete = shapes_cfg is not None
 
     def run(batch: list[NamedImage]) -> None:
-        nonlocal num_resized
+        nonlocal num_resized, scenes_complete
         num_resized += sum(item.original_size != (size, size) for item in batch)
         x = torch.stack([pil_to_tensor(item.image) for item in batch]).to(device)  # (b, 3, H, W) in [-1, 1]
         codes, rec = reconstruct_batch(vt, x)
@@ -164,6 +216,12 @@ def eval_visual_tokenizer(
             lp = perceptual(x, rec).tolist() if perceptual is not None else [None] * len(batch)
         for i, item in enumerate(batch):
             scores.append(ImageScores(item.name, p[i], s[i], lp[i]))
+            if scenes_complete and item.scene is None:
+                scenes_complete = False  # fidelity is reported for whole sets only
+            if scenes_complete:
+                scene = Scene.from_dict(item.scene)
+                scene_scores[0].append(score(tensor_to_pil(rec[i].cpu()), scene, shapes_cfg))
+                scene_scores[1].append(score(item.image, scene, shapes_cfg))
             if len(pairs) < grid_count:
                 pairs.append((f"{item.name} {p[i]:.1f} dB", side_by_side(item.image, rec[i])))
 
@@ -192,4 +250,18 @@ def eval_visual_tokenizer(
         skips=skips,
         num_resized=num_resized,
         grid_path=written,
+        scene_fidelity=SceneFidelity.from_scores(*scene_scores) if scenes_complete and scene_scores[0] else None,
     )
+
+
+def _shapes_config(images: ImageSet, size: int) -> ShapesConfig | None:
+    """The shapes world of a `data shapes` shard folder (None for anything else: no scenes to score)."""
+    if images.kind != "shards" or images.path is None:
+        return None
+    from unicode_mllm.evaluation.t2i import shapes_config_from_manifest
+
+    try:
+        cfg = shapes_config_from_manifest(images.path)
+    except UserError:
+        return None  # shards of another generator: PSNR/SSIM/usage only
+    return dataclasses.replace(cfg, image_size=size)
