@@ -7,9 +7,11 @@ tests check the same behaviour on small sets.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from unicode_mllm.data.shapes import (
     UNKNOWN_SHAPE,
@@ -169,3 +171,14 @@ def test_matching_many_blobs_falls_back_to_greedy():
     wanted = SceneObject("circle", "red", "large", "center")
     matched = _match((wanted,), (*noise, wanted))
     assert matched == [wanted]
+
+
+def test_a_generated_blob_that_no_palette_colour_covers_is_still_read():
+    # A 32 px image drawn by the tiny MLLM (demo, session 3): one blob's pixels are each nearest another
+    # colour than the blob's mean, so the mean colour's coverage was empty and the shape fit divided by 0.
+    image = Image.open(Path(__file__).parent / "fixtures" / "analyser" / "generated_blob_without_its_colour.png")
+    scene = analyse(image, ShapesConfig(image_size=32))
+    assert scene.objects and all(o.colour in ShapesConfig().colours for o in scene.objects)
+    assert score(image, "Draw a small red square at the bottom right on a gray background.").num_found == len(
+        scene.objects
+    )

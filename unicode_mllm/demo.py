@@ -406,6 +406,7 @@ def evaluate_visual_tokenizer(
             "lpips_note": result.lpips_note,
             "skipped": report["skipped"],
             "usage_per_depth": [u["distinct"] for u in report["usage"]["per_depth"]],
+            "scene_fidelity": report["scene_fidelity"],  # None for the photos
         }
         if result.grid_path is not None:
             grids[name] = result.grid_path
@@ -642,18 +643,22 @@ def run_demo(out_dir: str | Path, quick: bool = False, profile_name: str | None 
     t3 = time.perf_counter()
     tok_eval = evaluate_visual_tokenizer(tok.final_dir, data_dir, profile.evaluation, eval_dir, device)
     metrics["eval"]["tokenizer"] = tok_eval.scores
-    table: list[list[Any]] = [["image set", "images", "PSNR (dB)", "SSIM", "LPIPS"]]
+    table: list[list[Any]] = [["image set", "images", "PSNR (dB)", "SSIM", "LPIPS", "scene kept (analyser)"]]
     for set_name, s in tok_eval.scores.items():
         if s["available"]:
             lp = f"{s['lpips']:.4f}" if s["lpips"] is not None else "not measured (no VGG16 trunk cached)"
-            table.append([set_name, s["num_images"], f"{s['psnr']:.2f}", f"{s['ssim']:.4f}", lp])
+            kept = s.get("scene_fidelity")
+            scene = f"{kept['overall']:.1%} (shape {kept['shape']:.1%})" if kept else "n/a"
+            table.append([set_name, s["num_images"], f"{s['psnr']:.2f}", f"{s['ssim']:.4f}", lp, scene])
         else:
-            table.append([set_name, 0, "n/a", "n/a", s["reason"]])
+            table.append([set_name, 0, "n/a", "n/a", s["reason"], "n/a"])
     sections.append(
         Section(
             "Evaluation: reconstruction",
             "The stage-1 tokenizer on validation images (seen colour+shape pairs), held-out pairs and real "
-            "photos resized to its input size (out of domain). Each pair: original | reconstruction.",
+            "photos resized to its input size (out of domain). Each pair: original | reconstruction. 'Scene "
+            "kept': the shapes analyser reads each reconstruction back; the share of images whose every object "
+            "keeps its shape, colour and position (the ceiling of the text-to-image score).",
             table=table,
             images=[(path, f"{set_name}: original | reconstruction") for set_name, path in tok_eval.grids.items()],
         )

@@ -157,16 +157,26 @@ class ShapesAnalyser:
         for blob in blobs:
             region = _dilate(blob) & ~(taken & ~blob)  # the blob and its rim, minus other objects
             k = self._colour(pixels, background_rgb, blob.astype(np.float64))
-            fit = self._fit(np.where(region & (alpha[..., k] >= MIN_ALPHA), alpha[..., k], 0.0))
+            fit = self._fit(self._coverage(alpha[..., k], region, blob))
             # Second look at the colour: the fitted template says which pixels the shape covers fully,
             # and those show the object's colour undimmed by anti-aliasing.
             k_fitted = self._colour(pixels, background_rgb, fit.template)
             if k_fitted != k:
                 k = k_fitted
-                fit = self._fit(np.where(region & (alpha[..., k] >= MIN_ALPHA), alpha[..., k], 0.0))
+                fit = self._fit(self._coverage(alpha[..., k], region, blob))
             detections.append(self._detection(fit, self.colour_names[k], cell))
         detections.sort(key=lambda d: (POSITIONS.index(d.obj.position), d.cx))
         return detections, background
+
+    @staticmethod
+    def _coverage(alpha: np.ndarray, region: np.ndarray, blob: np.ndarray) -> np.ndarray:
+        """A blob's soft coverage (h, w) by one palette colour's alpha, within its region.
+
+        Falls back to the blob's own mask when that colour covers none of it (a generated blob whose
+        pixels are each nearest another colour than their mean is): a shape fit needs a positive area.
+        """
+        coverage = np.where(region & (alpha >= MIN_ALPHA), alpha, 0.0)
+        return coverage if coverage.sum() > 0 else blob.astype(np.float64)
 
     def _colour(self, pixels: np.ndarray, background_rgb: np.ndarray, coverage: np.ndarray) -> int:
         """Index of the palette colour of an object; pixels (h, w, 3) RGB, coverage (h, w) in [0, 1].
@@ -183,7 +193,12 @@ class ShapesAnalyser:
             mean = pixels[full].mean(axis=0)  # (3,)
         else:
             weights = coverage[..., None]
-            mean = background_rgb + (weights * (pixels - background_rgb)).sum(axis=(0, 1)) / (weights**2).sum()
+            norm = float((weights**2).sum())
+            if norm <= 0:  # nothing covered: the colour of the whole image's non-background pixels' mean
+                return int(
+                    np.argmin((((self.palette - pixels.reshape(-1, 3).mean(axis=0)) @ _COLOUR_SPACE.T) ** 2).sum(1))
+                )
+            mean = background_rgb + (weights * (pixels - background_rgb)).sum(axis=(0, 1)) / norm
         distance = (((self.palette - mean) @ _COLOUR_SPACE.T) ** 2).sum(axis=1)  # (k,)
         return int(distance.argmin())
 
