@@ -101,15 +101,15 @@ class DemoProfile:
 
 
 PROFILES: dict[str, DemoProfile] = {
-    # `unicode-mllm demo`: <= 30 minutes on the 2-core CPU. Measured standalone with 2 threads: data +
-    # analyser ~0.3 min, stage 0 (1,500 steps) ~3.4 min; stage 1 is the preset (5,000 steps, cosine; 0.14
-    # s/step alone, ~11.7 min). Stage 2 gets 10 minutes: 800 steps assumes ~0.7 s/step with 2 threads (1.1-1.4
-    # s/step with 1 thread beside other runs), so that its cosine schedule ends; the cap stops it earlier if slower.
-    # The evaluation takes ~1 min at these sizes (the quick profile's took 9 s).
+    # `unicode-mllm demo`: <= 30 minutes on the 2-core CPU (23 min 48 s measured alone, RESULTS.md). Measured
+    # standalone with 2 threads: data + analyser ~0.3 min, stage 0 (1,500 steps) ~3.9 min; stage 1 is the preset
+    # (hq, 4,000 steps, cosine; 0.13 s/step alone, 9.0 min). Stage 2 gets 10 minutes: 800 steps at ~0.7 s/step
+    # with 2 threads (1.1-1.4 s/step with 1 thread beside other runs), so that its cosine schedule ends; the cap
+    # stops it earlier if slower. The evaluation takes ~1 min at these sizes.
     "full": DemoProfile(
         data=DataSizes(train=5000, val=200, heldout=200, analyser_count=1000),
         lm_overrides=(),
-        tokenizer_overrides=("train.max_minutes=12.5",),  # the preset: 5,000 steps, cosine (0.14 s/step alone)
+        tokenizer_overrides=("train.max_minutes=12.5",),  # the preset: hq, 4,000 steps, cosine (0.13 s/step alone)
         mllm_overrides=("train.steps=800", "train.max_minutes=10"),
         evaluation=EvalSizes(
             tokenizer_images=200,

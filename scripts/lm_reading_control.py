@@ -1,0 +1,157 @@
+"""Control experiment: how fast does the tiny LM learn colour/shape questions from image tokens?
+
+Fine-tunes the stage-0 LM on single-turn "What colour is the <shape>?" / "What shape is the <colour>
+object?" questions about shapes images, with the 64 image tokens given either as
+
+- `codes`: the visual tokenizer's aggregated code embeddings (the LM's own embedding rows, summed per
+  top-grid position; what stage 2 reads), or
+- `pixels`: the image cut into 8x8 patches of 4x4 pixels, each mapped by a learned linear layer (no
+  tokenizer at all: an upper bound on what the codes could offer), or
+- `random_rows`: as `codes`, with the code rows re-drawn at random (tests whether the rows' word
+  meanings get in the way).
+
+Prints the validation answer accuracy (overall, colour, shape) every `--eval-every` steps. RESULTS.md,
+"Stage 2: why VQA stalls", has the command and the figures. Runs on CPU in minutes.
+
+    python scripts/lm_reading_control.py --variant pixels --steps 2000 \
+        --lm runs/lm/tiny/model --tokenizer outputs/demo_hq/tokenizer/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+KINDS = ("colour", "shape")
+PATCH = 4  # pixels per patch side: 32 px -> 8x8 patches, the same 64 tokens as the codes
+
+
+def load_split(world, tokenizer, split: str, count: int):
+    """(images (n, 3, 32, 32) in [-1, 1], token ids (n, h, w, d), per image its (question, answer, kind))."""
+    images, questions = [], []
+    for index in range(count):
+        sample = world.sample(split, index)
+        images.append(np.asarray(sample.image))
+        questions.append([(q.question, q.answer, q.kind) for q in sample.qa if q.kind in KINDS])
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        ids = torch.cat([tokenizer.codes_to_token_ids(tokenizer.encode(x[b : b + 256])) for b in range(0, count, 256)])
+    return x, ids, questions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=["codes", "pixels", "random_rows"], required=True)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lm", default="runs/lm/tiny/model")
+    parser.add_argument("--tokenizer", default="runs/tokenizer/tiny/final")
+    parser.add_argument("--train-images", type=int, default=4000)
+    parser.add_argument("--val-images", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    random.seed(0)
+    torch.set_num_threads(args.threads)
+    lm = AutoModelForCausalLM.from_pretrained(args.lm)
+    text = AutoTokenizer.from_pretrained(args.lm)
+    tokenizer = VisualTokenizer.from_pretrained(args.tokenizer).eval()
+    world = ShapesWorld(ShapesConfig(image_size=tokenizer.config.image_size))
+    x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images)
+    x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images)
+    embedding = lm.get_input_embeddings()
+    width = embedding.weight.shape[1]
+    if args.variant == "random_rows":
+        with torch.no_grad():
+            used = ids_train.unique()
+            embedding.weight[used] = torch.randn(len(used), width) * embedding.weight.std()
+    patch_proj = nn.Linear(3 * PATCH * PATCH, width)
+
+    def image_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if args.variant == "pixels":
+            patches = x.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # (b, 3, 8, 8, 4, 4)
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, 3 * PATCH * PATCH)
+            return patch_proj(patches)  # (b, 64, width)
+        return embedding(ids).sum(dim=3).flatten(1, 2)  # (b, h*w, width): the aggregated reading
+
+    def batch(x, ids, qa, indices):
+        rows, images, kinds = [], [], []
+        for i in indices:
+            if qa[i]:
+                question, answer, kind = random.choice(qa[i])
+                prefix = text("USER:", add_special_tokens=False).input_ids
+                suffix = text(f" {question} ASSISTANT:", add_special_tokens=False).input_ids
+                target = text(f" {answer}", add_special_tokens=False).input_ids[:1]
+                rows.append((prefix, suffix, target))
+                images.append(i)
+                kinds.append(kind)
+        tokens = image_tokens(x[images], ids[images])
+        length = max(1 + len(p) + tokens.shape[1] + len(s) + 1 for p, s, _ in rows)
+        embeds = torch.zeros(len(rows), length, width)
+        labels = torch.full((len(rows), length), -100)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for b, (prefix, suffix, target) in enumerate(rows):
+            parts = [
+                embedding(torch.tensor([text.bos_token_id, *prefix])),
+                tokens[b],
+                embedding(torch.tensor(suffix + target)),
+            ]
+            row = torch.cat(parts)
+            embeds[b, : len(row)] = row
+            mask[b, : len(row)] = 1
+            labels[b, len(row) - 1] = target[0]
+        return embeds, mask, labels, kinds
+
+    def evaluate(step: int) -> str:
+        lm.eval()
+        random.seed(123)  # the same validation questions at every evaluation
+        right = {k: 0 for k in KINDS}
+        total = {k: 0 for k in KINDS}
+        with torch.no_grad():
+            for start in range(0, args.val_images, 50):
+                embeds, mask, labels, kinds = batch(x_val, ids_val, qa_val, range(start, start + 50))
+                logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
+                where = labels[:, 1:] != -100
+                correct = (logits[:, :-1][where].argmax(-1) == labels[:, 1:][where]).tolist()
+                for kind, ok in zip(kinds, correct, strict=True):
+                    right[kind] += ok
+                    total[kind] += 1
+        random.seed(1000 + step)
+        lm.train()
+        overall = sum(right.values()) / sum(total.values())
+        return " ".join([f"{overall:.3f}"] + [f"{k} {right[k] / max(1, total[k]):.3f}" for k in KINDS])
+
+    params = list(lm.parameters()) + list(patch_proj.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    start_time = time.time()
+    for step in range(1, args.steps + 1):
+        embeds, mask, labels, _ = batch(
+            x_train, ids_train, qa_train, random.sample(range(args.train_images), args.batch_size)
+        )
+        loss = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % args.eval_every == 0:
+            print(
+                f"{args.variant} step {step} loss {loss.item():.3f} val accuracy {evaluate(step)} "
+                f"{time.time() - start_time:.0f}s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
