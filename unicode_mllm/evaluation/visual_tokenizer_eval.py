@@ -28,6 +28,7 @@ from unicode_mllm.evaluation.image_sets import ImageSet, NamedImage
 from unicode_mllm.evaluation.item_batches import run_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
 from unicode_mllm.evaluation.ssim import ssim
+from unicode_mllm.evaluation.t2i import shapes_config_from_manifest
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 from unicode_mllm.visual_tokenizer.reconstruct import load_perceptual, reconstruct_batch, side_by_side
@@ -258,8 +259,6 @@ def _shapes_config(images: ImageSet, size: int) -> ShapesConfig | None:
     """The shapes world of a `data shapes` shard folder (None for anything else: no scenes to score)."""
     if images.kind != "shards" or images.path is None:
         return None
-    from unicode_mllm.evaluation.t2i import shapes_config_from_manifest
-
     try:
         cfg = shapes_config_from_manifest(images.path)
     except UserError:

@@ -26,9 +26,8 @@ FINGERPRINT_KEY = "visual_tokenizer_fingerprint"  # VisualTokenizer.encoding_fin
 
 
 def _records(
-    tokenizer: VisualTokenizer, loader: DataLoader, report: SkipReport, device: torch.device
+    tokenizer: VisualTokenizer, loader: DataLoader, report: SkipReport, device: torch.device, fingerprint: str
 ) -> Iterator[dict[str, Any]]:
-    fingerprint = tokenizer.encoding_fingerprint()
     for batch in report.track(loader):
         if not batch["key"]:
             continue
@@ -65,12 +64,13 @@ def extract_codes(
         raise UserError(f"splits {unknown} are not in {shards}; available: {sorted(manifest.splits)}")
     summaries = {}
     size = tokenizer.config.image_size
+    fingerprint = tokenizer.encoding_fingerprint()  # hashes the encoder and codebook once per run
     for split in names:
         dataset = StreamingDataset(shards, split, shuffle=False, image_format="tensor", expected_size=size)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
         report = SkipReport()
         summaries[split] = write_split(
-            _records(tokenizer, loader, report, torch.device(device)),
+            _records(tokenizer, loader, report, torch.device(device), fingerprint),
             out_dir,
             split,
             overwrite=overwrite,
@@ -83,7 +83,7 @@ def extract_codes(
             "generator": "tokenize",
             "tokenizer": str(tokenizer_dir),
             "code_shape": list(tokenizer.code_shape),
-            FINGERPRINT_KEY: tokenizer.encoding_fingerprint(),
+            FINGERPRINT_KEY: fingerprint,
             "source": str(shards),
             "source_generator": manifest.generator_config,
         },

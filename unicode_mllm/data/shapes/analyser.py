@@ -194,7 +194,7 @@ class ShapesAnalyser:
         else:
             weights = coverage[..., None]
             norm = float((weights**2).sum())
-            if norm <= 0:  # nothing covered: the colour of the whole image's non-background pixels' mean
+            if norm <= 0:  # an empty coverage measures nothing: fall back to the whole image's mean colour
                 return int(
                     np.argmin((((self.palette - pixels.reshape(-1, 3).mean(axis=0)) @ _COLOUR_SPACE.T) ** 2).sum(1))
                 )
