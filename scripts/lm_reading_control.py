@@ -10,7 +10,7 @@ object?" questions about shapes images, with the 64 image tokens given either as
 - `random_rows`: as `codes`, with the code rows re-drawn at random (tests whether the rows' word
   meanings get in the way).
 
-Prints the validation answer accuracy (overall, colour, shape) every `--eval-every` steps. RESULTS.md,
+Prints the validation and training answer accuracy (overall, colour, shape) every `--eval-every` steps. RESULTS.md,
 "Stage 2: why VQA stalls", has the command and the figures. Runs on CPU in minutes.
 
     python scripts/lm_reading_control.py --variant pixels --steps 2000 \
@@ -31,18 +31,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
-KINDS = ("colour", "shape")
-PATCH = 4  # pixels per patch side: 32 px -> 8x8 patches, the same 64 tokens as the codes
+KINDS = ("colour", "shape", "position")
+GRID = 8  # pixel patches per side: the same 64 tokens as the codes (4x4-pixel patches at 32 px)
 
 
 def load_split(world, tokenizer, split: str, count: int):
-    """(images (n, 3, 32, 32) in [-1, 1], token ids (n, h, w, d), per image its (question, answer, kind))."""
+    """(images (n, 3, H, W) in [-1, 1], token ids (n, h, w, d) (None without a tokenizer), per image its
+    (question, answer, kind))."""
     images, questions = [], []
     for index in range(count):
         sample = world.sample(split, index)
         images.append(np.asarray(sample.image))
         questions.append([(q.question, q.answer, q.kind) for q in sample.qa if q.kind in KINDS])
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if tokenizer is None:
+        return x, torch.zeros(count, GRID, GRID, 1, dtype=torch.long), questions
     with torch.no_grad():
         ids = torch.cat([tokenizer.codes_to_token_ids(tokenizer.encode(x[b : b + 256])) for b in range(0, count, 256)])
     return x, ids, questions
@@ -54,12 +57,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lm", default="runs/lm/tiny/model")
     parser.add_argument("--tokenizer", default="runs/tokenizer/tiny/final")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="pixels variant only: image side (default: the tokenizer's)"
+    )
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--val-images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--image-positions", action="store_true", help="add a learned embedding of each image token's grid cell"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -67,8 +76,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = AutoModelForCausalLM.from_pretrained(args.lm)
     text = AutoTokenizer.from_pretrained(args.lm)
-    tokenizer = VisualTokenizer.from_pretrained(args.tokenizer).eval()
-    world = ShapesWorld(ShapesConfig(image_size=tokenizer.config.image_size))
+    if args.variant == "pixels" and args.image_size is not None:
+        tokenizer, image_size = None, args.image_size
+    else:
+        tokenizer = VisualTokenizer.from_pretrained(args.tokenizer).eval()
+        image_size = tokenizer.config.image_size
+    patch = image_size // GRID
+    world = ShapesWorld(ShapesConfig(image_size=image_size))
     x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images)
     x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images)
     embedding = lm.get_input_embeddings()
@@ -77,14 +91,18 @@ def main() -> None:
         with torch.no_grad():
             used = ids_train.unique()
             embedding.weight[used] = torch.randn(len(used), width) * embedding.weight.std()
-    patch_proj = nn.Linear(3 * PATCH * PATCH, width)
+    patch_proj = nn.Linear(3 * patch * patch, width)
+    grid_cells = ids_train.shape[1] * ids_train.shape[2]
+    cell_embedding = nn.Parameter(torch.zeros(grid_cells, width))
 
     def image_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if args.variant == "pixels":
-            patches = x.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # (b, 3, 8, 8, 4, 4)
-            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, 3 * PATCH * PATCH)
-            return patch_proj(patches)  # (b, 64, width)
-        return embedding(ids).sum(dim=3).flatten(1, 2)  # (b, h*w, width): the aggregated reading
+            patches = x.unfold(2, patch, patch).unfold(3, patch, patch)  # (b, 3, 8, 8, p, p)
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, 3 * patch * patch)
+            tokens = patch_proj(patches)  # (b, 64, width)
+        else:
+            tokens = embedding(ids).sum(dim=3).flatten(1, 2)  # (b, h*w, width): the aggregated reading
+        return tokens + cell_embedding if args.image_positions else tokens
 
     def batch(x, ids, qa, indices):
         rows, images, kinds = [], [], []
@@ -114,14 +132,14 @@ def main() -> None:
             labels[b, len(row) - 1] = target[0]
         return embeds, mask, labels, kinds
 
-    def evaluate(step: int) -> str:
+    def evaluate(step: int, x, ids, qa) -> str:
         lm.eval()
-        random.seed(123)  # the same validation questions at every evaluation
+        random.seed(123)  # the same questions at every evaluation
         right = {k: 0 for k in KINDS}
         total = {k: 0 for k in KINDS}
         with torch.no_grad():
             for start in range(0, args.val_images, 50):
-                embeds, mask, labels, kinds = batch(x_val, ids_val, qa_val, range(start, start + 50))
+                embeds, mask, labels, kinds = batch(x, ids, qa, range(start, start + 50))
                 logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
                 where = labels[:, 1:] != -100
                 correct = (logits[:, :-1][where].argmax(-1) == labels[:, 1:][where]).tolist()
@@ -133,7 +151,7 @@ def main() -> None:
         overall = sum(right.values()) / sum(total.values())
         return " ".join([f"{overall:.3f}"] + [f"{k} {right[k] / max(1, total[k]):.3f}" for k in KINDS])
 
-    params = list(lm.parameters()) + list(patch_proj.parameters())
+    params = list(lm.parameters()) + list(patch_proj.parameters()) + [cell_embedding]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start_time = time.time()
     for step in range(1, args.steps + 1):
@@ -146,8 +164,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % args.eval_every == 0:
+            val = evaluate(step, x_val, ids_val, qa_val)
             print(
-                f"{args.variant} step {step} loss {loss.item():.3f} val accuracy {evaluate(step)} "
+                f"{args.variant} step {step} loss {loss.item():.3f} val accuracy {val} "
+                f"train accuracy {evaluate(step, x_train, ids_train, qa_train)} "
                 f"{time.time() - start_time:.0f}s",
                 flush=True,
             )

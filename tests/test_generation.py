@@ -331,7 +331,7 @@ def test_a_stop_string_ends_the_answer_before_it(model):
     (cut,) = answer_questions(model, None, [QUESTIONS[0]], max_new_tokens=12, stop_strings=[" " + word])
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(" " + word)].strip()
-    assert reply_stop_strings("plain") == ("\nUSER:",) and reply_stop_strings("vicuna_v1") == ()
+    assert reply_stop_strings("plain") == ("\n",) and reply_stop_strings("vicuna_v1") == ()
 
 
 def test_text_answers_hold_no_image_ids_unless_allowed(model):

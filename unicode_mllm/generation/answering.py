@@ -2,7 +2,7 @@
 
 A prompt is the builder's `question_prompt` (image + question, ending with the assistant role) or a
 multi-turn `conversation_prompt`. Rows decode in left-padded batches until eos, a stop string (the
-template's next user turn, see `prompts.reply_stop_strings`) or their token budget. A text reply never
+template's end of a non-final reply, see `prompts.reply_stop_strings`) or their token budget. A text reply never
 holds pad, bos, `<image>`, `</img>` or ids past the text vocabulary, and holds `<img>` only with
 `allow_images`, in which case the span is constrained like a text-to-image span and the image's ids are
 returned apart from the text (where `<image>` marks the spot).

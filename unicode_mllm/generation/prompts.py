@@ -92,12 +92,14 @@ def conversation_prompt(builder: MLLMSampleBuilder, turns: Sequence[Turn], image
 
 
 def reply_stop_strings(template: ConversationTemplate | str) -> tuple[str, ...]:
-    """Text that ends a reply other than eos: the template's reply separator followed by the next user role.
+    """Text that ends a reply other than eos: the template's end of a non-final reply.
 
-    `plain` ends a reply that is not the last with "\\n", so "\\nUSER:" marks a model that goes on to
-    write the next turn itself; templates that close every reply with eos need nothing more.
+    `plain` ends every reply but the last with "\\n" (one exchange per line), and a single question is a
+    conversation's first turn, which training closed with "\\n" far more often than with eos: stopping only
+    at "\\nUSER:" let the model append a caption or garbage to a right answer. Templates that close every
+    reply with eos need nothing more.
     """
     template = get_template(template) if isinstance(template, str) else template
-    if EOS in template.assistant_end or not template.assistant_end:
+    if EOS in template.assistant_end or not template.assistant_end.strip(" "):
         return ()
-    return (template.assistant_end + template.user_role,)
+    return (template.assistant_end,)
