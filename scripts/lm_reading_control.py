@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
-KINDS = ("colour", "shape", "position")
+KINDS = ["colour", "shape", "position"]
 GRID = 8  # pixel patches per side: the same 64 tokens as the codes (4x4-pixel patches at 32 px)
 
 
@@ -67,14 +67,31 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--drop-background",
+        action="store_true",
+        help="codes only: read only the positions whose codes differ from the image's most common code stack",
+    )
+    parser.add_argument("--reinit", action="store_true", help="start from a random LM of the same architecture")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds, comma-separated")
+    parser.add_argument("--max-objects", type=int, default=3, help="most objects per image (1 isolates recognition)")
+    parser.add_argument(
+        "--local-mixer",
+        choices=["none", "linear", "conv2"],
+        default="none",
+        help="add to each token a learned 3x3 convolution of the token grid (linear) or two with a GELU (conv2)",
+    )
+    parser.add_argument(
         "--image-positions", action="store_true", help="add a learned embedding of each image token's grid cell"
     )
     args = parser.parse_args()
 
+    KINDS[:] = args.kinds.split(",")
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
     lm = AutoModelForCausalLM.from_pretrained(args.lm)
+    if args.reinit:
+        lm = AutoModelForCausalLM.from_config(lm.config)
     text = AutoTokenizer.from_pretrained(args.lm)
     if args.variant == "pixels" and args.image_size is not None:
         tokenizer, image_size = None, args.image_size
@@ -82,7 +99,7 @@ def main() -> None:
         tokenizer = VisualTokenizer.from_pretrained(args.tokenizer).eval()
         image_size = tokenizer.config.image_size
     patch = image_size // GRID
-    world = ShapesWorld(ShapesConfig(image_size=image_size))
+    world = ShapesWorld(ShapesConfig(image_size=image_size, max_objects=args.max_objects))
     x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images)
     x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images)
     embedding = lm.get_input_embeddings()
@@ -94,6 +111,14 @@ def main() -> None:
     patch_proj = nn.Linear(3 * patch * patch, width)
     grid_cells = ids_train.shape[1] * ids_train.shape[2]
     cell_embedding = nn.Parameter(torch.zeros(grid_cells, width))
+    if args.local_mixer == "conv2":
+        local_mixer = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1)
+        )
+    else:
+        local_mixer = nn.Sequential(nn.Conv2d(width, width, 3, padding=1))
+    nn.init.zeros_(local_mixer[-1].weight)  # starts as the plain reading
+    nn.init.zeros_(local_mixer[-1].bias)
 
     def image_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if args.variant == "pixels":
@@ -102,7 +127,20 @@ def main() -> None:
             tokens = patch_proj(patches)  # (b, 64, width)
         else:
             tokens = embedding(ids).sum(dim=3).flatten(1, 2)  # (b, h*w, width): the aggregated reading
+        if args.local_mixer != "none":
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], width, GRID, GRID)
+            tokens = tokens + local_mixer(grid).flatten(2).transpose(1, 2)
         return tokens + cell_embedding if args.image_positions else tokens
+
+    def foreground(ids: torch.Tensor) -> list[torch.Tensor]:
+        """(b, h, w, d) ids -> per image a (h*w,) bool mask of positions whose code stack is not the most common."""
+        stacks = ids.flatten(1, 2)  # (b, h*w, d)
+        masks = []
+        for image in stacks:
+            _, inverse, counts = image.unique(dim=0, return_inverse=True, return_counts=True)
+            keep = inverse != counts.argmax()
+            masks.append(keep if bool(keep.any()) else torch.ones_like(keep))
+        return masks
 
     def batch(x, ids, qa, indices):
         rows, images, kinds = [], [], []
@@ -115,8 +153,10 @@ def main() -> None:
                 rows.append((prefix, suffix, target))
                 images.append(i)
                 kinds.append(kind)
-        tokens = image_tokens(x[images], ids[images])
-        length = max(1 + len(p) + tokens.shape[1] + len(s) + 1 for p, s, _ in rows)
+        tokens = list(image_tokens(x[images], ids[images]))  # per image (64, width)
+        if args.drop_background:
+            tokens = [t[keep] for t, keep in zip(tokens, foreground(ids[images]), strict=True)]
+        length = max(1 + len(p) + len(t) + len(s) + 1 for (p, s, _), t in zip(rows, tokens, strict=True))
         embeds = torch.zeros(len(rows), length, width)
         labels = torch.full((len(rows), length), -100)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -151,7 +191,7 @@ def main() -> None:
         overall = sum(right.values()) / sum(total.values())
         return " ".join([f"{overall:.3f}"] + [f"{k} {right[k] / max(1, total[k]):.3f}" for k in KINDS])
 
-    params = list(lm.parameters()) + list(patch_proj.parameters()) + [cell_embedding]
+    params = [*lm.parameters(), *patch_proj.parameters(), *local_mixer.parameters(), cell_embedding]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start_time = time.time()
     for step in range(1, args.steps + 1):
