@@ -71,6 +71,9 @@ def main() -> None:
         action="store_true",
         help="codes only: read only the positions whose codes differ from the image's most common code stack",
     )
+    parser.add_argument(
+        "--attention-gain", type=float, default=1.0, help="multiply every layer's q_proj by this (sharper attention)"
+    )
     parser.add_argument("--reinit", action="store_true", help="start from a random LM of the same architecture")
     parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds, comma-separated")
     parser.add_argument("--max-objects", type=int, default=3, help="most objects per image (1 isolates recognition)")
@@ -92,6 +95,10 @@ def main() -> None:
     lm = AutoModelForCausalLM.from_pretrained(args.lm)
     if args.reinit:
         lm = AutoModelForCausalLM.from_config(lm.config)
+    if args.attention_gain != 1.0:
+        with torch.no_grad():
+            for layer in lm.model.layers:
+                layer.self_attn.q_proj.weight.mul_(args.attention_gain)
     text = AutoTokenizer.from_pretrained(args.lm)
     if args.variant == "pixels" and args.image_size is not None:
         tokenizer, image_size = None, args.image_size
