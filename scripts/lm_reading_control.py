@@ -1,17 +1,23 @@
-"""Control experiment: how fast does the tiny LM learn colour/shape questions from image tokens?
+"""Control experiment: how fast does the tiny LM learn colour / shape / position questions from image tokens?
 
-Fine-tunes the stage-0 LM on single-turn "What colour is the <shape>?" / "What shape is the <colour>
-object?" questions about shapes images, with the 64 image tokens given either as
+Fine-tunes the stage-0 LM on single-turn "What colour is the <shape>?", "What shape is the <colour>
+object?" and "Where is the <colour> <shape>?" questions about shapes images (scored on the answer's first
+token), with the 64 image tokens given either as
 
 - `codes`: the visual tokenizer's aggregated code embeddings (the LM's own embedding rows, summed per
   top-grid position; what stage 2 reads), or
-- `pixels`: the image cut into 8x8 patches of 4x4 pixels, each mapped by a learned linear layer (no
-  tokenizer at all: an upper bound on what the codes could offer), or
+- `pixels`: the image cut into 8x8 patches (4x4 pixels at 32 px), each mapped by a learned linear layer
+  (no tokenizer at all: an upper bound on what the codes could offer), or
 - `random_rows`: as `codes`, with the code rows re-drawn at random (tests whether the rows' word
   meanings get in the way).
 
-Prints the validation and training answer accuracy (overall, colour, shape) every `--eval-every` steps. RESULTS.md,
-"Stage 2: why VQA stalls", has the command and the figures. Runs on CPU in minutes.
+Options isolate one factor each: `--max-objects 1 --kinds shape` (recognition without binding),
+`--image-size` (pixels only), `--image-positions` (a learned embedding per grid cell), `--local-mixer`
+(a learned 3x3 convolution of the token grid), `--drop-background` (codes: read only positions whose code
+stack is not the image's most common one), `--reinit` (a random LM), `--attention-gain` (sharper
+attention at the start). Prints validation and training accuracy (overall and per kind) every
+`--eval-every` steps. RESULTS.md ("Stage 2 with the hq tokenizer, and why VQA stalls" and "Why the tiny
+LM does not learn shapes") has the commands and the figures. Runs on CPU in minutes.
 
     python scripts/lm_reading_control.py --variant pixels --steps 2000 \
         --lm runs/lm/tiny/model --tokenizer outputs/demo_hq/tokenizer/final
