@@ -42,7 +42,7 @@ def main() -> None:
     answers = model.answer(images, questions, max_new_tokens=4, batch_size=32)
     counts: Counter[str] = Counter()
     for (colour, shape), answer in zip(truths, answers, strict=True):
-        word = answer.split()[0] if answer.split() else ""
+        word = (answer.split() or [""])[0]
         if word == shape:
             counts["right (the held-out shape)"] += 1
         elif (colour, word) in train_pairs:

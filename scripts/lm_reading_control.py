@@ -37,18 +37,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
-KINDS = ["colour", "shape", "position"]
+KINDS = ("colour", "shape", "position")
 GRID = 8  # pixel patches per side: the same 64 tokens as the codes (4x4-pixel patches at 32 px)
 
 
-def load_split(world, tokenizer, split: str, count: int):
-    """(images (n, 3, H, W) in [-1, 1], token ids (n, h, w, d) (None without a tokenizer), per image its
-    (question, answer, kind))."""
+def load_split(world, tokenizer, split: str, count: int, kinds: tuple[str, ...]):
+    """(images (n, 3, H, W) in [-1, 1], token ids (n, h, w, d) (zeros (n, 8, 8, 1) without a tokenizer), per
+    image its (question, answer, kind) of the given kinds)."""
     images, questions = [], []
     for index in range(count):
         sample = world.sample(split, index)
         images.append(np.asarray(sample.image))
-        questions.append([(q.question, q.answer, q.kind) for q in sample.qa if q.kind in KINDS])
+        questions.append([(q.question, q.answer, q.kind) for q in sample.qa if q.kind in kinds])
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     if tokenizer is None:
         return x, torch.zeros(count, GRID, GRID, 1, dtype=torch.long), questions
@@ -94,7 +94,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    KINDS[:] = args.kinds.split(",")
+    kinds = tuple(args.kinds.split(","))
+    if args.drop_background and args.variant == "pixels":
+        parser.error("--drop-background needs code ids: use --variant codes or random_rows")
+    if args.image_size is not None and args.variant != "pixels":
+        parser.error("--image-size applies to --variant pixels only (codes use the tokenizer's image size)")
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
@@ -113,8 +117,8 @@ def main() -> None:
         image_size = tokenizer.config.image_size
     patch = image_size // GRID
     world = ShapesWorld(ShapesConfig(image_size=image_size, max_objects=args.max_objects))
-    x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images)
-    x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images)
+    x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images, kinds)
+    x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images, kinds)
     embedding = lm.get_input_embeddings()
     width = embedding.weight.shape[1]
     if args.variant == "random_rows":
@@ -124,14 +128,13 @@ def main() -> None:
     patch_proj = nn.Linear(3 * patch * patch, width)
     grid_cells = ids_train.shape[1] * ids_train.shape[2]
     cell_embedding = nn.Parameter(torch.zeros(grid_cells, width))
-    if args.local_mixer == "conv2":
-        local_mixer = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1)
-        )
-    else:
-        local_mixer = nn.Sequential(nn.Conv2d(width, width, 3, padding=1))
-    nn.init.zeros_(local_mixer[-1].weight)  # starts as the plain reading
-    nn.init.zeros_(local_mixer[-1].bias)
+    local_mixer = nn.Sequential()
+    if args.local_mixer != "none":
+        local_mixer.append(nn.Conv2d(width, width, 3, padding=1))
+        if args.local_mixer == "conv2":
+            local_mixer.extend([nn.GELU(), nn.Conv2d(width, width, 3, padding=1)])
+        nn.init.zeros_(local_mixer[-1].weight)  # starts as the plain reading
+        nn.init.zeros_(local_mixer[-1].bias)
 
     def image_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if args.variant == "pixels":
@@ -186,23 +189,24 @@ def main() -> None:
         return embeds, mask, labels, kinds
 
     def evaluate(step: int, x, ids, qa) -> str:
+        """Accuracy on the first `--val-images` images of a split (train is scored on as many as val)."""
         lm.eval()
         random.seed(123)  # the same questions at every evaluation
-        right = {k: 0 for k in KINDS}
-        total = {k: 0 for k in KINDS}
+        right = {k: 0 for k in kinds}
+        total = {k: 0 for k in kinds}
         with torch.no_grad():
             for start in range(0, args.val_images, 50):
-                embeds, mask, labels, kinds = batch(x, ids, qa, range(start, start + 50))
+                embeds, mask, labels, asked = batch(x, ids, qa, range(start, start + 50))
                 logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
                 where = labels[:, 1:] != -100
                 correct = (logits[:, :-1][where].argmax(-1) == labels[:, 1:][where]).tolist()
-                for kind, ok in zip(kinds, correct, strict=True):
+                for kind, ok in zip(asked, correct, strict=True):
                     right[kind] += ok
                     total[kind] += 1
         random.seed(1000 + step)
         lm.train()
         overall = sum(right.values()) / sum(total.values())
-        return " ".join([f"{overall:.3f}"] + [f"{k} {right[k] / max(1, total[k]):.3f}" for k in KINDS])
+        return " ".join([f"{overall:.3f}"] + [f"{k} {right[k] / max(1, total[k]):.3f}" for k in kinds])
 
     params = [*lm.parameters(), *patch_proj.parameters(), *local_mixer.parameters(), cell_embedding]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
