@@ -12,7 +12,9 @@ token), with the 64 image tokens given either as
   meanings get in the way).
 
 Options isolate one factor each: `--max-objects 1 --kinds shape` (recognition without binding),
-`--image-size` (pixels only), `--image-positions` (a learned embedding per grid cell), `--local-mixer`
+`--image-size` (codes of a larger image come on a larger grid: the tokenizer is convolutional), `--grid`
+(pixels: patches per side, 4 = 16 tokens of 8x8 px at 32 px), `--cell-bags` (codes: one token per 3x3 world
+cell, the mean of its aggregated embeddings), `--image-positions` (a learned embedding per grid cell), `--local-mixer`
 (a learned 3x3 convolution of the token grid), `--drop-background` (codes: read only positions whose code
 stack is not the image's most common one), `--reinit` (a random LM), `--attention-gain` (sharper
 attention at the start). Prints validation and training accuracy (overall and per kind) every
@@ -38,12 +40,12 @@ from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 KINDS = ("colour", "shape", "position")
-GRID = 8  # pixel patches per side: the same 64 tokens as the codes (4x4-pixel patches at 32 px)
+GRID = 8  # pixel patches per side by default: the same 64 tokens as the codes (4x4-pixel patches at 32 px)
 
 
-def load_split(world, tokenizer, split: str, count: int, kinds: tuple[str, ...]):
-    """(images (n, 3, H, W) in [-1, 1], token ids (n, h, w, d) (zeros (n, 8, 8, 1) without a tokenizer), per
-    image its (question, answer, kind) of the given kinds)."""
+def load_split(world, tokenizer, split: str, count: int, kinds: tuple[str, ...], grid: int = GRID):
+    """(images (n, 3, H, W) in [-1, 1], token ids (n, h, w, d) (zeros (n, grid, grid, 1) without a tokenizer),
+    per image its (question, answer, kind) of the given kinds)."""
     images, questions = [], []
     for index in range(count):
         sample = world.sample(split, index)
@@ -51,9 +53,14 @@ def load_split(world, tokenizer, split: str, count: int, kinds: tuple[str, ...])
         questions.append([(q.question, q.answer, q.kind) for q in sample.qa if q.kind in kinds])
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     if tokenizer is None:
-        return x, torch.zeros(count, GRID, GRID, 1, dtype=torch.long), questions
+        return x, torch.zeros(count, grid, grid, 1, dtype=torch.long), questions
     with torch.no_grad():
-        ids = torch.cat([tokenizer.codes_to_token_ids(tokenizer.encode(x[b : b + 256])) for b in range(0, count, 256)])
+        # encoder + stack directly, not `encode`: that checks for the training size, and the
+        # convolutional encoder also codes larger images (on a larger grid).
+        codes = [
+            tokenizer.stack(tokenizer.encoder(x[b : b + 256]), freeze_codebook=True).codes for b in range(0, count, 256)
+        ]
+        ids = tokenizer.codes_to_token_ids(torch.cat(codes))
     return x, ids, questions
 
 
@@ -65,6 +72,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="runs/tokenizer/tiny/final")
     parser.add_argument(
         "--image-size", type=int, default=None, help="pixels variant only: image side (default: the tokenizer's)"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=GRID, help="pixels variant only: patches per side (8: 64 tokens; 4: 16 tokens)"
     )
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--val-images", type=int, default=300)
@@ -90,6 +100,12 @@ def main() -> None:
         help="add to each token a learned 3x3 convolution of the token grid (linear) or two with a GELU (conv2)",
     )
     parser.add_argument(
+        "--cell-bags",
+        action="store_true",
+        help="codes only: one token per 3x3 world cell, the mean of its positions' aggregated code embeddings "
+        "(needs a code grid divisible by 3, e.g. --image-size 48)",
+    )
+    parser.add_argument(
         "--image-positions", action="store_true", help="add a learned embedding of each image token's grid cell"
     )
     args = parser.parse_args()
@@ -97,8 +113,12 @@ def main() -> None:
     kinds = tuple(args.kinds.split(","))
     if args.drop_background and args.variant == "pixels":
         parser.error("--drop-background needs code ids: use --variant codes or random_rows")
-    if args.image_size is not None and args.variant != "pixels":
-        parser.error("--image-size applies to --variant pixels only (codes use the tokenizer's image size)")
+    if args.grid != GRID and args.variant != "pixels":
+        parser.error("--grid applies to --variant pixels only (codes use the tokenizer's grid)")
+    if args.cell_bags and args.variant == "pixels":
+        parser.error("--cell-bags needs code ids: use --variant codes or random_rows")
+    if args.cell_bags and (args.local_mixer != "none" or args.drop_background):
+        parser.error("--cell-bags reads 9 cell tokens: it does not combine with --local-mixer or --drop-background")
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
@@ -113,12 +133,17 @@ def main() -> None:
     if args.variant == "pixels" and args.image_size is not None:
         tokenizer, image_size = None, args.image_size
     else:
+        # The tokenizer is convolutional: codes of a larger image come on a proportionally larger grid.
         tokenizer = VisualTokenizer.from_pretrained(args.tokenizer).eval()
-        image_size = tokenizer.config.image_size
-    patch = image_size // GRID
+        image_size = args.image_size or tokenizer.config.image_size
+    if args.grid != GRID:
+        tokenizer = None  # pixels only: the codes' grid is the tokenizer's, so no ids are needed
+    if image_size % args.grid:
+        parser.error(f"--grid {args.grid} does not divide the image side {image_size}")
+    patch = image_size // args.grid
     world = ShapesWorld(ShapesConfig(image_size=image_size, max_objects=args.max_objects))
-    x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images, kinds)
-    x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images, kinds)
+    x_train, ids_train, qa_train = load_split(world, tokenizer, "train", args.train_images, kinds, args.grid)
+    x_val, ids_val, qa_val = load_split(world, tokenizer, "val", args.val_images, kinds, args.grid)
     embedding = lm.get_input_embeddings()
     width = embedding.weight.shape[1]
     if args.variant == "random_rows":
@@ -126,7 +151,9 @@ def main() -> None:
             used = ids_train.unique()
             embedding.weight[used] = torch.randn(len(used), width) * embedding.weight.std()
     patch_proj = nn.Linear(3 * patch * patch, width)
-    grid_cells = ids_train.shape[1] * ids_train.shape[2]
+    if args.cell_bags and ids_train.shape[1] % 3:
+        parser.error(f"--cell-bags needs a code grid divisible by 3; got {ids_train.shape[1]} (try --image-size 48)")
+    grid_cells = 9 if args.cell_bags else ids_train.shape[1] * ids_train.shape[2]
     cell_embedding = nn.Parameter(torch.zeros(grid_cells, width))
     local_mixer = nn.Sequential()
     if args.local_mixer != "none":
@@ -138,13 +165,18 @@ def main() -> None:
 
     def image_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if args.variant == "pixels":
-            patches = x.unfold(2, patch, patch).unfold(3, patch, patch)  # (b, 3, 8, 8, p, p)
+            patches = x.unfold(2, patch, patch).unfold(3, patch, patch)  # (b, 3, grid, grid, p, p)
             patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, 3 * patch * patch)
-            tokens = patch_proj(patches)  # (b, 64, width)
+            tokens = patch_proj(patches)  # (b, grid*grid, width)
         else:
-            tokens = embedding(ids).sum(dim=3).flatten(1, 2)  # (b, h*w, width): the aggregated reading
+            tokens = embedding(ids).sum(dim=3)  # (b, h, w, width): the aggregated reading
+            if args.cell_bags:  # (b, 3, h/3, 3, w/3, width) -> one mean per world cell
+                b, h, w, _ = tokens.shape
+                tokens = tokens.reshape(b, 3, h // 3, 3, w // 3, width).mean(dim=(2, 4))
+            tokens = tokens.flatten(1, 2)  # (b, tokens, width)
         if args.local_mixer != "none":
-            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], width, GRID, GRID)
+            side = ids.shape[1]
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], width, side, side)
             tokens = tokens + local_mixer(grid).flatten(2).transpose(1, 2)
         return tokens + cell_embedding if args.image_positions else tokens
 

@@ -11,7 +11,11 @@ same 4,000 training images, batch 32 and AdamW 1e-3, with a plain classifier ins
 - `--tokens codes`: the patch tokens replaced by what stage 2 reads, the visual tokenizer's aggregated
   code embeddings (the LM's embedding rows, summed per position; fixed, not trained here);
 - `vit`: the same patch tokens with learned positions and a class token through a 4-layer, 128-wide,
-  4-head pre-norm transformer encoder (the tiny LM's size, bidirectional, from scratch).
+  4-head pre-norm transformer encoder (the tiny LM's size, bidirectional, from scratch);
+- `cell_bag_linear` / `cell_bag_mlp` (codes only, a code grid divisible by 3, e.g. `--image-size 48`): the
+  mean of the aggregated code embeddings over the world cell that holds the object (the cell is given, so
+  nothing has to be found), into a linear classifier or a one-hidden-layer MLP: is shape in the codes of
+  the object's cell as a bag, without their arrangement?
 
 Prints validation accuracy every 100 steps. RESULTS.md ("Why the tiny LM does not learn shapes") has the
 command and the figures. CPU, under three minutes per mode.
@@ -29,22 +33,24 @@ import torch
 from torch import Tensor, nn
 
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
+from unicode_mllm.data.shapes.config import POSITIONS
 
-MODES = ("cnn_max", "cnn_mean", "patch_conv_max", "patch_conv_mean", "vit")
+MODES = ("cnn_max", "cnn_mean", "patch_conv_max", "patch_conv_mean", "vit", "cell_bag_linear", "cell_bag_mlp")
 WIDTH = 128  # the tiny LM's hidden size
 GRID = 8  # patches per side
 
 
-def load_split(world: ShapesWorld, split: str, count: int) -> tuple[Tensor, Tensor]:
-    """(images (n, 3, H, W) in [-1, 1], shape labels (n,)) of single-object scenes."""
+def load_split(world: ShapesWorld, split: str, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(images (n, 3, H, W) in [-1, 1], shape labels (n,), the object's 3x3 cell (n,)) of single-object scenes."""
     shapes = list(world.cfg.shapes)
-    images, labels = [], []
+    images, labels, cells = [], [], []
     for index in range(count):
         sample = world.sample(split, index)
         images.append(np.asarray(sample.image))
         labels.append(shapes.index(sample.scene.objects[0].shape))
+        cells.append(POSITIONS.index(sample.scene.objects[0].position))
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, torch.tensor(labels)
+    return x, torch.tensor(labels), torch.tensor(cells)
 
 
 class PixelCNN(nn.Module):
@@ -63,8 +69,12 @@ class PixelCNN(nn.Module):
         return self.head(f.amax(-1) if self.pool == "max" else f.mean(-1))
 
 
-def code_tokens(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
-    """(n, 3, H, W) -> (n, h*w, c): the aggregated reading of the frozen visual tokenizer's codes."""
+def code_embeddings(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
+    """(n, 3, H, W) -> (n, h, w, c): the aggregated reading of the frozen visual tokenizer's codes.
+
+    The encoder is convolutional, so images larger than the tokenizer's training size are coded too (on
+    a proportionally larger grid; `encode` itself insists on the training size).
+    """
     from transformers import AutoModelForCausalLM
 
     from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
@@ -72,8 +82,20 @@ def code_tokens(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
     tokenizer = VisualTokenizer.from_pretrained(tokenizer_dir).eval()
     rows = AutoModelForCausalLM.from_pretrained(lm_dir).get_input_embeddings().weight.detach()
     with torch.no_grad():
-        ids = torch.cat([tokenizer.codes_to_token_ids(tokenizer.encode(x[i : i + 256])) for i in range(0, len(x), 256)])
-    return rows[ids].sum(dim=3).flatten(1, 2)
+        codes = [
+            tokenizer.stack(tokenizer.encoder(x[i : i + 256]), freeze_codebook=True).codes
+            for i in range(0, len(x), 256)
+        ]
+    return rows[tokenizer.codes_to_token_ids(torch.cat(codes))].sum(dim=3)
+
+
+def cell_bags(embeddings: Tensor, cells: Tensor) -> Tensor:
+    """(n, h, w, c) aggregated embeddings, (n,) cell index -> (n, c): the mean over that 3x3 world cell."""
+    n, h, w, c = embeddings.shape
+    if h % 3 or w % 3:
+        raise SystemExit(f"cell bags need a code grid divisible by 3; got {h}x{w} (try --image-size 48)")
+    per_cell = embeddings.reshape(n, 3, h // 3, 3, w // 3, c).mean(dim=(2, 4)).reshape(n, 9, c)
+    return per_cell[torch.arange(n), cells]
 
 
 class PatchTokens(nn.Module):
@@ -126,6 +148,10 @@ class TinyViT(nn.Module):
 
 
 def build(mode: str, patch: int, classes: int) -> nn.Module:
+    if mode == "cell_bag_linear":
+        return nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, classes))
+    if mode == "cell_bag_mlp":
+        return nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, classes))
     if mode.startswith("cnn_"):
         return PixelCNN(mode.removeprefix("cnn_"), classes)
     if mode.startswith("patch_conv_"):
@@ -151,13 +177,21 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     world = ShapesWorld(ShapesConfig(image_size=args.image_size, max_objects=1))
-    x_train, y_train = load_split(world, "train", args.train_images)
-    x_val, y_val = load_split(world, "val", args.val_images)
+    x_train, y_train, cell_train = load_split(world, "train", args.train_images)
+    x_val, y_val, cell_val = load_split(world, "val", args.val_images)
     patch = args.image_size // GRID
+    if args.mode.startswith("cell_bag_") and args.tokens != "codes":
+        parser.error(f"--mode {args.mode} reads codes: add --tokens codes")
     if args.tokens == "codes":
         if args.mode.startswith("cnn_"):
-            parser.error("--tokens codes needs a patch_conv_* or vit mode")
-        x_train, x_val = (code_tokens(x, args.tokenizer, args.lm) for x in (x_train, x_val))
+            parser.error("--tokens codes needs a patch_conv_*, vit or cell_bag_* mode")
+        e_train, e_val = (code_embeddings(x, args.tokenizer, args.lm) for x in (x_train, x_val))
+        if args.mode.startswith("cell_bag_"):
+            x_train, x_val = cell_bags(e_train, cell_train), cell_bags(e_val, cell_val)
+        else:
+            if e_train.shape[1:3] != (GRID, GRID):
+                parser.error(f"{args.mode} reads an {GRID}x{GRID} code grid; got {tuple(e_train.shape[1:3])}")
+            x_train, x_val = e_train.flatten(1, 2), e_val.flatten(1, 2)
         patch = 0
     model = build(args.mode, patch, len(world.cfg.shapes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
