@@ -68,12 +68,16 @@ def test_every_setting_is_trained_and_scored(ablation):
 def test_the_table_has_the_papers_layout(ablation):
     out, rows = ablation
     lines = (out / "ablation.md").read_text().splitlines()
-    header = "| setting | VQA held-out exact match (%) | T2I overall, seen (%) | recon. PSNR held-out (dB) |"
+    header = (
+        "| setting | VQA held-out exact match (%) | T2I overall, seen (%) | T2I shape/colour/position, seen (%) "
+        "| recon. PSNR held-out (dB) |"
+    )
     assert lines[0].startswith(header)
     body = lines[2 : 2 + len(SETTINGS)]
     assert [line.split(" | ")[0].lstrip("| ") for line in body] == [s.label for s in SETTINGS]
     first = body[0].split(" | ")
-    assert first[1] == f"{100 * rows[0]['vqa_heldout_exact']:.1f}" and first[3] == f"{rows[0]['psnr_heldout']:.2f}"
+    assert first[1] == f"{100 * rows[0]['vqa_heldout_exact']:.1f}"
+    assert first[3] == f"{100 * rows[0]['t2i_seen_attributes']:.1f}" and first[4] == f"{rows[0]['psnr_heldout']:.2f}"
 
 
 def test_stage2_starts_from_the_lm_each_codebook_mode_needs(ablation, tiny_lm_dir):
@@ -106,7 +110,30 @@ def test_rows_to_markdown_marks_missing_numbers():
         "mllm_steps": 2,
         "stage2_lm_note": "n",
     }
-    assert rows_to_markdown([row]).splitlines()[2] == "| x | n/a | 25.0 | 20.12 | 1 / 2 | n |"
+    assert rows_to_markdown([row]).splitlines()[2] == "| x | n/a | 25.0 | n/a | 20.12 | 1 / 2 | n |"
+    row["t2i_seen_attributes"] = 0.5
+    assert rows_to_markdown([row]).splitlines()[2] == "| x | n/a | 25.0 | 50.0 | 20.12 | 1 / 2 | n |"
+
+
+def test_rebuild_table_renders_the_stored_rows_again(ablation, capsys):
+    out, rows = ablation
+    written = (out / "ablation.md").read_text()
+    seen = rows[0]["mllm"]["eval"]["t2i"]["groups"]["seen"]
+    assert rows[0]["t2i_seen_attributes"] == pytest.approx((seen["shape"] + seen["colour"] + seen["position"]) / 3)
+    # A row stored before the graded column existed gets it from its stored evaluation.
+    summary = json.loads((out / "ablation.json").read_text())
+    for row in summary["rows"]:
+        del row["t2i_seen_attributes"]
+    (out / "ablation.json").write_text(json.dumps(summary))
+    (out / "ablation.md").unlink()
+    assert main(["eval", "ablation", "--out", str(out), "--rebuild-table"]) == 0
+    assert (out / "ablation.md").read_text() == written
+    assert capsys.readouterr().out.rstrip() == written.rstrip()
+
+
+def test_rebuild_table_needs_a_finished_run(tmp_path, capsys):
+    assert main(["eval", "ablation", "--out", str(tmp_path), "--rebuild-table"]) == 2
+    assert f"{tmp_path / 'ablation.json'} does not exist" in capsys.readouterr().err
 
 
 def test_run_ablation_refuses_short_lms_and_unknown_profiles(tiny_lm_dir, tiny_shapes_dir, tmp_path):

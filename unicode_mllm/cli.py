@@ -769,17 +769,23 @@ def eval_ablation_cmd(
     profile: str = typer.Option("quick", "--profile", help="quick or full (the demo profiles' steps and minutes)."),
     lm: Path | None = typer.Option(None, "--lm", help="A stage-0 LM folder to share (default: train one)."),
     data: Path | None = typer.Option(None, "--data", help="A shapes shard folder (default: write one)."),
+    rebuild_table: bool = typer.Option(
+        False, "--rebuild-table", help="Only re-render ablation.md from the ablation.json of a finished run in --out."
+    ),
 ) -> None:
     """The paper's ablation: codebook modes (language_driven, frozen, dual, separate) and stage 2 without
     decompression pre-training, equal budgets, one table of VQA, text-to-image and PSNR."""
-    from unicode_mllm.evaluation.ablation import ABLATION_PROFILES, run_ablation
+    from unicode_mllm.evaluation import ablation
 
-    if profile not in ABLATION_PROFILES:
-        raise UserError(f"--profile {profile!r} is unknown; choose one of {list(ABLATION_PROFILES)}")
+    if rebuild_table:
+        typer.echo(ablation.rebuild_table(out).read_text().rstrip())
+        return
+    if profile not in ablation.ABLATION_PROFILES:
+        raise UserError(f"--profile {profile!r} is unknown; choose one of {list(ablation.ABLATION_PROFILES)}")
     for name, path in (("--lm", lm), ("--data", data)):
         if path is not None and not path.is_dir():
             raise UserError(f"{name} {path} is not a folder; pass an existing one or leave {name} out")
-    run_ablation(out, profile, lm_dir=lm, data_dir=data)
+    ablation.run_ablation(out, profile, lm_dir=lm, data_dir=data)
     typer.echo((out / "ablation.md").read_text().rstrip())
     typer.echo(f"table: {out / 'ablation.md'}; every number: {out / 'ablation.json'}")
 
