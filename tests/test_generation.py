@@ -186,6 +186,35 @@ def test_cfg_scale_one_with_the_unconditional_rows_equals_plain_sampling(model):
     assert not torch.equal(plain.sequences, guided.sequences)
 
 
+def test_depth_temperatures_apply_per_code_depth(model):
+    d = model.code_shape[2]
+    plain = generate_images(model, PROMPTS[:2], seed=7, temperature=0.8, top_k=40, decode=False)
+    same = generate_images(model, PROMPTS[:2], seed=7, top_k=40, depth_temperatures=[0.8] * d, decode=False)
+    assert torch.equal(plain.sequences, same.sequences)  # one value per depth = that temperature everywhere
+    greedy = generate_images(model, PROMPTS[:2], temperature=0.0, decode=False)
+    all_zero = generate_images(model, PROMPTS[:2], seed=7, depth_temperatures=[0.0] * d, decode=False)
+    assert torch.equal(greedy.sequences, all_zero.sequences) and all_zero.seed is None
+    # Depth 1 greedy, the others sampled hot: every depth-1 code is the argmax over codes given its prefix.
+    temps = [5.0] * d
+    temps[1] = 0.0
+    mixed = generate_images(model, PROMPTS[:1], seed=7, depth_temperatures=temps, decode=False)
+    assert mixed.settings["depth_temperatures"] == tuple(temps)
+    builder = prompt_builder(model)
+    prompt = builder.text_to_image_prompt(PROMPTS[0])
+    is_code = model.visual_tokenizer.is_code_token_id(torch.arange(model.lm.get_output_embeddings().weight.shape[0]))
+    codes = mixed.sequences[0, :-1]
+    with torch.no_grad():
+        for step in range(1, model.num_write_tokens, d):  # the depth-1 code of every position
+            logits = model(torch.cat([prompt, codes[:step]])[None]).logits[0, -1]
+            assert int(codes[step]) == int(logits.masked_fill(~is_code, float("-inf")).argmax())
+    hot = generate_images(model, PROMPTS[:1], seed=7, temperature=5.0, decode=False)
+    assert not torch.equal(hot.sequences, mixed.sequences)
+    with pytest.raises(UserError, match=f"this model writes {d} codes per position: give {d}"):
+        generate_images(model, PROMPTS[:1], depth_temperatures=[1.0] * (d + 1), decode=False)
+    with pytest.raises(UserError, match="depth temperatures must be one or more values >= 0"):
+        SamplingSettings(depth_temperatures=(1.0, -0.5))
+
+
 def reference_guided_greedy(model: UniCodeMLLM, prompt: str, scale: float) -> list[int]:
     """Slow and obvious: full forwards, no cache, no padding, cond and uncond run apart; LlamaGen's mix."""
     builder = prompt_builder(model)
@@ -467,7 +496,13 @@ def test_cli_generate_writes_numbered_pngs_a_grid_and_the_ids(capsys, tiny_mllm_
     record = json.loads(out_png.with_suffix(".json").read_text())
     again = generate_images(model, ["a red circle"], num_images_per_prompt=2, seed=3, top_k=30, cfg_scale=2.0)
     assert record["token_ids"] == again.token_ids.tolist()
-    assert record["settings"]["cfg_scale"] == 2.0
+    assert record["settings"]["cfg_scale"] == 2.0 and record["settings"]["depth_temperatures"] is None
+    d = model.code_shape[2]
+    temps = ",".join(["1"] + ["0.5"] * (d - 1))
+    code, out, err = run(capsys, *args, "--seed", "3", "--depth-temperatures", temps, "--device", "cpu")
+    assert code == 0, err
+    record = json.loads(out_png.with_suffix(".json").read_text())
+    assert record["settings"]["depth_temperatures"] == [1.0] + [0.5] * (d - 1)
 
 
 def test_cli_chat_answers_draws_resets_and_reports_errors(capsys, tiny_mllm_dir, tmp_path, monkeypatch):
@@ -501,6 +536,7 @@ def test_cli_chat_answers_draws_resets_and_reports_errors(capsys, tiny_mllm_dir,
         (["generate", "--model", "{model}", ""], "prompt is empty"),
         (["generate", "--model", "{model}", "{long}"], "at most 512 positions"),
         (["ask", "--model", "{model}", "   "], "question is empty"),
+        (["generate", "--model", "{model}", "a red circle", "--depth-temperatures", "1,x"], "comma-separated list"),
     ],
 )
 def test_cli_inference_errors_are_one_line(capsys, tiny_mllm_dir, tmp_path, args, message):

@@ -386,6 +386,24 @@ def ask_cmd(
         typer.echo(f"{img if img is not None else '(no image)'} | {q} -> {a.text}")
 
 
+DEPTH_TEMPERATURES_HELP = (
+    "One sampling temperature per code depth of a position, comma-separated, replacing --temperature "
+    "(e.g. 1,0.5,0.5,0.5,0.5 for hq: top code at 1, bottom codes at 0.5)."
+)
+
+
+def _depth_temperatures(text: str | None) -> tuple[float, ...] | None:
+    """'1,0.5,0.5' -> (1.0, 0.5, 0.5); None stays None. Raises UserError for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(
+            f"--depth-temperatures {text!r} is not a comma-separated list of numbers; write e.g. 1,0.5,0.5,0.5,0.5"
+        ) from None
+
+
 def _numbered_paths(out: Path, n: int) -> list[Path]:
     """out.png for one image; out_0.png ... out_{n-1}.png for several."""
     if out.suffix.lower() != ".png":
@@ -404,6 +422,7 @@ def generate_cmd(
     top_p: float | None = typer.Option(None, "--top-p", help="Sample within the top-p probability mass."),
     seed: int | None = typer.Option(None, "--seed", help="Seed (default: random, printed)."),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
+    depth_temperatures: str | None = typer.Option(None, "--depth-temperatures", help=DEPTH_TEMPERATURES_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images decoded together."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
 ) -> None:
@@ -417,6 +436,7 @@ def generate_cmd(
     if num_images < 1:
         raise UserError(f"-n must be >= 1, got {num_images}")
     paths = _numbered_paths(out, num_images)
+    depth_temps = _depth_temperatures(depth_temperatures)
     mllm = _load_inference_model(model, device)
     result = generate_images(
         mllm,
@@ -428,6 +448,7 @@ def generate_cmd(
         cfg_scale=cfg_scale,
         seed=seed,
         batch_size=batch_size,
+        depth_temperatures=depth_temps,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     images = result.images
@@ -646,6 +667,7 @@ def eval_t2i_cmd(
     top_k: int | None = typer.Option(None, "--top-k"),
     top_p: float | None = typer.Option(None, "--top-p"),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+    depth_temperatures: str | None = typer.Option(None, "--depth-temperatures", help=DEPTH_TEMPERATURES_HELP),
     seed: int | None = typer.Option(
         0, "--seed", help="Sampling seed; batch i of --batch-size prompts is generated with seed + i."
     ),
@@ -659,6 +681,7 @@ def eval_t2i_cmd(
 
     if count < 1 or batch_size < 1 or start < 0:
         raise UserError(f"--count and --batch-size must be >= 1 and --start >= 0 (got {count}, {batch_size}, {start})")
+    depth_temps = _depth_temperatures(depth_temperatures)
     shapes_cfg = shapes_config_from_manifest(data) if data is not None else None
     prompts = shapes_t2i_prompts(shapes_cfg, count, start=start)
     mllm = _load_mllm(model, device, "generate_images")
@@ -675,6 +698,7 @@ def eval_t2i_cmd(
             cfg_scale=cfg_scale,
             seed=None if seed is None else seed + index,
             batch_size=batch_size,
+            depth_temperatures=depth_temps,
         )
 
     result = eval_t2i(generate_fn, prompts, cfg=shapes_cfg, batch_size=batch_size, grid_path=grid)
@@ -688,6 +712,7 @@ def eval_t2i_cmd(
         "top_k": top_k,
         "top_p": top_p,
         "cfg_scale": cfg_scale,
+        "depth_temperatures": depth_temps,
         "seed": seed,
         "batch_size": batch_size,  # with a seed, the images depend on the batching (batch i: seed + i)
     }

@@ -132,6 +132,13 @@ def generate_image_sequences(
         return torch.zeros(0, model.num_write_tokens + 1, dtype=torch.long), None, None
     ids = model.token_ids
     span = model.num_write_tokens  # h*w*d, asked of the tokenizer, never recomputed here
+    depth = model.code_shape[2]  # codes are written depth-first per position: step s is at depth s % d
+    if sampling.depth_temperatures is not None and len(sampling.depth_temperatures) != depth:
+        raise UserError(
+            f"depth temperatures {list(sampling.depth_temperatures)} give {len(sampling.depth_temperatures)} "
+            f"values; this model writes {depth} codes per position: give {depth}"
+        )
+    per_depth = [sampling.at_depth(k) for k in range(depth)]
     limit = max_positions(model.lm)
     for i, p in enumerate(prompts):
         if int(p.input_ids[-1]) != ids.image_start:
@@ -157,7 +164,8 @@ def generate_image_sequences(
             for step in range(span):
                 step_logits = mix_guidance(logits, cfg_scale) if uncond is not None else logits  # (b, V)
                 step_logits = constraint.apply(step_logits, state)
-                next_ids = choose_next_tokens(step_logits, sampling, None if uniforms is None else uniforms[:, step])
+                draws = None if uniforms is None else uniforms[:, step]
+                next_ids = choose_next_tokens(step_logits, per_depth[step % depth], draws)
                 state = constraint.advance(state, next_ids)
                 chosen[:, step] = next_ids
                 if step + 1 < span:  # the last code needs no forward: `</img>` is forced after it
@@ -182,11 +190,13 @@ def generate_images(
     use_cfg: bool | None = None,
     use_cache: bool = True,
     decode: bool = True,
+    depth_temperatures: Sequence[float] | None = None,
 ) -> ImageGeneration:
     """Text prompts -> `num_images_per_prompt` images each, in prompt order.
 
     Sampling: temperature 1.0 samples the model's own distribution over codes; temperature 0 (greedy)
-    is allowed but tends to give flat images. decode: also decode the ids to pixels.
+    is allowed but tends to give flat images. depth_temperatures: one temperature per code depth of a
+    position (d values), replacing `temperature`. decode: also decode the ids to pixels.
     Raises UserError for an empty prompt, a prompt too long for the LM, or bad settings.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -195,7 +205,9 @@ def generate_images(
     if not prompts:
         raise UserError("no prompts given; pass at least one text prompt")
     texts = [check_prompt_text(p, "image prompt") for p in prompts]
-    sampling = SamplingSettings(temperature, top_k, top_p)
+    sampling = SamplingSettings(
+        temperature, top_k, top_p, None if depth_temperatures is None else tuple(depth_temperatures)
+    )
     if sampling.is_greedy:
         log.warning("greedy image decoding (temperature 0) tends to give flat images; sample with temperature 1")
     builder = prompt_builder(model)
@@ -227,5 +239,6 @@ def generate_images(
             "cfg_scale": cfg_scale,
             "num_images_per_prompt": num_images_per_prompt,
             "seed": request_seed,
+            "depth_temperatures": sampling.depth_temperatures,
         },
     )

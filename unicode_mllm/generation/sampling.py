@@ -26,11 +26,14 @@ from unicode_mllm.errors import UserError
 @dataclass(frozen=True)
 class SamplingSettings:
     """temperature 0 is greedy (argmax; top_k and top_p then do nothing); top_k None or 0 and top_p None
-    or 1.0 switch those filters off. Raises UserError for values out of range."""
+    or 1.0 switch those filters off. depth_temperatures (image spans only): one temperature per code depth
+    of a position, replacing `temperature` there (e.g. sample the `hq` top code at 1.0 and its four bottom
+    codes at 0.5). Raises UserError for values out of range."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    depth_temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:  # also refuses NaN
@@ -39,10 +42,24 @@ class SamplingSettings:
             raise UserError(f"top_k must be >= 1 (or 0/None for no top-k filter), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must lie in (0, 1] (1 = no top-p filter), got {self.top_p}")
+        if self.depth_temperatures is not None:
+            temps = tuple(float(t) for t in self.depth_temperatures)
+            if not temps or not all(t >= 0.0 for t in temps):
+                raise UserError(f"depth temperatures must be one or more values >= 0, got {list(temps)}")
+            object.__setattr__(self, "depth_temperatures", temps)
 
     @property
     def is_greedy(self) -> bool:
+        """No draw is ever needed (every temperature in use is 0)."""
+        if self.depth_temperatures is not None:
+            return all(t == 0.0 for t in self.depth_temperatures)
         return self.temperature == 0.0
+
+    def at_depth(self, depth: int) -> SamplingSettings:
+        """The settings for a code at `depth` of its position (itself without depth temperatures)."""
+        if self.depth_temperatures is None:
+            return self
+        return SamplingSettings(self.depth_temperatures[depth], self.top_k, self.top_p)
 
 
 def resolve_seed(seed: int | None) -> int:
