@@ -30,7 +30,8 @@ reconstruction PSNR on the held-out split. Everything else (per kind, per group,
 steps, minutes) is in `ablation.json`; `rebuild_table(out_dir)` re-renders the table from it.
 Runs resume from their checkpoints, so a stopped ablation continues where it was. On the 2-core CPU the
 caps bound it: `quick` ~15 minutes (4 stage-1 runs of <= 1.5 min, 5 stage-2 runs of <= 1.5 min), `full`
-~1 h 45 min (4 x 9 min + 5 x 12 min + stage 0 + the evaluations).
+1 h 22 min measured with a given stage-0 LM (4 stage-1 runs of 8.5-12 min, 5 stage-2 runs of ~9.5 min, the
+evaluations; RESULTS.md).
 """
 
 from __future__ import annotations
