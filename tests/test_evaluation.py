@@ -371,24 +371,28 @@ def test_cli_eval_vqa_and_t2i_call_the_model_methods(tiny_mllm_dir, tiny_shapes_
     generate_kwargs = []
 
     def fake_generate(self, prompts, *, num_images_per_prompt=1, temperature=1.0, top_k=None, top_p=None,
-                      cfg_scale=1.0, seed=None, batch_size=8):  # fmt: skip
+                      cfg_scale=1.0, seed=None, batch_size=8, depth_temperatures=None):  # fmt: skip
         assert num_images_per_prompt == 1 and batch_size == 4
-        generate_kwargs.append({"temperature": temperature, "top_k": top_k, "cfg_scale": cfg_scale, "seed": seed})
+        generate_kwargs.append({"temperature": temperature, "top_k": top_k, "cfg_scale": cfg_scale, "seed": seed,
+                                "depth_temperatures": depth_temperatures})  # fmt: skip
         return [render_scene(parse_instruction(p), 64) for p in prompts]
 
     monkeypatch.setattr(UniCodeMLLM, "generate_images", fake_generate, raising=False)
     out = tmp_path / "t2i.json"
     args = ["eval", "t2i", "--model", str(tiny_mllm_dir), "--data", str(tiny_shapes_dir), "--count", "3"]
-    code = main([*args, "--batch-size", "4", "--top-k", "5", "--cfg-scale", "2", "--seed", "7", "--out", str(out)])
+    sampling = ["--batch-size", "4", "--top-k", "5", "--cfg-scale", "2", "--seed", "7"]
+    code = main([*args, *sampling, "--depth-temperatures", "1,0.5", "--out", str(out)])
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     report = json.loads(out.read_text())
     assert report["groups"]["seen"]["overall"] == report["groups"]["heldout"]["overall"] == 1.0
     assert report["shapes_config"]["image_size"] == 32  # the world config comes from the shard manifest
     assert [k["seed"] for k in generate_kwargs] == [7, 8]  # 6 prompts in batches of 4: two calls
-    assert generate_kwargs[0] == {"temperature": 1.0, "top_k": 5, "cfg_scale": 2.0, "seed": 7}
+    expected = {"temperature": 1.0, "top_k": 5, "cfg_scale": 2.0, "seed": 7, "depth_temperatures": (1.0, 0.5)}
+    assert generate_kwargs[0] == expected
     assert "heldout (3 prompts): overall 100.0%" in stdout
     assert report["sampling"]["seed"] == 7 and report["sampling"]["batch_size"] == 4
+    assert report["sampling"]["depth_temperatures"] == [1.0, 0.5]
 
 
 def test_cli_eval_vqa_and_t2i_run_the_real_tiny_model(tiny_mllm_dir, tiny_shapes_dir, tmp_path, capsys):
