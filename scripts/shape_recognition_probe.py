@@ -9,7 +9,8 @@ same 4,000 training images, batch 32 and AdamW 1e-3, with a plain classifier ins
   map to 128 wide tokens on an 8x8 grid, then two 3x3 convs on that grid (GELU between, residual),
   global max / mean pooling and a linear head;
 - `--tokens codes`: the patch tokens replaced by what stage 2 reads, the visual tokenizer's aggregated
-  code embeddings (the LM's embedding rows, summed per position; fixed, not trained here);
+  code embeddings (the LM's embedding rows, summed per position; fixed, not trained here); with
+  `--image-size` larger than the tokenizer's, the codes come on a larger grid (the encoder is convolutional);
 - `vit`: the same patch tokens with learned positions and a class token through a 4-layer, 128-wide,
   4-head pre-norm transformer encoder (the tiny LM's size, bidirectional, from scratch);
 - `cell_bag_linear` / `cell_bag_mlp` (codes only, a code grid divisible by 3, e.g. `--image-size 48`): the
@@ -26,6 +27,7 @@ command and the figures. CPU, under three minutes per mode.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -125,8 +127,9 @@ class PatchConv(nn.Module):
         self.head = nn.Linear(WIDTH, classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        t = self.tokens(x)  # (b, 64, c)
-        grid = t.transpose(1, 2).reshape(t.shape[0], WIDTH, GRID, GRID)
+        t = self.tokens(x)  # (b, side*side, c): 8x8 patches, or codes on the tokenizer's grid
+        side = math.isqrt(t.shape[1])
+        grid = t.transpose(1, 2).reshape(t.shape[0], WIDTH, side, side)
         t = t + self.mixer(grid).flatten(2).transpose(1, 2)
         return self.head(t.amax(1) if self.pool == "max" else t.mean(1))
 
@@ -189,8 +192,8 @@ def main() -> None:
         if args.mode.startswith("cell_bag_"):
             x_train, x_val = cell_bags(e_train, cell_train), cell_bags(e_val, cell_val)
         else:
-            if e_train.shape[1:3] != (GRID, GRID):
-                parser.error(f"{args.mode} reads an {GRID}x{GRID} code grid; got {tuple(e_train.shape[1:3])}")
+            if args.mode == "vit" and e_train.shape[1:3] != (GRID, GRID):
+                parser.error(f"vit reads an {GRID}x{GRID} code grid; got {tuple(e_train.shape[1:3])}")
             x_train, x_val = e_train.flatten(1, 2), e_val.flatten(1, 2)
         patch = 0
     model = build(args.mode, patch, len(world.cfg.shapes))
