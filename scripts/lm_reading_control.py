@@ -55,11 +55,8 @@ def load_split(world, tokenizer, split: str, count: int, kinds: tuple[str, ...],
     if tokenizer is None:
         return x, torch.zeros(count, grid, grid, 1, dtype=torch.long), questions
     with torch.no_grad():
-        # encoder + stack directly, not `encode`: that checks for the training size, and the
-        # convolutional encoder also codes larger images (on a larger grid).
-        codes = [
-            tokenizer.stack(tokenizer.encoder(x[b : b + 256]), freeze_codebook=True).codes for b in range(0, count, 256)
-        ]
+        # any_size: the convolutional encoder codes larger images too (on a larger grid).
+        codes = [tokenizer.encode(x[b : b + 256], any_size=True) for b in range(0, count, 256)]
         ids = tokenizer.codes_to_token_ids(torch.cat(codes))
     return x, ids, questions
 

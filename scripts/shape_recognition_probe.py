@@ -75,7 +75,7 @@ def code_embeddings(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
     """(n, 3, H, W) -> (n, h, w, c): the aggregated reading of the frozen visual tokenizer's codes.
 
     The encoder is convolutional, so images larger than the tokenizer's training size are coded too (on
-    a proportionally larger grid; `encode` itself insists on the training size).
+    a proportionally larger grid: `encode(..., any_size=True)`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -84,10 +84,7 @@ def code_embeddings(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
     tokenizer = VisualTokenizer.from_pretrained(tokenizer_dir).eval()
     rows = AutoModelForCausalLM.from_pretrained(lm_dir).get_input_embeddings().weight.detach()
     with torch.no_grad():
-        codes = [
-            tokenizer.stack(tokenizer.encoder(x[i : i + 256]), freeze_codebook=True).codes
-            for i in range(0, len(x), 256)
-        ]
+        codes = [tokenizer.encode(x[i : i + 256], any_size=True) for i in range(0, len(x), 256)]
     return rows[tokenizer.codes_to_token_ids(torch.cat(codes))].sum(dim=3)
 
 

@@ -62,6 +62,13 @@ def test_wrong_image_size_is_a_clear_error():
     model = VisualTokenizer.from_language_codebook(language_codebook(), stacking="vq", depth=None, **ARCH)
     with pytest.raises(UserError, match=r"images must be \(b, 3, 32, 32\) in \[-1, 1\], got \(1, 3, 16, 16\)"):
         model.encode(torch.zeros(1, 3, 16, 16))
+    # any_size: the convolutional encoder codes another size on a proportionally sized grid.
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    big = torch.nn.functional.interpolate(x, size=64)
+    assert model.encode(big, any_size=True).shape[1:3] == (2 * model.code_shape[0], 2 * model.code_shape[1])
+    assert torch.equal(model.encode(x, any_size=True), model.encode(x))
+    with pytest.raises(UserError, match=r"images must be \(b, 3, H, W\)"):
+        model.encode(torch.zeros(1, 1, 64, 64), any_size=True)
 
 
 def test_reconstruct_and_tokenize_commands(tmp_path, capsys, tiny_shapes_dir):

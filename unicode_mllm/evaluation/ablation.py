@@ -261,7 +261,6 @@ def run_ablation(
         "rows": rows,
         "lm": str(lm_dir),
         "data": str(data_dir),
-        "stage1_runs": len(tokenizers),
         "sampling": dataclasses.asdict(profile.sampling),
         "evaluation": dataclasses.asdict(profile.evaluation),
         "seconds": round(time.perf_counter() - started, 1),
@@ -275,7 +274,7 @@ def run_ablation(
 
 def _write_table(out_dir: Path, summary: dict[str, Any]) -> None:
     rows, s, sizes = summary["rows"], summary["sampling"], summary["evaluation"]
-    stage1 = summary.get("stage1_runs", len({r["codebook_mode"] for r in rows}))
+    stage1 = len({r["codebook_mode"] for r in rows})  # settings with one codebook mode share a stage-1 run
     notes = (
         f"Equal budgets: every setting ran the same stage-1 and stage-2 overrides ({len(rows)} settings, "
         f"{stage1} stage-1 runs; one stage-0 LM {summary['lm']}). VQA: greedy answers to "

@@ -205,9 +205,7 @@ def generate_images(
     if not prompts:
         raise UserError("no prompts given; pass at least one text prompt")
     texts = [check_prompt_text(p, "image prompt") for p in prompts]
-    sampling = SamplingSettings(
-        temperature, top_k, top_p, None if depth_temperatures is None else tuple(depth_temperatures)
-    )
+    sampling = SamplingSettings(temperature, top_k, top_p, depth_temperatures)  # normalised to a tuple there
     if sampling.is_greedy:
         log.warning("greedy image decoding (temperature 0) tends to give flat images; sample with temperature 1")
     builder = prompt_builder(model)

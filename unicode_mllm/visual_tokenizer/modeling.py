@@ -190,9 +190,11 @@ class VisualTokenizer(PreTrainedModel):
         h, w, d = self.code_shape
         return h * w * d
 
-    def _check_images(self, pixel_values: Tensor) -> None:
+    def _check_images(self, pixel_values: Tensor, any_size: bool = False) -> None:
         size = self.config.image_size
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise UserError(f"images must be (b, 3, H, W) in [-1, 1], got {tuple(pixel_values.shape)}")
+        if not any_size and tuple(pixel_values.shape[2:]) != (size, size):
             raise UserError(
                 f"images must be (b, 3, {size}, {size}) in [-1, 1], got {tuple(pixel_values.shape)}; "
                 f"resize to {size}x{size} RGB"
@@ -207,9 +209,14 @@ class VisualTokenizer(PreTrainedModel):
         return VisualTokenizerOutput(self.decoder(out.z_q), out.codes, out.commit_loss)
 
     @torch.no_grad()
-    def encode(self, pixel_values: Tensor) -> Tensor:
-        """(b, 3, H, W) in [-1, 1] -> codes (b, h, w, d) int64 (no codebook update)."""
-        self._check_images(pixel_values)
+    def encode(self, pixel_values: Tensor, any_size: bool = False) -> Tensor:
+        """(b, 3, H, W) in [-1, 1] -> codes (b, h, w, d) int64 (no codebook update).
+
+        any_size: also code images of another size than the training one (the encoder is convolutional, so
+        they come on a proportionally larger or smaller grid that `decode` and the LLM presets do not take;
+        for probes). Otherwise H = W = image_size is required.
+        """
+        self._check_images(pixel_values, any_size)
         was_training = self.training
         self.eval()
         try:
