@@ -15,7 +15,8 @@ Options isolate one factor each: `--max-objects 1 --kinds shape` (recognition wi
 `--image-size` (codes of a larger image come on a larger grid: the tokenizer is convolutional), `--grid`
 (pixels: patches per side, 4 = 16 tokens of 8x8 px at 32 px), `--cell-bags` (codes: one token per 3x3 world
 cell, the mean of its aggregated embeddings), `--image-positions` (a learned embedding per grid cell), `--local-mixer`
-(a learned 3x3 convolution of the token grid), `--drop-background` (codes: read only positions whose code
+(a learned 3x3 convolution of the token grid), `--question-first` (the question before the image, so
+each image token is read knowing what is asked), `--drop-background` (codes: read only positions whose code
 stack is not the image's most common one), `--reinit` (a random LM), `--attention-gain` (sharper
 attention at the start). Prints validation and training accuracy (overall and per kind) every
 `--eval-every` steps. RESULTS.md ("Stage 2 with the hq tokenizer, and why VQA stalls" and "Why the tiny
@@ -105,6 +106,11 @@ def main() -> None:
     parser.add_argument(
         "--image-positions", action="store_true", help="add a learned embedding of each image token's grid cell"
     )
+    parser.add_argument(
+        "--question-first",
+        action="store_true",
+        help="put the question before the image tokens (causal attention lets each image token see the question)",
+    )
     args = parser.parse_args()
 
     kinds = tuple(args.kinds.split(","))
@@ -192,8 +198,12 @@ def main() -> None:
         for i in indices:
             if qa[i]:
                 question, answer, kind = random.choice(qa[i])
-                prefix = text("USER:", add_special_tokens=False).input_ids
-                suffix = text(f" {question} ASSISTANT:", add_special_tokens=False).input_ids
+                if args.question_first:
+                    prefix = text(f"USER: {question}", add_special_tokens=False).input_ids
+                    suffix = text(" ASSISTANT:", add_special_tokens=False).input_ids
+                else:
+                    prefix = text("USER:", add_special_tokens=False).input_ids
+                    suffix = text(f" {question} ASSISTANT:", add_special_tokens=False).input_ids
                 target = text(f" {answer}", add_special_tokens=False).input_ids[:1]
                 rows.append((prefix, suffix, target))
                 images.append(i)
