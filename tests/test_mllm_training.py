@@ -275,3 +275,21 @@ def test_task_weighting_averages_the_task_means(tiny_lm_dir, tiny_visual_tokeniz
     cfg = make_config(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path / "w", data=weighted)
     logs = MLLMTrainer(cfg).train_step()
     assert logs["loss"] == pytest.approx((2 * logs["loss_vqa"] + logs["loss_text_to_image"]) / 3, rel=1e-5)
+
+
+def test_an_lm_stored_in_fp16_trains_with_fp32_master_weights(
+    tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path
+):
+    # Many 7B checkpoints are stored in fp16 and transformers loads dtype 'auto': AdamW on fp16 weights
+    # underflows its eps and turns rows without gradient into NaN. Stage 2 keeps fp32 master weights.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fp16_dir = tmp_path / "lm_fp16"
+    AutoModelForCausalLM.from_pretrained(tiny_lm_dir).half().save_pretrained(fp16_dir)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(fp16_dir)
+    assert AutoModelForCausalLM.from_pretrained(fp16_dir).dtype == torch.float16  # the hazard is real
+    cfg = make_config(fp16_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path / "run", train={"steps": 1})
+    trainer = MLLMTrainer(cfg)
+    assert {p.dtype for p in trainer.mllm.lm.parameters()} == {torch.float32}
+    trainer.train_step()
+    assert all(torch.isfinite(p).all() for p in trainer.mllm.lm.parameters())

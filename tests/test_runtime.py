@@ -48,3 +48,11 @@ def test_device_and_dtype_selection():
     assert select_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(UserError, match="fp16' is not supported for training on CPU"):
         select_dtype("fp16", cpu)
+
+
+def test_stage_accelerators_may_change_precision_within_one_process():
+    from unicode_mllm.runtime.accelerator import stage_accelerator
+
+    for precision in ("bf16", "no", "bf16"):
+        assert stage_accelerator(cpu=True, mixed_precision=precision).mixed_precision == precision
+    stage_accelerator(cpu=True, mixed_precision="no")  # leave the default for later tests

@@ -150,3 +150,15 @@ def test_other_codebook_modes_run(tiny_lm_dir, tiny_shapes_dir, tmp_path, mode):
     if mode == "separate":
         assert trainer.relative_distance() is None and after.shape[0] == 16
         assert int(trainer.tokenizer.code_to_token_id.min()) >= trainer.tokenizer.config.llm_vocab_size - 16
+
+
+def test_trains_in_a_process_where_an_earlier_stage_used_bf16(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+    # The demo runs stages 0-2 in one process; on a bf16 GPU the LM stages are bf16 and this preset fp32.
+    # accelerate refuses a second Accelerator with another precision unless each stage starts clean.
+    from unicode_mllm.runtime.accelerator import stage_accelerator
+
+    earlier = stage_accelerator(cpu=True, mixed_precision="bf16")  # what stage 0 builds on a bf16 GPU
+    assert earlier.mixed_precision == "bf16"
+    trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path))
+    assert trainer.accelerator.mixed_precision == "no"
+    assert trainer.train_step(trainer.next_batch())["total"] > 0

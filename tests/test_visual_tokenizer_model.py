@@ -86,10 +86,15 @@ def test_reconstruct_and_tokenize_commands(tmp_path, capsys, tiny_shapes_dir):
             str(tmp_path / "rec"),
             "--lpips-trunk",
             "none",
+            "--device",
+            "auto",  # resolved to cuda, mps or cpu (it once reached torch as the string 'auto')
         ]
     )
     out, err = capsys.readouterr()
     assert code == 0 and "PSNR" in out and (tmp_path / "rec" / "red_recon.png").is_file()
+    code = main(["reconstruct", str(tmp_path / "red.png"), "--model", str(tmp_path / "tok"), "--device", "tpu"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "device 'tpu' is unknown" in err and err.count("\n") == 1
     code = main(["reconstruct", str(tmp_path / "broken.png"), "--model", str(tmp_path / "tok")])
     _, err = capsys.readouterr()
     assert code == 2 and "broken.png" in err and err.count("\n") == 1

@@ -30,6 +30,7 @@ from unicode_mllm.data.batches import DataPosition, EpochBatches
 from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
+from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
@@ -53,7 +54,7 @@ def _accelerator(cfg: TokenizerTrainConfig) -> Accelerator:
     device = cfg.train.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device='cuda' but CUDA is not available here; use train.device=auto or cpu")
-    return Accelerator(
+    return stage_accelerator(
         cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
         mixed_precision=cfg.train.mixed_precision,
         # The codebook lives in buffers that the quantizer all-reduces itself; DDP must not re-send them.
@@ -289,7 +290,7 @@ class TokenizerTrainer:
         return self.ckpt.save(self.step, tensors, state)
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        ckpt = self.ckpt.load(path, device=self.accelerator.device)
+        ckpt = self.ckpt.load(path)  # CPU: the optimizer keeps its step counters there (no GPU sync per step)
         self.tokenizer.load_state_dict(ckpt.tensors["model"])
         self.accelerator.unwrap_model(self.disc).load_state_dict(ckpt.tensors["discriminator"])
         optim = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))

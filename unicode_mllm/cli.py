@@ -230,16 +230,18 @@ def reconstruct_cmd(
     model: Path = typer.Option(..., "--model", help="Tokenizer folder (save_pretrained output)."),
     out: Path = typer.Option(Path("reconstructions"), "-o", "--out", help="Output folder for PNGs."),
     lpips_trunk: str = typer.Option("auto", "--lpips-trunk", help="VGG16 trunk for LPIPS: auto, a path, or none."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
 ) -> None:
     """Reconstruct images through a trained tokenizer; print PSNR and LPIPS per image."""
+    from unicode_mllm.runtime.devices import select_device
     from unicode_mllm.visual_tokenizer.reconstruct import reconstruct_files
 
     _require_model_dir(model, "tokenizer")
     for path in images:
         if not path.is_file():
             raise UserError(f"image {path} not found; pass existing image files")
-    results = reconstruct_files(model, images, out, None if lpips_trunk == "none" else lpips_trunk, device)
+    trunk = None if lpips_trunk == "none" else lpips_trunk
+    results = reconstruct_files(model, images, out, trunk, select_device(device))
     for r in results:
         lp = f"{r.lpips:.4f}" if r.lpips is not None else "n/a (no VGG16 trunk; pass --lpips-trunk PATH)"
         typer.echo(f"{r.source}: PSNR {r.psnr:.2f} dB, LPIPS {lp} -> {r.output}")
@@ -252,14 +254,15 @@ def tokenize_cmd(
     out: Path = typer.Option(..., "--out", help="Output shard folder (images + visual_token_ids)."),
     split: list[str] = typer.Option([], "--split", help="Splits to encode (default: all)."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards in --out."),
 ) -> None:
     """Pre-extract LLM token ids of every image of a shard set (stage 2 then skips the tokenizer)."""
+    from unicode_mllm.runtime.devices import select_device
     from unicode_mllm.visual_tokenizer.extract import extract_codes
 
     _require_model_dir(model, "tokenizer")
-    summaries = extract_codes(model, shards, out, split or None, batch_size, device, overwrite)
+    summaries = extract_codes(model, shards, out, split or None, batch_size, select_device(device), overwrite)
     typer.echo(", ".join(f"{s.num_samples} {name}" for name, s in summaries.items()) + f" written to {out}")
 
 
@@ -334,7 +337,7 @@ def ask_cmd(
     top_p: float | None = typer.Option(None, "--top-p", help="Sample within the top-p probability mass."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for sampling (per question, batch-independent)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions decoded together."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print a single answer as it is decoded."),
 ) -> None:
     """Answer questions about images (VQA) with a trained UniCodeMLLM; --jsonl for a question file."""
@@ -424,7 +427,7 @@ def generate_cmd(
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
     depth_temperatures: str | None = typer.Option(None, "--depth-temperatures", help=DEPTH_TEMPERATURES_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images decoded together."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
 ) -> None:
     """Text-to-image: write PNGs, a captioned grid (<out>_grid.png) and the settings/ids (<out>.json)."""
     import json
@@ -480,7 +483,7 @@ def chat_cmd(
     image_top_k: int | None = typer.Option(None, "--image-top-k", help="Drawings: sample among the k best codes."),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Drawings: classifier-free guidance scale."),
     seed: int | None = typer.Option(None, "--seed", help="Session seed (default: random)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
 ) -> None:
     """Multi-turn chat on standard input: questions, /image PATH, /draw TEXT (or draw: TEXT), /reset, /quit."""
     from unicode_mllm.generation import ChatSession, ChatSettings
@@ -578,7 +581,7 @@ def eval_tokenizer_cmd(
     ),
     batch_size: int = typer.Option(16, "--batch-size"),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate at most this many images."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
 ) -> None:
     """PSNR, SSIM, LPIPS and per-depth code usage of a visual tokenizer on shards, a folder or photos."""
     from unicode_mllm.evaluation import ImageSet, eval_visual_tokenizer
@@ -626,7 +629,7 @@ def eval_vqa_cmd(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size"),
     limit: int | None = typer.Option(None, "--limit", help="Ask at most this many questions."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
 ) -> None:
     """Exact-match VQA accuracy per question kind (greedy answers of UniCodeMLLM.answer)."""
@@ -672,7 +675,7 @@ def eval_t2i_cmd(
         0, "--seed", help="Sampling seed; batch i of --batch-size prompts is generated with seed + i."
     ),
     batch_size: int = typer.Option(8, "--batch-size"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
     grid: Path | None = typer.Option(None, "--grid", help="Write a PNG grid of generations with their prompts here."),
 ) -> None:
@@ -763,7 +766,7 @@ def eval_highres_cmd(
     lr: float = typer.Option(1e-4, "--lr"),
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     out: Path = typer.Option(Path("runs/highres"), "--out", help="Folder for highres.md and highres.json."),
 ) -> None:
     """High-resolution check: small objects at 2x size read by one downscaled view, S^2 or INF-LLaVA (VQA)."""

@@ -47,7 +47,7 @@ def load_image_for(model: UniCodeMLLM, path: str | PathLike) -> Image.Image:
 
 
 def _pixels(model: UniCodeMLLM, image: Image.Image | Tensor | str | PathLike, index: int) -> Tensor:
-    """One image -> (3, S, S) float32 in [-1, 1]."""
+    """One image -> (3, S, S) float32 in [-1, 1] on the CPU (the caller moves the batch)."""
     size = model.visual_tokenizer.config.image_size
     if isinstance(image, (str, PathLike)):
         image = load_image_for(model, image)
@@ -61,7 +61,7 @@ def _pixels(model: UniCodeMLLM, image: Image.Image | Tensor | str | PathLike, in
     low, high = float(pixels.min()), float(pixels.max())
     if low < -1 - _PIXEL_TOLERANCE or high > 1 + _PIXEL_TOLERANCE:
         raise UserError(f"image {index}: pixels span [{low:.3g}, {high:.3g}]; scale them to [-1, 1] (x / 127.5 - 1)")
-    return pixels.float().clamp(-1.0, 1.0)
+    return pixels.detach().cpu().float().clamp(-1.0, 1.0)  # one CPU batch, also beside PIL inputs
 
 
 def images_to_token_ids(model: UniCodeMLLM, images: Sequence[ImageInput]) -> list[Tensor | None]:

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from einops import rearrange
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -49,6 +48,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig
 from unicode_mllm.lm.corpus import build_corpus, encode_corpus
 from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
+from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
     CheckpointManager,
     atomic_write_json,
@@ -308,7 +308,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     cfg = replace(cfg, train=replace(cfg.train, out_dir=out_dir))  # the resolved config names where it went
     tcfg = cfg.train
     device = select_device(tcfg.device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_mixed_precision(tcfg.mixed_precision, device))
+    accelerator = stage_accelerator(
+        cpu=device.type == "cpu", mixed_precision=_mixed_precision(tcfg.mixed_precision, device)
+    )
     is_main = accelerator.is_main_process
 
     manager = CheckpointManager(out_dir / CHECKPOINT_DIRNAME, keep_last=tcfg.keep_last)

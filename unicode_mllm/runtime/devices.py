@@ -36,7 +36,7 @@ def select_device(choice: str = "auto") -> torch.device:
 def select_dtype(choice: str, device: torch.device) -> torch.dtype:
     """'auto' is bf16 on a GPU that supports it, else fp32. fp16/bf16 on CPU is refused for fp16 only."""
     if choice == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # emulated is slow
             return torch.bfloat16
         return torch.float32
     if choice not in _DTYPES:

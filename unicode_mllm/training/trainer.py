@@ -35,6 +35,7 @@ from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSampl
 from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
+from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
 from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
@@ -66,7 +67,7 @@ def _accelerator(cfg: MLLMTrainConfig) -> Accelerator:
         if cfg.train.mixed_precision == "no"
         else mixed_precision_name(select_dtype(cfg.train.mixed_precision, device))
     )
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    return stage_accelerator(cpu=device.type == "cpu", mixed_precision=precision)
 
 
 def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
@@ -87,6 +88,9 @@ def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
         reading=m.reading,
         template=m.template,
         compressor=m.compressor.to_compressor_config(),
+        # fp32 master weights whatever the checkpoint stores (transformers loads 'auto': fp16 for many 7B
+        # LMs, where AdamW's eps underflows and untouched embedding rows turn NaN); bf16 comes from autocast.
+        dtype=torch.float32,
     )
     if m.lora.enabled:
         targets = m.lora.target_modules
@@ -314,7 +318,7 @@ class MLLMTrainer:
         return self.ckpt.save(self.step, {"trainable": self._trainable_state(), "optimizer": opt_tensors}, state)
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        ckpt = self.ckpt.load(path, device=self.accelerator.device)
+        ckpt = self.ckpt.load(path)  # CPU: the optimizer keeps its step counters there (no GPU sync per step)
         trainable = dict(self.mllm.named_parameters())
         saved = ckpt.tensors["trainable"]
         missing = sorted(n for n, p in trainable.items() if p.requires_grad and n not in saved)

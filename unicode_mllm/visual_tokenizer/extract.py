@@ -18,6 +18,7 @@ from unicode_mllm.data.image_io import tensor_to_pil
 from unicode_mllm.data.shards import SplitSummary, read_manifest, write_manifest, write_split
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
+from unicode_mllm.runtime.devices import select_device
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 TOKEN_IDS_KEY = "visual_token_ids"
@@ -52,10 +53,11 @@ def extract_codes(
     out_dir: str | Path,
     splits: Sequence[str] | None = None,
     batch_size: int = 64,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     overwrite: bool = False,
 ) -> dict[str, SplitSummary]:
     """Encode every image of `splits` (default: all) and write them with their token ids to `out_dir`."""
+    device = select_device(device) if isinstance(device, str) else device  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     manifest = read_manifest(shards)
     names = list(splits) if splits else sorted(manifest.splits)
@@ -70,7 +72,7 @@ def extract_codes(
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
         report = SkipReport()
         summaries[split] = write_split(
-            _records(tokenizer, loader, report, torch.device(device), fingerprint),
+            _records(tokenizer, loader, report, device, fingerprint),
             out_dir,
             split,
             overwrite=overwrite,

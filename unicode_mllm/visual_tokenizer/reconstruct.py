@@ -12,6 +12,7 @@ from PIL import Image
 from unicode_mllm.data.image_io import load_image, pil_to_tensor, tensor_to_pil
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
+from unicode_mllm.runtime.devices import select_device
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 if TYPE_CHECKING:
@@ -76,9 +77,10 @@ def reconstruct_files(
     paths: list[Path],
     out_dir: str | Path,
     lpips_trunk: str | None = "auto",
-    device: str = "cpu",
+    device: str | torch.device = "auto",
 ) -> list[Reconstruction]:
     """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each image file."""
+    device = select_device(device) if isinstance(device, str) else device  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     perceptual, _ = load_perceptual(lpips_trunk, device)  # None is reported as n/a by the caller, never a number
     out_dir = Path(out_dir)
