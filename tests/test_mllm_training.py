@@ -293,3 +293,25 @@ def test_an_lm_stored_in_fp16_trains_with_fp32_master_weights(
     assert {p.dtype for p in trainer.mllm.lm.parameters()} == {torch.float32}
     trainer.train_step()
     assert all(torch.isfinite(p).all() for p in trainer.mllm.lm.parameters())
+
+
+def test_gradient_checkpointing_with_lora_trains_the_adapters(
+    tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path
+):
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    cfg = make_config(
+        tiny_lm_dir,
+        tiny_visual_tokenizer_dir,
+        tiny_shapes_dir,
+        tmp_path,
+        model={"lora": lora},
+        train={"steps": 1, "gradient_checkpointing": True},
+    )
+    trainer = MLLMTrainer(cfg)
+    lm = trainer.mllm.lm
+    new_name = hasattr(lm, "activation_checkpointing_enable")  # transformers >= 5.x
+    assert lm.is_activation_checkpointing if new_name else lm.is_gradient_checkpointing
+    before = {n: p.detach().clone() for n, p in trainer.mllm.named_parameters() if "lora_B" in n}
+    trainer.train_step()
+    after = dict(trainer.mllm.named_parameters())
+    assert before and all(not torch.equal(after[n], p) for n, p in before.items())  # lora_B starts at 0

@@ -44,7 +44,4 @@ def test_accelerate_configs_parse_with_accelerate(name):
 
     config = ClusterConfig.from_yaml_file(str(CONFIGS / "accelerate" / name))
     assert config.num_processes >= 1 and config.mixed_precision == "bf16"
-    if name.startswith("zero3"):
-        assert config.deepspeed_config["zero_stage"] == 3
-    if name.startswith("fsdp"):
-        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert config.distributed_type in ("MULTI_GPU", "NO")  # the trainers refuse DeepSpeed and FSDP

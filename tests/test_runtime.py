@@ -54,5 +54,20 @@ def test_stage_accelerators_may_change_precision_within_one_process():
     from unicode_mllm.runtime.accelerator import stage_accelerator
 
     for precision in ("bf16", "no", "bf16"):
-        assert stage_accelerator(cpu=True, mixed_precision=precision).mixed_precision == precision
-    stage_accelerator(cpu=True, mixed_precision="no")  # leave the default for later tests
+        assert stage_accelerator("test", cpu=True, mixed_precision=precision).mixed_precision == precision
+    stage_accelerator("test", cpu=True, mixed_precision="no")  # leave the default for later tests
+
+
+def test_sharded_strategies_are_refused_in_one_line(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    import unicode_mllm.runtime.accelerator as module
+
+    class ShardedAccelerator(module.Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.DEEPSPEED
+
+    monkeypatch.setattr(module, "Accelerator", ShardedAccelerator)
+    with pytest.raises(UserError, match=r"^train-mllm: accelerate is set up for DEEPSPEED, .*ddp_bf16\.yaml"):
+        module.stage_accelerator("train-mllm", cpu=True)

@@ -157,7 +157,7 @@ def test_trains_in_a_process_where_an_earlier_stage_used_bf16(tiny_lm_dir, tiny_
     # accelerate refuses a second Accelerator with another precision unless each stage starts clean.
     from unicode_mllm.runtime.accelerator import stage_accelerator
 
-    earlier = stage_accelerator(cpu=True, mixed_precision="bf16")  # what stage 0 builds on a bf16 GPU
+    earlier = stage_accelerator("test", cpu=True, mixed_precision="bf16")  # what stage 0 builds on a bf16 GPU
     assert earlier.mixed_precision == "bf16"
     trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path))
     assert trainer.accelerator.mixed_precision == "no"

@@ -55,6 +55,7 @@ def _accelerator(cfg: TokenizerTrainConfig) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device='cuda' but CUDA is not available here; use train.device=auto or cpu")
     return stage_accelerator(
+        "train-tokenizer",
         cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
         mixed_precision=cfg.train.mixed_precision,
         # The codebook lives in buffers that the quantizer all-reduces itself; DDP must not re-send them.

@@ -309,7 +309,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     tcfg = cfg.train
     device = select_device(tcfg.device)
     accelerator = stage_accelerator(
-        cpu=device.type == "cpu", mixed_precision=_mixed_precision(tcfg.mixed_precision, device)
+        "train-lm", cpu=device.type == "cpu", mixed_precision=_mixed_precision(tcfg.mixed_precision, device)
     )
     is_main = accelerator.is_main_process
 

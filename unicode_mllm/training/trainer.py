@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.optim.lr_scheduler import LambdaLR
 
 from unicode_mllm.constants import IGNORE_INDEX
@@ -67,7 +68,11 @@ def _accelerator(cfg: MLLMTrainConfig) -> Accelerator:
         if cfg.train.mixed_precision == "no"
         else mixed_precision_name(select_dtype(cfg.train.mixed_precision, device))
     )
-    return stage_accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    # A compressor's weights get no gradient in a pass without images (text-to-image chunks): DDP must expect that.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.compressor.name != "identity")
+    return stage_accelerator(
+        "train-mllm", cpu=device.type == "cpu", mixed_precision=precision, kwargs_handlers=[unused]
+    )
 
 
 def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
@@ -101,7 +106,12 @@ def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
         if m.lora.train_embeddings:
             model.lm.get_input_embeddings().weight.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable()
+        # non-reentrant: works under DDP with unused parameters and with frozen inputs (LoRA)
+        options = {"use_reentrant": False}
+        if hasattr(model.lm, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     return model
 
 
