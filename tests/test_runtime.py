@@ -71,3 +71,18 @@ def test_sharded_strategies_are_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(module, "Accelerator", ShardedAccelerator)
     with pytest.raises(UserError, match=r"^train-mllm: accelerate is set up for DEEPSPEED, .*ddp_bf16\.yaml"):
         module.stage_accelerator("train-mllm", cpu=True)
+
+
+def test_cuda_rng_states_of_another_gpu_count_are_skipped_with_a_warning(monkeypatch, caplog):
+    state = capture_rng_state()
+    state["cuda"] = [state["torch"], state["torch"]]  # as if saved on two GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    with caplog.at_level("WARNING"):
+        restore_rng_state(state)
+    assert restored == [] and "2 CUDA RNG states, 1 GPUs here" in caplog.text
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    restore_rng_state(state)
+    assert len(restored) == 1 and len(restored[0]) == 2

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import random
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -45,11 +48,17 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`; the CUDA part is restored only when CUDA is present."""
+    """Inverse of `capture_rng_state`; the CUDA part is restored only where as many GPUs are present."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_decode_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_decode_tensor(s) for s in state["cuda"]])
+        saved = [_decode_tensor(s) for s in state["cuda"]]
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)
+        else:  # resumed on another number of GPUs: the run goes on, GPU-side draws (dropout) start afresh
+            log.warning(
+                "checkpoint holds %d CUDA RNG states, %d GPUs here: not restored", len(saved), torch.cuda.device_count()
+            )
