@@ -17,10 +17,10 @@ Options isolate one factor each: `--max-objects 1 --kinds shape` (recognition wi
 cell, the mean of its aggregated embeddings), `--image-positions` (a learned embedding per grid cell), `--local-mixer`
 (a learned 3x3 convolution of the token grid), `--question-first` (the question before the image, so
 each image token is read knowing what is asked), `--drop-background` (codes: read only positions whose code
-stack is not the image's most common one), `--reinit` (a random LM), `--attention-gain` (sharper
-attention at the start). Prints validation and training accuracy (overall and per kind) every
-`--eval-every` steps. RESULTS.md ("Stage 2 with the hq tokenizer, and why VQA stalls" and "Why the tiny
-LM does not learn shapes") has the commands and the figures. Runs on CPU in minutes.
+stack is not the image's most common one), `--reinit` (a random LM; `--hidden-size` / `--layers` change
+its size), `--attention-gain` (sharper attention at the start). Prints validation and training accuracy
+(overall and per kind) every `--eval-every` steps. RESULTS.md ("Stage 2 with the hq tokenizer, and why VQA
+stalls" and "Why the tiny LM does not learn shapes") has the commands and the figures. Runs on CPU in minutes.
 
     python scripts/lm_reading_control.py --variant pixels --steps 2000 \
         --lm runs/lm/tiny/model --tokenizer outputs/demo_hq/tokenizer/final
@@ -89,6 +89,10 @@ def main() -> None:
         "--attention-gain", type=float, default=1.0, help="multiply every layer's q_proj by this (sharper attention)"
     )
     parser.add_argument("--reinit", action="store_true", help="start from a random LM of the same architecture")
+    parser.add_argument(
+        "--hidden-size", type=int, default=None, help="a random LM of this width (heads of 32; implies --reinit)"
+    )
+    parser.add_argument("--layers", type=int, default=None, help="a random LM of this depth (implies --reinit)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="question kinds, comma-separated")
     parser.add_argument("--max-objects", type=int, default=3, help="most objects per image (1 isolates recognition)")
     parser.add_argument(
@@ -126,8 +130,19 @@ def main() -> None:
     random.seed(0)
     torch.set_num_threads(args.threads)
     lm = AutoModelForCausalLM.from_pretrained(args.lm)
+    if args.hidden_size or args.layers:
+        config = lm.config
+        if args.hidden_size:
+            config.hidden_size = args.hidden_size
+            config.intermediate_size = 3 * args.hidden_size
+            config.num_attention_heads = config.num_key_value_heads = args.hidden_size // 32
+            config.head_dim = 32
+        if args.layers:
+            config.num_hidden_layers = args.layers
+        args.reinit = True
     if args.reinit:
         lm = AutoModelForCausalLM.from_config(lm.config)
+        print(f"random LM: {sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters", flush=True)
     if args.attention_gain != 1.0:
         with torch.no_grad():
             for layer in lm.model.layers:
