@@ -111,6 +111,12 @@ def main() -> None:
         "--image-positions", action="store_true", help="add a learned embedding of each image token's grid cell"
     )
     parser.add_argument(
+        "--aggregate",
+        choices=["sum", "mean"],
+        default="sum",
+        help="codes: sum the D embeddings per position (the design) or average them (text-token scale)",
+    )
+    parser.add_argument(
         "--question-first",
         action="store_true",
         help="put the question before the image tokens (causal attention lets each image token see the question)",
@@ -188,6 +194,8 @@ def main() -> None:
             tokens = patch_proj(patches)  # (b, grid*grid, width)
         else:
             tokens = embedding(ids).sum(dim=3)  # (b, h, w, width): the aggregated reading
+            if args.aggregate == "mean":
+                tokens = tokens / ids.shape[3]
             if args.cell_bags:  # (b, 3, h/3, 3, w/3, width) -> one mean per world cell
                 b, h, w, _ = tokens.shape
                 tokens = tokens.reshape(b, 3, h // 3, 3, w // 3, width).mean(dim=(2, 4))
