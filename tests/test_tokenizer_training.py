@@ -159,6 +159,6 @@ def test_trains_in_a_process_where_an_earlier_stage_used_bf16(tiny_lm_dir, tiny_
 
     earlier = stage_accelerator("test", cpu=True, mixed_precision="bf16")  # what stage 0 builds on a bf16 GPU
     assert earlier.mixed_precision == "bf16"
-    trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path))
-    assert trainer.accelerator.mixed_precision == "no"
+    trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"train.mixed_precision": "auto"}))
+    assert trainer.accelerator.mixed_precision == "no"  # 'auto' on a CPU: fp32
     assert trainer.train_step(trainer.next_batch())["total"] > 0

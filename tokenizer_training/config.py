@@ -71,7 +71,7 @@ class TrainConfig:
     steps: int = bounded(1000, min=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "auto", "bf16", "fp16"] = "no"  # auto: bf16 on GPUs with native bf16
     out_dir: str = "runs/tokenizer"
     log_every: int = bounded(10, min=1)
     eval_every: int = bounded(250, min=1)
