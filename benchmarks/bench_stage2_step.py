@@ -1,0 +1,149 @@
+"""Stage-2 training step of the LM at a preset's shape: time per step, tokens per second, peak memory.
+
+What one step is: the forward and backward of a LLaMA causal LM over (batch, seq_len) tokens with the
+next-token loss on every position, then an AdamW step over the trainable parameters; bf16 autocast on a
+GPU with native bf16 (fp32 elsewhere), fp32 master weights (what `train-mllm` keeps). With `--lora`, the
+project's adapters (`LoraSettings`: r 128, alpha 256, dropout 0.05, every linear layer) and, as the 7B
+preset, a trainable embedding table. The image splice of `UniCodeMLLM` is not in the step: it is one gather
+and one scatter per image, next to 32 transformer layers.
+
+The weights are random (a `LlamaConfig` of the named shape, built directly on the device): no download,
+and the step costs what a pretrained model's costs. Shapes:
+    tiny: the CPU preset's stage-0 LM (width 128, 4 layers, vocabulary 442);
+    7b:   LLaMA-2-7B / Vicuna-7B-v1.5 (width 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32000).
+
+Reported: the median and min wall time of a step after warm-up, tokens per second at the median, and the
+peak memory of the step: on CUDA torch.cuda.max_memory_allocated() (weights, optimizer state and
+activations: the number that decides whether the preset fits), on CPU the peak RSS of the process.
+
+Usage:
+    python benchmarks/bench_stage2_step.py --size tiny --batch 8 --seq-len 640 --threads 1     # CPU preset
+    python benchmarks/bench_stage2_step.py --size 7b --lora --activation-checkpointing \\
+        --batch 16 --seq-len 1024 --device cuda                                                 # 7B preset, per GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unicode_mllm.model.mllm import LoraSettings
+from unicode_mllm.runtime.devices import select_device, select_dtype
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384, vocab_size=442),
+    "7b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000
+    ),
+}
+
+
+def build_lm(size: str, seq_len: int, device: torch.device, lora: bool, checkpointing: bool) -> torch.nn.Module:
+    config = LlamaConfig(**SHAPES[size], max_position_embeddings=max(seq_len, 2048), tie_word_embeddings=False)
+    with device:
+        lm = LlamaForCausalLM(config)  # fp32: the master weights stage 2 trains
+    if checkpointing:
+        lm.config.use_cache = False
+        options = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if lora:
+        from peft import get_peft_model
+
+        lm = get_peft_model(lm, LoraSettings().to_peft())
+        lm.get_input_embeddings().weight.requires_grad_(True)  # the 7B preset's train_embeddings: true
+    return lm
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = select_device(args.device)
+    dtype = select_dtype("auto", device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lm = build_lm(args.size, args.seq_len, device, args.lora, args.activation_checkpointing)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=device.type == "cuda")
+    vocab = SHAPES[args.size]["vocab_size"]
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), device=device)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = lm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    median = statistics.median(times)
+    return {
+        "size": args.size,
+        "lora": args.lora,
+        "activation_checkpointing": args.activation_checkpointing,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "parameters_m": round(sum(p.numel() for p in lm.parameters()) / 1e6, 2),
+        "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 2),
+        "median_step_s": round(median, 4),
+        "min_step_s": round(min(times), 4),
+        "tokens_per_s": round(args.batch * args.seq_len / median, 1),
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        "steps_timed": len(times),
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=640)
+    parser.add_argument("--lora", action="store_true", help="the project's LoRA adapters + trainable embeddings")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    args = parser.parse_args(argv)
+    for name in ("batch", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        row = run(args)
+    except torch.OutOfMemoryError as error:  # a size that does not fit is a result too
+        print(json.dumps({"size": args.size, "batch": args.batch, "seq_len": args.seq_len, "oom": str(error)[:200]}))
+        return 1
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
