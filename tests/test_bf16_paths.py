@@ -51,3 +51,14 @@ def test_stage2_bf16_step_is_finite_and_close_to_fp32(
         losses[precision] = trainer.train_step()["loss"]
         assert {p.dtype for p in trainer.mllm.lm.parameters()} == {torch.float32}  # master weights
     assert math.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["no"]) < 0.05 * losses["no"]
+
+
+def test_codes_do_not_depend_on_the_callers_autocast(tiny_visual_tokenizer_dir):
+    from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+
+    tokenizer = VisualTokenizer.from_pretrained(tiny_visual_tokenizer_dir).eval()
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    plain = tokenizer.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(tokenizer.encode(x), plain)

@@ -219,8 +219,13 @@ class VisualTokenizer(PreTrainedModel):
         self._check_images(pixel_values, any_size)
         was_training = self.training
         self.eval()
+        # Codes are data: the same image must give the same ids in `tokenize`, on the fly in stage 2 and at
+        # inference, whatever autocast the caller runs under (a bf16 encoder flips near-ties).
+        device_type = pixel_values.device.type
         try:
-            return self.stack(self.encoder(pixel_values), freeze_codebook=True).codes
+            with torch.autocast(device_type, enabled=False):
+                features = self.encoder(pixel_values.to(self.encoder.conv_in.weight.dtype))
+                return self.stack(features, freeze_codebook=True).codes
         finally:
             self.train(was_training)
 
