@@ -537,6 +537,8 @@ def test_cli_chat_answers_draws_resets_and_reports_errors(capsys, tiny_mllm_dir,
         (["generate", "--model", "{model}", "{long}"], "at most 512 positions"),
         (["ask", "--model", "{model}", "   "], "question is empty"),
         (["generate", "--model", "{model}", "a red circle", "--depth-temperatures", "1,x"], "comma-separated list"),
+        (["ask", "--model", "{model}", "where", "--dtype", "fp8"], "dtype 'fp8' is unknown"),
+        (["generate", "--model", "{model}", "a red circle", "--dtype", "fp16"], "not supported on CPU"),
     ],
 )
 def test_cli_inference_errors_are_one_line(capsys, tiny_mllm_dir, tmp_path, args, message):
@@ -553,3 +555,22 @@ def test_cli_inference_errors_are_one_line(capsys, tiny_mllm_dir, tmp_path, args
     code, _, err = run(capsys, *[a.format(**values) for a in args], "--device", "cpu")
     assert code == 2
     assert err.startswith("error:") and message in err and err.strip().count("\n") == 0
+
+
+def test_cli_ask_in_bf16_loads_the_lm_in_bf16_and_answers(capsys, tiny_mllm_dir, tmp_path, monkeypatch):
+    import unicode_mllm.cli as cli
+
+    loaded = []
+    original = cli._load_inference_model
+
+    def spy(*args):
+        model = original(*args)
+        loaded.append((model.lm.dtype, next(model.visual_tokenizer.parameters()).dtype))
+        return model
+
+    monkeypatch.setattr(cli, "_load_inference_model", spy)
+    a = write_png(tmp_path / "a.png")
+    args = ("ask", "--model", str(tiny_mllm_dir), "--image", str(a), "--max-new-tokens", "4", "--device", "cpu")
+    code, out, err = run(capsys, *args, "--dtype", "bf16", "where")
+    assert code == 0, err
+    assert out.strip() and loaded == [(torch.bfloat16, torch.float32)]  # the visual tokenizer stays fp32

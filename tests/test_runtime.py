@@ -46,7 +46,7 @@ def test_device_and_dtype_selection():
     cpu = torch.device("cpu")
     assert select_dtype("auto", cpu) == torch.float32
     assert select_dtype("bf16", cpu) == torch.bfloat16
-    with pytest.raises(UserError, match="fp16' is not supported for training on CPU"):
+    with pytest.raises(UserError, match="fp16' is not supported on CPU"):
         select_dtype("fp16", cpu)
 
 

@@ -296,15 +296,20 @@ def demo(
 # ---------------------------------------------------------------------------------------- inference
 
 
-def _load_inference_model(path: Path, device: str):
-    """Load a saved UniCodeMLLM onto a device, in eval mode; UserError when the folder is not one."""
+DTYPE_HELP = "The LM's weights: auto (bf16 on a GPU with native bf16, else fp32), fp32, bf16 or fp16 (GPU)."
+
+
+def _load_inference_model(path: Path, device: str, dtype: str = "fp32"):
+    """Load a saved UniCodeMLLM onto a device, in eval mode, its LM in `dtype` (the visual tokenizer stays fp32);
+    UserError when the folder is not one."""
     from unicode_mllm.model import UniCodeMLLM
-    from unicode_mllm.runtime.devices import select_device
+    from unicode_mllm.runtime.devices import select_device, select_dtype
 
     if not path.is_dir():
         raise UserError(f"model folder {path} not found; it is not a saved UniCodeMLLM (pass a save_pretrained folder)")
     target = select_device(device)
-    model = UniCodeMLLM.from_pretrained(path)  # raises "... it is not a saved UniCodeMLLM" without its config
+    lm_dtype = select_dtype(dtype, target)  # UserError for an unknown name or fp16 on a CPU
+    model = UniCodeMLLM.from_pretrained(path, dtype=lm_dtype)  # "... it is not a saved UniCodeMLLM" without config
     return model.to(target).eval()
 
 
@@ -338,6 +343,7 @@ def ask_cmd(
     seed: int | None = typer.Option(None, "--seed", help="Seed for sampling (per question, batch-independent)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions decoded together."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print a single answer as it is decoded."),
 ) -> None:
     """Answer questions about images (VQA) with a trained UniCodeMLLM; --jsonl for a question file."""
@@ -358,7 +364,7 @@ def ask_cmd(
         if question or questions or image:
             raise UserError("--jsonl takes its questions and images from the file; drop the other questions/--image")
         records = read_questions_jsonl(jsonl)
-        mllm = _load_inference_model(model, device)
+        mllm = _load_inference_model(model, device, dtype)
         settings["seed"] = resolve_seed(seed)  # one seed for the whole file: the chunks continue one request
         lines = []
         chunk = max(1, batch_size) * 4  # images are loaded and encoded one chunk at a time
@@ -377,7 +383,7 @@ def ask_cmd(
     if out is not None:
         raise UserError("--out writes the answers of a --jsonl question file; pass --jsonl too")
     pairs_images, pairs_questions = _pair_questions(list(image), [*questions, *([question] if question else [])])
-    mllm = _load_inference_model(model, device)
+    mllm = _load_inference_model(model, device, dtype)
     if len(pairs_questions) == 1 and stream:
         answer_questions(
             mllm, pairs_images, pairs_questions, stream=lambda _i, piece: typer.echo(piece, nl=False), **settings
@@ -428,6 +434,7 @@ def generate_cmd(
     depth_temperatures: str | None = typer.Option(None, "--depth-temperatures", help=DEPTH_TEMPERATURES_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images decoded together."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Text-to-image: write PNGs, a captioned grid (<out>_grid.png) and the settings/ids (<out>.json)."""
     import json
@@ -440,7 +447,7 @@ def generate_cmd(
         raise UserError(f"-n must be >= 1, got {num_images}")
     paths = _numbered_paths(out, num_images)
     depth_temps = _depth_temperatures(depth_temperatures)
-    mllm = _load_inference_model(model, device)
+    mllm = _load_inference_model(model, device, dtype)
     result = generate_images(
         mllm,
         [text],
@@ -484,6 +491,7 @@ def chat_cmd(
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Drawings: classifier-free guidance scale."),
     seed: int | None = typer.Option(None, "--seed", help="Session seed (default: random)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Multi-turn chat on standard input: questions, /image PATH, /draw TEXT (or draw: TEXT), /reset, /quit."""
     from unicode_mllm.generation import ChatSession, ChatSettings
@@ -497,7 +505,7 @@ def chat_cmd(
         cfg_scale=cfg_scale,
         seed=seed,
     )
-    session = ChatSession(_load_inference_model(model, device), settings)
+    session = ChatSession(_load_inference_model(model, device, dtype), settings)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(CHAT_HELP)

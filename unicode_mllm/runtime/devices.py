@@ -42,7 +42,7 @@ def select_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice not in _DTYPES:
         raise UserError(f"dtype {choice!r} is unknown; choose one of auto, {', '.join(_DTYPES)}")
     if choice == "fp16" and device.type == "cpu":
-        raise UserError("dtype 'fp16' is not supported for training on CPU; use fp32 or bf16")
+        raise UserError("dtype 'fp16' is not supported on CPU; use fp32 or bf16")
     return _DTYPES[choice]
 
 
