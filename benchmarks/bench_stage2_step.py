@@ -37,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unicode_mllm.model.mllm import LoraSettings
 from unicode_mllm.runtime.devices import select_device, select_dtype
+from unicode_mllm.training.trainer import enable_activation_checkpointing
 
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384, vocab_size=442),
@@ -52,11 +53,7 @@ def build_lm(size: str, seq_len: int, device: torch.device, lora: bool, checkpoi
         lm = LlamaForCausalLM(config)  # fp32: the master weights stage 2 trains
     if checkpointing:
         lm.config.use_cache = False
-        options = {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        enable_activation_checkpointing(lm)  # as train-mllm with train.gradient_checkpointing
     if lora:
         from peft import get_peft_model
 

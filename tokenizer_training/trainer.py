@@ -32,7 +32,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
-from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
+from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
@@ -55,13 +55,10 @@ def _accelerator(cfg: TokenizerTrainConfig) -> Accelerator:
     device = cfg.train.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device='cuda' but CUDA is not available here; use train.device=auto or cpu")
-    precision = cfg.train.mixed_precision
-    if precision == "auto":  # as stages 0 and 2: bf16 where the GPU has it natively, else fp32
-        precision = mixed_precision_name(select_dtype("auto", select_device(device)))
     return stage_accelerator(
         "train-tokenizer",
         cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
-        mixed_precision=precision,
+        mixed_precision=accelerate_precision(cfg.train.mixed_precision, select_device(device)),
         # The codebook lives in buffers that the quantizer all-reduces itself; DDP must not re-send them.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )

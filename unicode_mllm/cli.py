@@ -233,7 +233,6 @@ def reconstruct_cmd(
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
 ) -> None:
     """Reconstruct images through a trained tokenizer; print PSNR and LPIPS per image."""
-    from unicode_mllm.runtime.devices import select_device
     from unicode_mllm.visual_tokenizer.reconstruct import reconstruct_files
 
     _require_model_dir(model, "tokenizer")
@@ -241,7 +240,7 @@ def reconstruct_cmd(
         if not path.is_file():
             raise UserError(f"image {path} not found; pass existing image files")
     trunk = None if lpips_trunk == "none" else lpips_trunk
-    results = reconstruct_files(model, images, out, trunk, select_device(device))
+    results = reconstruct_files(model, images, out, trunk, device)
     for r in results:
         lp = f"{r.lpips:.4f}" if r.lpips is not None else "n/a (no VGG16 trunk; pass --lpips-trunk PATH)"
         typer.echo(f"{r.source}: PSNR {r.psnr:.2f} dB, LPIPS {lp} -> {r.output}")
@@ -258,11 +257,10 @@ def tokenize_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards in --out."),
 ) -> None:
     """Pre-extract LLM token ids of every image of a shard set (stage 2 then skips the tokenizer)."""
-    from unicode_mllm.runtime.devices import select_device
     from unicode_mllm.visual_tokenizer.extract import extract_codes
 
     _require_model_dir(model, "tokenizer")
-    summaries = extract_codes(model, shards, out, split or None, batch_size, select_device(device), overwrite)
+    summaries = extract_codes(model, shards, out, split or None, batch_size, device, overwrite)
     typer.echo(", ".join(f"{s.num_samples} {name}" for name, s in summaries.items()) + f" written to {out}")
 
 

@@ -56,7 +56,7 @@ from unicode_mllm.runtime.checkpoint import (
     join_tensors,
     split_tensors,
 )
-from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
+from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
@@ -250,13 +250,6 @@ def evaluate(model: torch.nn.Module, windows: Tensor, batch_size: int, max_batch
 # ------------------------------------------------------------------------------------------ train
 
 
-def _mixed_precision(choice: str, device: torch.device) -> str:
-    """The accelerate `mixed_precision` for the config's choice ('auto': bf16 on capable GPUs, else 'no')."""
-    if choice == "no":
-        return "no"
-    return mixed_precision_name(select_dtype(choice, device))  # refuses fp16 on CPU with a UserError
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
@@ -309,7 +302,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     tcfg = cfg.train
     device = select_device(tcfg.device)
     accelerator = stage_accelerator(
-        "train-lm", cpu=device.type == "cpu", mixed_precision=_mixed_precision(tcfg.mixed_precision, device)
+        "train-lm", cpu=device.type == "cpu", mixed_precision=accelerate_precision(tcfg.mixed_precision, device)
     )
     is_main = accelerator.is_main_process
 

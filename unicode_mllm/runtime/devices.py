@@ -18,8 +18,11 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def select_device(choice: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu. An unavailable explicit choice raises UserError."""
+def select_device(choice: str | torch.device = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu. An unavailable explicit choice raises UserError; a torch.device
+    is returned as it is."""
+    if isinstance(choice, torch.device):
+        return choice
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -49,3 +52,13 @@ def select_dtype(choice: str, device: torch.device) -> torch.dtype:
 def mixed_precision_name(dtype: torch.dtype) -> str:
     """The accelerate `mixed_precision` string for a compute dtype."""
     return {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def accelerate_precision(choice: str, device: torch.device) -> str:
+    """A config's `mixed_precision` ('no', 'auto', 'bf16', 'fp16') -> accelerate's name for `device`.
+
+    'auto' is bf16 on a GPU with native bf16, else 'no'; fp16 on a CPU raises UserError.
+    """
+    if choice == "no":
+        return "no"
+    return mixed_precision_name(select_dtype(choice, device))

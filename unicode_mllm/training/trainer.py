@@ -38,7 +38,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
 from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
-from unicode_mllm.runtime.devices import mixed_precision_name, select_device, select_dtype
+from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
@@ -63,11 +63,7 @@ class MLLMTrainResult:
 
 def _accelerator(cfg: MLLMTrainConfig) -> Accelerator:
     device = select_device(cfg.train.device)  # UserError for cuda/mps that is not there
-    precision = (
-        "no"
-        if cfg.train.mixed_precision == "no"
-        else mixed_precision_name(select_dtype(cfg.train.mixed_precision, device))
-    )
+    precision = accelerate_precision(cfg.train.mixed_precision, device)
     # A compressor's weights get no gradient in a pass without images (text-to-image chunks): DDP must expect that.
     unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.compressor.name != "identity")
     return stage_accelerator(
@@ -106,13 +102,18 @@ def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
         if m.lora.train_embeddings:
             model.lm.get_input_embeddings().weight.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
-        # non-reentrant: works under DDP with unused parameters and with frozen inputs (LoRA)
-        options = {"use_reentrant": False}
-        if hasattr(model.lm, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-            model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        enable_activation_checkpointing(model.lm)
     return model
+
+
+def enable_activation_checkpointing(lm: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward, non-reentrant: it works under DDP with unused parameters
+    and with frozen inputs (LoRA)."""
+    options = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 class MLLMTrainer:

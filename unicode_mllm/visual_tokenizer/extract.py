@@ -57,7 +57,7 @@ def extract_codes(
     overwrite: bool = False,
 ) -> dict[str, SplitSummary]:
     """Encode every image of `splits` (default: all) and write them with their token ids to `out_dir`."""
-    device = select_device(device) if isinstance(device, str) else device  # "auto" -> cuda, mps or cpu
+    device = select_device(device)  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     manifest = read_manifest(shards)
     names = list(splits) if splits else sorted(manifest.splits)

@@ -80,7 +80,7 @@ def reconstruct_files(
     device: str | torch.device = "auto",
 ) -> list[Reconstruction]:
     """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each image file."""
-    device = select_device(device) if isinstance(device, str) else device  # "auto" -> cuda, mps or cpu
+    device = select_device(device)  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     perceptual, _ = load_perceptual(lpips_trunk, device)  # None is reported as n/a by the caller, never a number
     out_dir = Path(out_dir)
