@@ -256,9 +256,10 @@ def main() -> None:
         random.seed(123)  # the same questions at every evaluation
         right = {k: 0 for k in kinds}
         total = {k: 0 for k in kinds}
+        scored = min(args.val_images, len(qa))  # train is scored on as many images as val, when it has them
         with torch.no_grad():
-            for start in range(0, args.val_images, 50):
-                embeds, mask, labels, asked = batch(x, ids, qa, range(start, start + 50))
+            for start in range(0, scored, 50):
+                embeds, mask, labels, asked = batch(x, ids, qa, range(start, min(start + 50, scored)))
                 logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
                 where = labels[:, 1:] != -100
                 correct = (logits[:, :-1][where].argmax(-1) == labels[:, 1:][where]).tolist()

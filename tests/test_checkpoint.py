@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 import torch
@@ -101,3 +102,17 @@ def test_manager_errors(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(UserError, match="is damaged"):
         ckpt.load_tensors(bad)
+
+
+def test_renamed_files_and_checkpoints_get_umask_modes(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700 entries; after the rename they must read like plain writes (0644/0755)."""
+    plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain"
+    plain_file.write_text("x")
+    plain_dir.mkdir()
+    atomic_write_text(tmp_path / "atomic.json", "{}")
+    saved = CheckpointManager(tmp_path / "ckpts").save(3, {"model": {"w": torch.zeros(2)}}, {"note": 1})
+    mode = stat.S_IMODE
+    assert mode((tmp_path / "atomic.json").stat().st_mode) == ckpt.FILE_MODE == mode(plain_file.stat().st_mode)
+    assert mode(saved.stat().st_mode) == ckpt.DIR_MODE == mode(plain_dir.stat().st_mode)
+    assert mode((saved / "state.json").stat().st_mode) == ckpt.FILE_MODE
+    assert mode((tmp_path / "ckpts" / "latest.json").stat().st_mode) == ckpt.FILE_MODE

@@ -468,6 +468,23 @@ def test_cli_ask_streams_one_answer_and_pairs_several(capsys, tiny_mllm_dir, mod
     assert len(lines) == 2 and lines[0].startswith(f"{a} | where -> ") and lines[1].startswith(f"{b} | what colour")
 
 
+def test_cli_ask_reduce_answers_as_the_reduced_model(capsys, tiny_mllm_dir, tmp_path):
+    """--reduce overrides the saved token reduction: the answer is the one the model gives with that config."""
+    from unicode_mllm.token_reduction.config import MustDropMergeConfig, TokenReductionConfig
+
+    picture = write_png(tmp_path / "a.png")
+    reduced = UniCodeMLLM.from_pretrained(tiny_mllm_dir).eval()
+    reduced.token_reduction = TokenReductionConfig(
+        vision="mustdrop_merge", mustdrop_merge=MustDropMergeConfig(window=(2, 2), threshold=-1.0)
+    )
+    expected = reduced.answer(Image.open(picture), "where", max_new_tokens=8)[0]
+    args = ("ask", "--model", str(tiny_mllm_dir), "--image", str(picture), "--max-new-tokens", "8", "--device", "cpu")
+    reduce = ("--reduce", "vision=mustdrop_merge", "--reduce", "mustdrop_merge.threshold=-1")
+    code, out, err = run(capsys, *args, *reduce, "where")
+    assert code == 0, err
+    assert out.strip() == expected
+
+
 def test_cli_ask_jsonl_writes_one_answer_per_line(capsys, tiny_mllm_dir, tmp_path):
     write_png(tmp_path / "a.png")
     questions = tmp_path / "q.jsonl"
@@ -539,6 +556,12 @@ def test_cli_chat_answers_draws_resets_and_reports_errors(capsys, tiny_mllm_dir,
         (["generate", "--model", "{model}", "a red circle", "--depth-temperatures", "1,x"], "comma-separated list"),
         (["ask", "--model", "{model}", "where", "--dtype", "fp8"], "dtype 'fp8' is unknown"),
         (["generate", "--model", "{model}", "a red circle", "--dtype", "fp16"], "not supported on CPU"),
+        (["ask", "--model", "{model}", "where", "--reduce", "vision=bogus"], "must be one of"),
+        (["ask", "--model", "{model}", "where", "--reduce", "visoin=ficoco_v"], "did you mean 'vision'"),
+        (
+            ["ask", "--model", "{model}", "where", "--reduce", "llm=ficoco_l", "--reduce", "ficoco_l.layers=[9]"],
+            "does not exist",
+        ),
     ],
 )
 def test_cli_inference_errors_are_one_line(capsys, tiny_mllm_dir, tmp_path, args, message):

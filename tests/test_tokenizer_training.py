@@ -84,7 +84,8 @@ def test_short_ramp_run_ends_on_the_language_codebook(tiny_lm_dir, tiny_shapes_d
 
 def test_resume_gives_the_same_next_step_loss(tiny_lm_dir, tiny_shapes_dir, tmp_path):
     full = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path / "a", **{"train.steps": 5}))
-    losses = [full.train_step(full.next_batch())["total"] for _ in range(5)]
+    full_logs = [full.train_step(full.next_batch()) for _ in range(5)]
+    losses = [row["total"] for row in full_logs]
 
     first = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path / "b", **{"train.steps": 5}))
     for _ in range(3):
@@ -95,8 +96,10 @@ def test_resume_gives_the_same_next_step_loss(tiny_lm_dir, tiny_shapes_dir, tmp_
     resumed = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path / "b", **{"train.steps": 5}))
     resumed.load_checkpoint()
     assert resumed.step == 3
-    after = [resumed.train_step(resumed.next_batch())["total"] for _ in range(2)]
-    assert after == losses[3:]
+    after_logs = [resumed.train_step(resumed.next_batch()) for _ in range(2)]
+    assert [row["total"] for row in after_logs] == losses[3:]
+    # the logged code usage (a window over recent steps) is restored too, not restarted
+    assert [row["usage"] for row in after_logs] == [row["usage"] for row in full_logs[3:]]
 
 
 def test_native_backend_trains_and_round_trips(tiny_lm_dir, tiny_shapes_dir, tmp_path):

@@ -288,6 +288,7 @@ class TokenizerTrainer:
             "model": self.tokenizer.state_dict(),
             "discriminator": acc.unwrap_model(self.disc).state_dict(),
             "optimizer": opt_tensors,
+            "usage": self.usage.state_dict(),  # the logged usage of a resumed run then equals the uninterrupted one
         }
         return self.ckpt.save(self.step, tensors, state)
 
@@ -300,6 +301,10 @@ class TokenizerTrainer:
         self.opt_d.load_state_dict(optim["d"])
         self.sched_g.load_state_dict(ckpt.state["scheduler"]["g"])
         self.sched_d.load_state_dict(ckpt.state["scheduler"]["d"])
+        if "usage" in ckpt.tensors:
+            self.usage.load_state_dict(ckpt.tensors["usage"])
+        else:
+            log.warning("checkpoint %s has no usage window (older format): usage restarts counting", ckpt.path)
         self.step = ckpt.step
         self.position = DataPosition(**ckpt.state["data"])
         self._batches = None

@@ -25,6 +25,24 @@ class UsageWindow:
         self.hists.append(hist)
         self.total += hist
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The window's histograms (n, d, v), oldest first, for a checkpoint (int32: counts per step are small)."""
+        if not self.hists:
+            return {"hists": torch.zeros(0, self.depth, self.num_codes, dtype=torch.int32)}
+        return {"hists": torch.stack(list(self.hists)).to(torch.int32)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        hists = state["hists"]
+        if tuple(hists.shape[1:]) != (self.depth, self.num_codes):
+            raise ValueError(
+                f"usage window of shape {tuple(hists.shape)} does not fit ({self.depth}, {self.num_codes})"
+            )
+        self.hists.clear()
+        self.total.zero_()
+        for hist in hists[-self.hists.maxlen :].long():
+            self.hists.append(hist)
+            self.total += hist
+
     def unique_per_depth(self) -> list[int]:
         return [int(n) for n in (self.total > 0).sum(dim=1)]
 

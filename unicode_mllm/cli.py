@@ -295,11 +295,26 @@ def demo(
 
 
 DTYPE_HELP = "The LM's weights: auto (bf16 on a GPU with native bf16, else fp32), fp32, bf16 or fp16 (GPU)."
+REDUCE_HELP = (
+    "Token reduction of text answers, key=value on top of the model's saved setting (repeatable), e.g. "
+    "vision=mustdrop_merge, llm=ficoco_l, ficoco_l.layers=[1], vision=none."
+)
 
 
-def _load_inference_model(path: Path, device: str, dtype: str = "fp32"):
-    """Load a saved UniCodeMLLM onto a device, in eval mode, its LM in `dtype` (the visual tokenizer stays fp32);
-    UserError when the folder is not one."""
+def _with_token_reduction(mllm, specs: list[str]):
+    """Apply --reduce key=value overrides to the model's TokenReductionConfig (ConfigError naming a bad key)."""
+    if specs:
+        from unicode_mllm.config import config_from_dict
+        from unicode_mllm.token_reduction.config import TokenReductionConfig
+
+        saved = mllm.token_reduction.to_dict()
+        mllm.token_reduction = config_from_dict(TokenReductionConfig, saved, specs, source="--reduce")
+    return mllm
+
+
+def _load_inference_model(path: Path, device: str, dtype: str = "fp32", reduce: list[str] | None = None):
+    """Load a saved UniCodeMLLM onto a device, in eval mode, its LM in `dtype` (the visual tokenizer stays fp32)
+    and its token reduction overridden by `reduce`; UserError when the folder is not one."""
     from unicode_mllm.model import UniCodeMLLM
     from unicode_mllm.runtime.devices import select_device, select_dtype
 
@@ -308,7 +323,7 @@ def _load_inference_model(path: Path, device: str, dtype: str = "fp32"):
     target = select_device(device)
     lm_dtype = select_dtype(dtype, target)  # UserError for an unknown name or fp16 on a CPU
     model = UniCodeMLLM.from_pretrained(path, dtype=lm_dtype)  # "... it is not a saved UniCodeMLLM" without config
-    return model.to(target).eval()
+    return _with_token_reduction(model, reduce or []).to(target).eval()
 
 
 def _pair_questions(images: list[Path], questions: list[str]) -> tuple[list[Path | None], list[str]]:
@@ -342,6 +357,7 @@ def ask_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Questions decoded together."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    reduce: list[str] = typer.Option([], "--reduce", help=REDUCE_HELP),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print a single answer as it is decoded."),
 ) -> None:
     """Answer questions about images (VQA) with a trained UniCodeMLLM; --jsonl for a question file."""
@@ -362,7 +378,7 @@ def ask_cmd(
         if question or questions or image:
             raise UserError("--jsonl takes its questions and images from the file; drop the other questions/--image")
         records = read_questions_jsonl(jsonl)
-        mllm = _load_inference_model(model, device, dtype)
+        mllm = _load_inference_model(model, device, dtype, reduce)
         settings["seed"] = resolve_seed(seed)  # one seed for the whole file: the chunks continue one request
         lines = []
         chunk = max(1, batch_size) * 4  # images are loaded and encoded one chunk at a time
@@ -381,7 +397,7 @@ def ask_cmd(
     if out is not None:
         raise UserError("--out writes the answers of a --jsonl question file; pass --jsonl too")
     pairs_images, pairs_questions = _pair_questions(list(image), [*questions, *([question] if question else [])])
-    mllm = _load_inference_model(model, device, dtype)
+    mllm = _load_inference_model(model, device, dtype, reduce)
     if len(pairs_questions) == 1 and stream:
         answer_questions(
             mllm, pairs_images, pairs_questions, stream=lambda _i, piece: typer.echo(piece, nl=False), **settings
@@ -490,6 +506,7 @@ def chat_cmd(
     seed: int | None = typer.Option(None, "--seed", help="Session seed (default: random)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    reduce: list[str] = typer.Option([], "--reduce", help=REDUCE_HELP + " Drawing turns never reduce."),
 ) -> None:
     """Multi-turn chat on standard input: questions, /image PATH, /draw TEXT (or draw: TEXT), /reset, /quit."""
     from unicode_mllm.generation import ChatSession, ChatSettings
@@ -503,7 +520,7 @@ def chat_cmd(
         cfg_scale=cfg_scale,
         seed=seed,
     )
-    session = ChatSession(_load_inference_model(model, device, dtype), settings)
+    session = ChatSession(_load_inference_model(model, device, dtype, reduce), settings)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(CHAT_HELP)
@@ -561,12 +578,13 @@ def _write_report(report: dict, out: Path | None) -> None:
     typer.echo(f"report: {out}")
 
 
-def _load_mllm(model: Path, device: str, method: str):
-    """UniCodeMLLM.from_pretrained(model) on `device`, checked to offer `method` (answer / generate_images)."""
+def _load_mllm(model: Path, device: str, method: str, reduce: list[str] | None = None):
+    """UniCodeMLLM.from_pretrained(model) on `device`, checked to offer `method` (answer / generate_images), its
+    token reduction overridden by `reduce`."""
     from unicode_mllm.model import UniCodeMLLM
     from unicode_mllm.runtime.devices import select_device
 
-    mllm = UniCodeMLLM.from_pretrained(model).to(select_device(device)).eval()
+    mllm = _with_token_reduction(UniCodeMLLM.from_pretrained(model), reduce or []).to(select_device(device)).eval()
     if not callable(getattr(mllm, method, None)):
         raise UserError(f"this UniCodeMLLM has no {method}() method; update unicode-mllm to evaluate {model}")
     return mllm
@@ -636,6 +654,7 @@ def eval_vqa_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     limit: int | None = typer.Option(None, "--limit", help="Ask at most this many questions."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    reduce: list[str] = typer.Option([], "--reduce", help=REDUCE_HELP),
     out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
 ) -> None:
     """Exact-match VQA accuracy per question kind (greedy answers of UniCodeMLLM.answer)."""
@@ -649,7 +668,7 @@ def eval_vqa_cmd(
         raise UserError(
             f"--batch-size, --max-new-tokens and --limit must be >= 1 (got {batch_size}, {max_new_tokens}, {limit})"
         )
-    mllm = _load_mllm(model, device, "answer")
+    mllm = _load_mllm(model, device, "answer", reduce)
 
     def answer_fn(images: list, questions: list[str]) -> list[str]:
         return mllm.answer(images, questions, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)

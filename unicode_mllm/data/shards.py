@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,6 +47,7 @@ from PIL import Image
 from unicode_mllm import __version__
 from unicode_mllm.data.image_io import encode_png
 from unicode_mllm.errors import UserError
+from unicode_mllm.runtime.checkpoint import atomic_write_text
 from unicode_mllm.runtime.progress import make_progress
 
 logger = logging.getLogger(__name__)
@@ -244,19 +244,6 @@ def write_split(
     return summary
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -305,7 +292,7 @@ def write_manifest(
     except (TypeError, ValueError) as exn:
         raise ValueError(f"manifest for {out} is not JSON-serialisable ({exn})") from None
     path = out / MANIFEST_NAME
-    _atomic_write_text(path, text + "\n")
+    atomic_write_text(path, text + "\n")
     return path
 
 

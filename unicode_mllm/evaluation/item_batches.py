@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from unicode_mllm.runtime.progress import track
+from unicode_mllm.runtime.progress import make_progress
 
 T = TypeVar("T")
 
@@ -20,20 +21,21 @@ def run_in_batches(
     after an early stop or an error: a shard reader adds its skip counts when it closes.
     """
     batch: list[T] = []
-    seen = 0
     stream = iter(items)
-    try:
-        for item in track(stream, description):
-            batch.append(item)
-            seen += 1
-            if len(batch) == batch_size:
-                run(batch)
-                batch = []
-            if limit is not None and seen >= limit:
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    if batch:
-        run(batch)
+    limited = stream if limit is None else itertools.islice(stream, limit)
+    with make_progress() as progress:
+        task = progress.add_task(description, total=limit, stats="")  # the bar counts answered items
+        try:
+            for item in limited:
+                batch.append(item)
+                if len(batch) == batch_size:
+                    run(batch)
+                    progress.advance(task, len(batch))
+                    batch = []
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if batch:
+            run(batch)
+            progress.advance(task, len(batch))

@@ -34,6 +34,19 @@ from unicode_mllm.errors import UserError
 TENSOR_STUB = "__tensor__"
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp create 0600 / 0700 entries; what we rename into place should get the modes that a plain
+# open() / mkdir() would give (0666 / 0777 less the umask), so shared runs and data stay readable to the group.
+_UMASK = _process_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes the rename itself durable; not every platform lets you open a directory.
     with contextlib.suppress(OSError):
@@ -58,6 +71,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -169,6 +183,7 @@ class CheckpointManager:
         final = self.root / name
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.root))
         try:
+            os.chmod(tmp, DIR_MODE)
             for group, group_tensors in tensors.items():
                 save_tensors(tmp / f"{group}.safetensors", group_tensors)
             atomic_write_json(tmp / "state.json", {"step": step, **state})
