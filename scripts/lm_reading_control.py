@@ -112,9 +112,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--aggregate",
-        choices=["sum", "mean"],
+        choices=["sum", "mean", "rolled", "interleaved", "spatial"],
         default="sum",
-        help="codes: sum the D embeddings per position (the design) or average them (text-token scale)",
+        help="codes: sum the D embeddings per position (the design), average them (text-token scale), sum them with "
+        "slot k's channels rolled by k*width/D (keeps which slot a code is in), read all h*w*D codes as tokens "
+        "(interleaved), or (hq) the four bottom codes at their places on the 2h x 2w grid, each plus its top code",
     )
     parser.add_argument(
         "--question-first",
@@ -132,6 +134,9 @@ def main() -> None:
         parser.error("--cell-bags needs code ids: use --variant codes or random_rows")
     if args.cell_bags and (args.local_mixer != "none" or args.drop_background):
         parser.error("--cell-bags reads 9 cell tokens: it does not combine with --local-mixer or --drop-background")
+    reshaped = args.aggregate in ("interleaved", "spatial")
+    if reshaped and (args.cell_bags or args.local_mixer != "none" or args.drop_background or args.image_positions):
+        parser.error(f"--aggregate {args.aggregate} changes the token grid: use it without the grid options")
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
@@ -193,9 +198,20 @@ def main() -> None:
             patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, 3 * patch * patch)
             tokens = patch_proj(patches)  # (b, grid*grid, width)
         else:
-            tokens = embedding(ids).sum(dim=3)  # (b, h, w, width): the aggregated reading
-            if args.aggregate == "mean":
-                tokens = tokens / ids.shape[3]
+            per_code = embedding(ids)  # (b, h, w, d, width)
+            b, h, w, d, _ = per_code.shape
+            if args.aggregate == "interleaved":  # (b, h, w*d, width): raster order, depth-first per position
+                tokens = per_code.reshape(b, h, w * d, width)
+            elif args.aggregate == "spatial":  # hq: (b, 2h, 2w, width), each bottom code at its place + its top code
+                bottom = per_code[:, :, :, 1:].reshape(b, h, w, 2, 2, width).permute(0, 1, 3, 2, 4, 5)
+                top = per_code[:, :, :, 0].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+                tokens = bottom.reshape(b, 2 * h, 2 * w, width) + top
+            elif args.aggregate == "rolled":
+                tokens = sum(torch.roll(per_code[:, :, :, k], shifts=k * width // d, dims=-1) for k in range(d))
+            else:
+                tokens = per_code.sum(dim=3)  # (b, h, w, width): the aggregated reading
+                if args.aggregate == "mean":
+                    tokens = tokens / d
             if args.cell_bags:  # (b, 3, h/3, 3, w/3, width) -> one mean per world cell
                 b, h, w, _ = tokens.shape
                 tokens = tokens.reshape(b, 3, h // 3, 3, w // 3, width).mean(dim=(2, 4))

@@ -71,11 +71,12 @@ class PixelCNN(nn.Module):
         return self.head(f.amax(-1) if self.pool == "max" else f.mean(-1))
 
 
-def code_embeddings(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
+def code_embeddings(x: Tensor, tokenizer_dir: str, lm_dir: str, layout: str = "sum") -> Tensor:
     """(n, 3, H, W) -> (n, h, w, c): the aggregated reading of the frozen visual tokenizer's codes.
 
     The encoder is convolutional, so images larger than the tokenizer's training size are coded too (on
-    a proportionally larger grid: `encode(..., any_size=True)`).
+    a proportionally larger grid: `encode(..., any_size=True)`). layout `spatial` (`hq` only) keeps each
+    bottom code at its own place on the 2h x 2w grid, plus its top code, instead of summing the five.
     """
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +86,17 @@ def code_embeddings(x: Tensor, tokenizer_dir: str, lm_dir: str) -> Tensor:
     rows = AutoModelForCausalLM.from_pretrained(lm_dir).get_input_embeddings().weight.detach()
     with torch.no_grad():
         codes = [tokenizer.encode(x[i : i + 256], any_size=True) for i in range(0, len(x), 256)]
-    return rows[tokenizer.codes_to_token_ids(torch.cat(codes))].sum(dim=3)
+    embeds = rows[tokenizer.codes_to_token_ids(torch.cat(codes))]  # (n, h, w, d, c)
+    if layout == "sum":
+        return embeds.sum(dim=3)
+    if layout == "rolled":  # slot k's embedding with its channels rotated by k*c/d, then summed (h*w tokens)
+        d, c = embeds.shape[3], embeds.shape[4]
+        return sum(torch.roll(embeds[:, :, :, k], shifts=k * c // d, dims=-1) for k in range(d))
+    if embeds.shape[3] != 5:
+        raise SystemExit(f"--codes-layout spatial needs an hq tokenizer (5 codes per position); got {embeds.shape[3]}")
+    n, h, w, _, c = embeds.shape
+    bottom = embeds[:, :, :, 1:].reshape(n, h, w, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
+    return bottom + embeds[:, :, :, 0].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
 
 def cell_bags(embeddings: Tensor, cells: Tensor) -> Tensor:
@@ -171,6 +182,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", choices=["patches", "codes"], default="patches", help="patch_conv_* and vit only")
     parser.add_argument("--tokenizer", default="runs/tokenizer/tiny/final", help="visual tokenizer for --tokens codes")
+    parser.add_argument(
+        "--codes-layout",
+        choices=["sum", "rolled", "spatial"],
+        default="sum",
+        help="--tokens codes: sum the D codes per position (aggregated reading) or, for hq, keep the four bottom "
+        "codes at their places (2x finer grid, each plus its top code), or sum them with slot k's channels rolled by "
+        "k*c/d (keeps which slot a code is in)",
+    )
     parser.add_argument("--lm", default="runs/lm/tiny/model", help="the LM whose embedding rows the codes are")
     args = parser.parse_args()
 
@@ -185,7 +204,7 @@ def main() -> None:
     if args.tokens == "codes":
         if args.mode.startswith("cnn_"):
             parser.error("--tokens codes needs a patch_conv_*, vit or cell_bag_* mode")
-        e_train, e_val = (code_embeddings(x, args.tokenizer, args.lm) for x in (x_train, x_val))
+        e_train, e_val = (code_embeddings(x, args.tokenizer, args.lm, args.codes_layout) for x in (x_train, x_val))
         if args.mode.startswith("cell_bag_"):
             x_train, x_val = cell_bags(e_train, cell_train), cell_bags(e_val, cell_val)
         else:
