@@ -70,7 +70,7 @@ def test_data_shapes_writes_shards_manifest_and_grid(capsys, tmp_path):
         (["data", "shapes", "--out", "X", "--size", "500"], "key 'image_size' = 500 is out of range [32, 256]"),
         (["data", "shapes", "--out", "X", "--set", "colurs=[red]"], "unknown key 'colurs' (did you mean 'colours'?)"),
         (["data", "inspect", "/nonexistent/folder"], "no such data folder"),
-        (["reconstruct", "a.png", "--model", "/nonexistent"], "tokenizer folder /nonexistent not found"),
+        (["reconstruct", "a.png", "--model", "/nonexistent"], "visual tokenizer /nonexistent is not a folder"),
         (["train-tokenizer", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
         (["data", "from-folder", "/nonexistent", "--out", "X"], "image folder /nonexistent not found"),
     ],

@@ -149,7 +149,7 @@ def test_a_too_long_sample_is_reported_not_truncated(text_tokenizer):
     counter = SkipCounter(strict=False, max_skip_fraction=0.25)
     capped = MLLMSampleBuilder(text_tokenizer, CODE_SHAPE, max_length=50, strict=False, skips=counter)
     capped.vqa(image_ids(), qa, "long")
-    with pytest.raises(UserError, match="exceeds max_skip_fraction=0.25"):
+    with pytest.raises(UserError, match="exceeds data.max_skip_fraction=0.25"):
         counter.check()
 
 

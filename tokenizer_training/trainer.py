@@ -27,7 +27,7 @@ from tokenizer_training.config import OptimConfig, TokenizerTrainConfig
 from tokenizer_training.losses import VQGANLoss
 from tokenizer_training.usage import UsageWindow
 from unicode_mllm.data.batches import DataPosition, EpochBatches
-from unicode_mllm.data.stream import StreamingDataset, collate
+from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.runtime.accelerator import stage_accelerator
@@ -36,7 +36,7 @@ from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles
+from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_out_dir, check_splits
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
@@ -135,7 +135,8 @@ class TokenizerTrainer:
         self.usage = UsageWindow(q.num_codes, self.tokenizer.code_shape[2], cfg.train.usage_window)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
-        self._batches = None
+        self._batches: EpochBatches | None = None
+        self._reader_skips: dict[str, Any] = {}  # reader skip counts of a resumed run, until the stream exists
 
     # ----- pieces ---------------------------------------------------------------------------
 
@@ -171,6 +172,7 @@ class TokenizerTrainer:
                 max_skip_fraction=self.cfg.data.max_skip_fraction,
                 position=self.position,
             )
+            self._batches.report.load_state_dict(self._reader_skips)
             self._iter = iter(self._batches)
         return self._batches
 
@@ -282,6 +284,7 @@ class TokenizerTrainer:
             "optimizer": opt_tree,
             "scheduler": {"g": self.sched_g.state_dict(), "d": self.sched_d.state_dict()},
             "data": self.position.to_dict(),
+            "reader_skips": self.reader_skips_state(),
             "rng": capture_rng_state(),
         }
         tensors = {
@@ -307,9 +310,20 @@ class TokenizerTrainer:
             log.warning("checkpoint %s has no usage window (older format): usage restarts counting", ckpt.path)
         self.step = ckpt.step
         self.position = DataPosition(**ckpt.state["data"])
+        self._reader_skips = ckpt.state.get("reader_skips", {})
         self._batches = None
         restore_rng_state(ckpt.state["rng"])
         log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
+
+    def reader_skips_state(self) -> dict[str, Any]:
+        """What the shard reader skipped so far (corrupt images, broken shards), as checkpoint JSON."""
+        return self._batches.report.state_dict() if self._batches is not None else dict(self._reader_skips)
+
+    def reader_summary(self) -> str:
+        """One line, e.g. "skipped 10 of 40 samples (25.00%): 10 corrupt image"."""
+        reader = SkipReport()
+        reader.load_state_dict(self.reader_skips_state())
+        return reader.summary()
 
     # ----- the run ---------------------------------------------------------------------------------
 
@@ -317,12 +331,19 @@ class TokenizerTrainer:
         cfg, acc = self.cfg, self.accelerator
         if resume:
             self.load_checkpoint(None if resume is True else resume)
+        elif self.step == 0:  # a trainer that has stepped or loaded continues its own run
+            check_out_dir(self.out_dir, resume=False)
+        d = cfg.data  # every split it reads must exist before step 1
+        check_splits(d.shards, {"data.train_split": [d.train_split], "data.eval_splits": d.eval_splits})
         self.files.write_config()
+        self.files.trim_metrics(self.step)
         started = time.perf_counter()
         last_eval: dict[str, float] = {}
-        with make_progress(disable=not acc.is_main_process) as progress:
+        with make_progress(disable=not acc.is_main_process) as progress, StopOnInterrupt(acc) as interrupt:
             task = progress.add_task("stage 1: tokenizer", total=cfg.train.steps, completed=self.step, stats="")
             while self.step < cfg.train.steps:
+                if interrupt.requested:
+                    interrupt.stop(self.step, self.save_checkpoint())
                 logs = self.train_step(self.next_batch())
                 if not math.isfinite(logs["total"]):
                     self.save_checkpoint()
@@ -354,9 +375,11 @@ class TokenizerTrainer:
         metrics = {"step": self.step, "rel_distance": self.relative_distance(), **last_eval}
         metrics["usage"] = self.usage.unique_per_depth()
         metrics["seconds"] = round(time.perf_counter() - started, 1)
+        metrics["data"] = self.reader_summary()
         self.files.write_final_metrics(metrics)
         if acc.is_main_process:
             self.plot()
+        log.info("stage 1 data: %s", metrics["data"])
         return TokenizerTrainResult(final_dir, self.step, metrics)
 
     def _log(self, row: dict[str, Any]) -> None:
@@ -381,5 +404,9 @@ class TokenizerTrainer:
 def train_tokenizer(
     cfg: TokenizerTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False
 ) -> TokenizerTrainResult:
-    """Run stage 1 to `cfg.train.steps` (or `train.max_minutes`); returns where the tokenizer was saved."""
+    """Run stage 1 to `cfg.train.steps` (or `train.max_minutes`); returns where the tokenizer was saved.
+
+    Refuses (UserError) to overwrite a run in `out_dir` unless `resume`, and `resume=True` without a checkpoint.
+    """
+    check_out_dir(out_dir or cfg.train.out_dir, resume)  # before the models load
     return TokenizerTrainer(cfg, out_dir).fit(resume=resume)

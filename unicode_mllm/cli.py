@@ -7,12 +7,21 @@ Heavy imports happen inside each command so `--help` stays fast.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
 import typer
 
+from unicode_mllm.cli_checks import (
+    check_at_least,
+    check_lpips_trunk,
+    check_sampling,
+    check_split_name,
+    ensure_writable_output,
+)
 from unicode_mllm.errors import UserError
+from unicode_mllm.runtime.model_folders import require_visual_tokenizer
 
 app = typer.Typer(
     name="unicode-mllm",
@@ -27,15 +36,18 @@ app.add_typer(data_app, name="data")
 log = logging.getLogger("unicode_mllm")
 
 SET_HELP = "Override a config value, e.g. --set image_size=32 (repeatable)."
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @app.callback()
 def _main_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    log_level: str = typer.Option("INFO", "--log-level", help="Logging level (DEBUG, INFO, WARNING)."),
+    log_level: str = typer.Option("INFO", "--log-level", help="Logging level (DEBUG, INFO, WARNING, ERROR)."),
 ) -> None:
     from unicode_mllm.runtime.progress import setup_logging
 
+    if log_level.upper() not in LOG_LEVELS:
+        raise UserError(f"--log-level {log_level!r} is unknown; choose one of {', '.join(LOG_LEVELS)}")
     setup_logging(log_level.upper())
     # Our own rich bars report progress; transformers' tqdm bars ("Loading weights") only add noise.
     from transformers.utils import logging as hf_logging
@@ -66,6 +78,8 @@ def data_shapes(
     from unicode_mllm.data.shapes import ShapesConfig
     from unicode_mllm.data.shapes_dataset import write_shapes_dataset
 
+    check_at_least(shard_size, 1, "--shard-size")
+    ensure_writable_output(out, "--out", folder=True)
     overrides = list(set_)
     if size is not None:
         overrides.append(f"image_size={size}")
@@ -94,6 +108,9 @@ def data_from_folder(
 
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found; pass an existing directory")
+    check_split_name(split)
+    check_at_least(shard_size, 1, "--shard-size")
+    ensure_writable_output(out, "--out", folder=True)
     report = convert_image_folder(folder, out, split=split, maxcount=shard_size, overwrite=overwrite)
     typer.echo(report.summary())
 
@@ -112,6 +129,9 @@ def data_from_llava(
 
     if not json_path.is_file():
         raise UserError(f"conversation file {json_path} not found; pass an existing JSON file")
+    check_split_name(split)
+    check_at_least(shard_size, 1, "--shard-size")
+    ensure_writable_output(out, "--out", folder=True)
     report = convert_llava_json(json_path, images, out, split=split, maxcount=shard_size, overwrite=overwrite)
     typer.echo(report.summary())
 
@@ -144,6 +164,7 @@ def data_check_analyser(
     """Measure the shapes analyser on fresh renders: clean, with noise, with JPEG compression."""
     from unicode_mllm.data.shapes_dataset import measure_analyser
 
+    check_at_least(count, 1, "--count")
     for line in measure_analyser(count=count, image_size=size, seed=seed):
         typer.echo(line)
 
@@ -218,6 +239,7 @@ def compare_codebook_modes_cmd(
     from unicode_mllm.config import load_config
 
     cfg = load_config(TokenizerTrainConfig, config, set_)
+    ensure_writable_output(out, "--out", folder=True)
     rows = compare_codebook_modes(cfg, out)
     table = rows_to_markdown(rows, cfg.data.eval_splits)
     (out / "comparison.md").write_text(table + "\n")
@@ -233,12 +255,16 @@ def reconstruct_cmd(
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
 ) -> None:
     """Reconstruct images through a trained tokenizer; print PSNR and LPIPS per image."""
-    from unicode_mllm.visual_tokenizer.reconstruct import reconstruct_files
+    from unicode_mllm.visual_tokenizer.reconstruct import output_paths, reconstruct_files
 
-    _require_model_dir(model, "tokenizer")
+    require_visual_tokenizer(model)  # one line naming what the folder is otherwise
     for path in images:
         if not path.is_file():
             raise UserError(f"image {path} not found; pass existing image files")
+    check_lpips_trunk(lpips_trunk)
+    ensure_writable_output(out, "-o/--out", folder=True)
+    for output in output_paths(images, out):
+        ensure_writable_output(output, "-o/--out")
     trunk = None if lpips_trunk == "none" else lpips_trunk
     results = reconstruct_files(model, images, out, trunk, device)
     for r in results:
@@ -259,14 +285,11 @@ def tokenize_cmd(
     """Pre-extract LLM token ids of every image of a shard set (stage 2 then skips the tokenizer)."""
     from unicode_mllm.visual_tokenizer.extract import extract_codes
 
-    _require_model_dir(model, "tokenizer")
+    require_visual_tokenizer(model)  # one line naming what the folder is otherwise
+    check_at_least(batch_size, 1, "--batch-size")
+    ensure_writable_output(out, "--out", folder=True)
     summaries = extract_codes(model, shards, out, split or None, batch_size, device, overwrite)
     typer.echo(", ".join(f"{s.num_samples} {name}" for name, s in summaries.items()) + f" written to {out}")
-
-
-def _require_model_dir(path: Path, what: str) -> None:
-    if not (path / "config.json").is_file():
-        raise UserError(f"{what} folder {path} not found or has no config.json; pass a save_pretrained folder")
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -318,8 +341,6 @@ def _load_inference_model(path: Path, device: str, dtype: str = "fp32", reduce: 
     from unicode_mllm.model import UniCodeMLLM
     from unicode_mllm.runtime.devices import select_device, select_dtype
 
-    if not path.is_dir():
-        raise UserError(f"model folder {path} not found; it is not a saved UniCodeMLLM (pass a save_pretrained folder)")
     target = select_device(device)
     lm_dtype = select_dtype(dtype, target)  # UserError for an unknown name or fp16 on a CPU
     model = UniCodeMLLM.from_pretrained(path, dtype=lm_dtype)  # "... it is not a saved UniCodeMLLM" without config
@@ -363,7 +384,7 @@ def ask_cmd(
     """Answer questions about images (VQA) with a trained UniCodeMLLM; --jsonl for a question file."""
     from unicode_mllm.generation import answer_questions
     from unicode_mllm.generation.answering import generate_answers, question_prompts
-    from unicode_mllm.generation.question_files import answer_record, read_questions_jsonl
+    from unicode_mllm.generation.question_files import answer_record, check_question_images, read_questions_jsonl
     from unicode_mllm.generation.sampling import resolve_seed
 
     settings = dict(
@@ -374,10 +395,15 @@ def ask_cmd(
         seed=seed,
         batch_size=batch_size,
     )
+    check_at_least(max_new_tokens, 1, "--max-new-tokens")
+    check_at_least(batch_size, 1, "--batch-size")
+    check_sampling(temperature, top_k, top_p)
     if jsonl is not None:
         if question or questions or image:
             raise UserError("--jsonl takes its questions and images from the file; drop the other questions/--image")
+        ensure_writable_output(out, "--out")
         records = read_questions_jsonl(jsonl)
+        check_question_images(records, jsonl)  # a bad image late in the file must not cost the answers before it
         mllm = _load_inference_model(model, device, dtype, reduce)
         settings["seed"] = resolve_seed(seed)  # one seed for the whole file: the chunks continue one request
         lines = []
@@ -454,13 +480,18 @@ def generate_cmd(
     import json
 
     from unicode_mllm.generation import check_prompt_text, generate_images
+    from unicode_mllm.generation.guidance import check_cfg_scale
     from unicode_mllm.viz import caption_grid
 
     text = check_prompt_text(prompt, "prompt")
     if num_images < 1:
         raise UserError(f"-n must be >= 1, got {num_images}")
     paths = _numbered_paths(out, num_images)
+    for path in [*paths, out.with_name(f"{out.stem}_grid.png"), out.with_suffix(".json")]:
+        ensure_writable_output(path, "-o/--out")
     depth_temps = _depth_temperatures(depth_temperatures)
+    check_sampling(temperature, top_k, top_p, depth_temps)
+    check_cfg_scale(cfg_scale)
     mllm = _load_inference_model(model, device, dtype)
     result = generate_images(
         mllm,
@@ -519,8 +550,11 @@ def chat_cmd(
         image_top_k=image_top_k,
         cfg_scale=cfg_scale,
         seed=seed,
-    )
+    )  # checks every setting: one error before loading, not one per message
+    ensure_writable_output(out_dir, "--out-dir", folder=True)
     session = ChatSession(_load_inference_model(model, device, dtype, reduce), settings)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach run_chat, which reports the line
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(CHAT_HELP)
@@ -611,7 +645,7 @@ def eval_tokenizer_cmd(
     from unicode_mllm.evaluation import ImageSet, eval_visual_tokenizer
     from unicode_mllm.runtime.devices import select_device
 
-    _require_model_dir(tokenizer, "tokenizer")
+    require_visual_tokenizer(tokenizer)
     chosen = [name for name, given in (("--data", data), ("--folder", folder), ("--photos", photos)) if given]
     if len(chosen) != 1:
         raise UserError(f"pick exactly one image set: --data DIR [--split S], --folder DIR or --photos (got {chosen})")
@@ -621,6 +655,9 @@ def eval_tokenizer_cmd(
         raise UserError("--photo picks photos of --photos; pass --photos as well")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f"--batch-size and --limit must be >= 1 (got {batch_size} and {limit})")
+    check_lpips_trunk(lpips_trunk)
+    ensure_writable_output(out, "--out")
+    ensure_writable_output(grid, "--grid")
     if data is not None:
         images = ImageSet.shards(data, split or "val")
     elif folder is not None:
@@ -659,6 +696,7 @@ def eval_vqa_cmd(
 ) -> None:
     """Exact-match VQA accuracy per question kind (greedy answers of UniCodeMLLM.answer)."""
     from unicode_mllm.evaluation import eval_vqa_jsonl, eval_vqa_shapes
+    from unicode_mllm.generation.question_files import read_utf8_lines
 
     if (data is None) == (jsonl is None):
         raise UserError("pick exactly one question set: --data DIR [--split S] or --jsonl FILE")
@@ -668,6 +706,9 @@ def eval_vqa_cmd(
         raise UserError(
             f"--batch-size, --max-new-tokens and --limit must be >= 1 (got {batch_size}, {max_new_tokens}, {limit})"
         )
+    ensure_writable_output(out, "--out")
+    if jsonl is not None and jsonl.is_file():
+        read_utf8_lines(jsonl)  # a file that is not UTF-8 fails here, not after the model is loaded
     mllm = _load_mllm(model, device, "answer", reduce)
 
     def answer_fn(images: list, questions: list[str]) -> list[str]:
@@ -706,10 +747,15 @@ def eval_t2i_cmd(
 ) -> None:
     """Text-to-image accuracy on shapes instructions (seen vs held-out pairs), scored by the shapes analyser."""
     from unicode_mllm.evaluation import eval_t2i, shapes_config_from_manifest, shapes_t2i_prompts
+    from unicode_mllm.generation.guidance import check_cfg_scale
 
     if count < 1 or batch_size < 1 or start < 0:
         raise UserError(f"--count and --batch-size must be >= 1 and --start >= 0 (got {count}, {batch_size}, {start})")
     depth_temps = _depth_temperatures(depth_temperatures)
+    check_sampling(temperature, top_k, top_p, depth_temps)
+    check_cfg_scale(cfg_scale)
+    ensure_writable_output(out, "--out")
+    ensure_writable_output(grid, "--grid")
     shapes_cfg = shapes_config_from_manifest(data) if data is not None else None
     prompts = shapes_t2i_prompts(shapes_cfg, count, start=start)
     mllm = _load_mllm(model, device, "generate_images")
@@ -768,6 +814,9 @@ def eval_compressors_cmd(
     from unicode_mllm.training import MLLMTrainConfig
 
     cfg = load_config(MLLMTrainConfig, config, set_)
+    check_at_least(prefill_batch_size, 1, "--prefill-batch-size")
+    check_at_least(prefill_repeats, 1, "--prefill-repeats")
+    ensure_writable_output(out, "--out", folder=True)
     rows = run_compressor_ablation(
         cfg,
         out,
@@ -810,6 +859,9 @@ def eval_highres_cmd(
         seed=seed,
     )
     cfg.validate()
+    if not math.isfinite(lr):
+        raise UserError(f"--lr must be a finite number >= 0, got {lr}")
+    ensure_writable_output(out, "--out", folder=True)
     shapes = shapes_config_from_manifest(data) if data is not None else None
     rows = run_highres_check(model, cfg, shapes=shapes, out_dir=out, device=select_device(device))
     typer.echo(rows_to_markdown(rows, cfg.eval_splits, cfg.steps))
@@ -838,6 +890,7 @@ def eval_ablation_cmd(
     for name, path in (("--lm", lm), ("--data", data)):
         if path is not None and not path.is_dir():
             raise UserError(f"{name} {path} is not a folder; pass an existing one or leave {name} out")
+    ensure_writable_output(out, "--out", folder=True)
     ablation.run_ablation(out, profile, lm_dir=lm, data_dir=data)
     typer.echo((out / "ablation.md").read_text().rstrip())
     typer.echo(f"table: {out / 'ablation.md'}; every number: {out / 'ablation.json'}")

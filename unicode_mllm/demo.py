@@ -35,6 +35,7 @@ from unicode_mllm.data.shapes import ShapesConfig
 from unicode_mllm.data.shapes_dataset import ShapesDatasetResult, analyser_accuracy, write_shapes_dataset
 from unicode_mllm.errors import UserError
 from unicode_mllm.report import Section, write_report
+from unicode_mllm.runtime.checkpoint import CheckpointManager
 
 if TYPE_CHECKING:  # the stages are imported where they run, so that importing the demo stays light
     from tokenizer_training.config import TokenizerTrainConfig
@@ -262,7 +263,8 @@ def preset_path(relative: str) -> Path:
 
 
 def _latest_checkpoint_exists(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest.json").is_file()
+    # Any checkpoint, even with latest.json lost: the trainers refuse to overwrite one without resume.
+    return CheckpointManager(run_dir / "checkpoints").exists()
 
 
 def load_stage_configs(profile: DemoProfile) -> tuple[LMTrainConfig, TokenizerTrainConfig, MLLMTrainConfig]:
@@ -299,7 +301,7 @@ def train_stage0(lm_cfg: LMTrainConfig, run_dir: Path) -> tuple[Path, dict[str, 
     from unicode_mllm.lm import embedding_structure_report, train_lm
 
     started = time.perf_counter()
-    lm_dir = train_lm(lm_cfg, out_dir=run_dir, resume=(run_dir / "checkpoints").is_dir())
+    lm_dir = train_lm(lm_cfg, out_dir=run_dir, resume=_latest_checkpoint_exists(run_dir))
     lm_metrics = json.loads((run_dir / "metrics.json").read_text())
     structure = embedding_structure_report(lm_dir)
     return lm_dir, {

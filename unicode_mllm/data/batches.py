@@ -42,7 +42,11 @@ class EpochBatches:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.position = position or DataPosition()
-        self.report = SkipReport(max_skip_fraction)
+        # Reader-level skips (corrupt images, broken shards): counted over the whole run, checked per epoch.
+        self.report = SkipReport(max_skip_fraction, setting="data.max_skip_fraction")
+
+    def _what(self) -> str:
+        return f"the {self.dataset.num_samples} samples of split {self.dataset.split!r}"
 
     def _loader(self) -> DataLoader:
         self.dataset.set_epoch(self.position.epoch)
@@ -51,15 +55,17 @@ class EpochBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             skip, produced = self.position.batch, 0
+            epoch_start = self.report.num_total
             for batch in self._loader():
-                self.report.add_delta(batch.get("__skips__"))
-                if not batch["key"]:
-                    continue  # only skip tallies came through
-                produced += 1
-                if produced <= skip:
-                    continue  # replaying the epoch up to the resume point
-                self.position.batch = produced
-                yield batch
+                produced += 1 if batch["key"] else 0  # a batch without keys carries only skip tallies
+                if produced <= skip and (batch["key"] or produced < skip):
+                    continue  # replaying the epoch up to the resume point: counted before the checkpoint
+                self.report.add(batch)
+                # The epoch holds at most the split's samples: fail at once when even that cannot save it.
+                self.report.check_bound(epoch_start + self.dataset.num_samples, self._what())
+                if batch["key"]:
+                    self.position.batch = produced
+                    yield batch
             if produced == 0:
                 raise UserError(
                     f"split {self.dataset.split!r} yielded no usable samples ({self.report.summary()}); "

@@ -108,8 +108,8 @@ class SkipCounter:
     def check(self) -> None:
         if self.max_skip_fraction is not None and self.fraction > self.max_skip_fraction:
             raise UserError(
-                f"{self.summary()} exceeds max_skip_fraction={self.max_skip_fraction}; fix the data or the "
-                "template, or raise max_length"
+                f"{self.summary()} exceeds data.max_skip_fraction={self.max_skip_fraction}; fix the data or the "
+                "template, raise data.max_length, or raise data.max_skip_fraction"
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -357,11 +357,14 @@ class SkipReport:
     per epoch (or call `reset`).
     """
 
-    def __init__(self, max_skip_fraction: float | None = None, *, check_after: int = 1000) -> None:
+    def __init__(
+        self, max_skip_fraction: float | None = None, *, check_after: int = 1000, setting: str = "max_skip_fraction"
+    ) -> None:
         if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.max_skip_fraction = max_skip_fraction
         self.check_after = check_after
+        self.setting = setting  # the config key or option named in the error, e.g. "data.max_skip_fraction"
         self.reset()
 
     def reset(self) -> None:
@@ -425,7 +428,26 @@ class SkipReport:
     def check(self) -> None:
         """Raise UserError when the skipped fraction exceeds `max_skip_fraction`."""
         if self.max_skip_fraction is not None and self.fraction > self.max_skip_fraction:
-            raise UserError(
-                f"{self.summary()}, more than max_skip_fraction={self.max_skip_fraction}; "
-                "repair or remove the bad data, or raise max_skip_fraction"
-            )
+            raise UserError(f"{self.summary()}, more than {self._limit()}; {self._fix()}")
+
+    def check_bound(self, total_at_most: int, what: str) -> None:
+        """Raise UserError already when the fraction must exceed the limit even if every sample still to come
+        (up to `total_at_most` in all, `what` says which) is good: no need to read the rest to know."""
+        limit = self.max_skip_fraction
+        if limit is not None and self.num_skipped > limit * max(total_at_most, self.num_total):
+            raise UserError(f"{self.summary()} so far: already more than {self._limit()} of {what}; {self._fix()}")
+
+    def _limit(self) -> str:
+        return f"{self.setting}={self.max_skip_fraction}"
+
+    def _fix(self) -> str:
+        return f"repair or remove the bad data ('unicode-mllm data inspect' lists it), or raise {self.setting}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON (saved in checkpoints, so a resumed run reports the whole run)."""
+        return {"delivered": self.delivered, "skipped": dict(self.skipped), "broken_shards": list(self.broken_shards)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.delivered = int(state.get("delivered", 0))
+        self.skipped = Counter(state.get("skipped", {}))
+        self.broken_shards = list(state.get("broken_shards", []))

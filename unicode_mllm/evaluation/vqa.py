@@ -36,6 +36,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.answers import is_correct
 from unicode_mllm.evaluation.item_batches import run_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
+from unicode_mllm.generation.question_files import read_utf8_lines
 
 AnswerFn = Callable[[list[Image.Image], list[str]], list[str]]
 UNTYPED = "untyped"
@@ -176,29 +177,28 @@ def jsonl_vqa_items(path: str | Path, skips: SkipCounts, image_root: str | Path 
     if not path.is_file():
         raise UserError(f"VQA file {path} not found; pass a JSONL file of image/question/answers lines")
     root = Path(image_root) if image_root is not None else path.parent
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            name = f"{path.name}:line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exn:
-                skips.skip(BAD_JSON, name, f"{name}: not valid JSON ({exn.msg})")
-                continue
-            problem = _record_problem(record)
-            if problem:
-                skips.skip(BAD_RECORD, name, f"{name}: {problem}")
-                continue
-            image_path = Path(record["image"])
-            image_path = image_path if image_path.is_absolute() else root / image_path
-            try:
-                image = load_image(image_path, mode="RGB", name=f"{name} ({record['image']})")
-            except ImageDecodeError as exn:
-                skips.skip(exn.reason, name, str(exn))
-                continue
-            kind = record.get("kind", record.get("question_type", UNTYPED))
-            yield VQAItem(image, record["question"], tuple(record["answers"]), str(kind), name)
+    for number, line in enumerate(read_utf8_lines(path), start=1):  # UserError naming a line that is not UTF-8
+        if not line.strip():
+            continue
+        name = f"{path.name}:line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exn:
+            skips.skip(BAD_JSON, name, f"{name}: not valid JSON ({exn.msg})")
+            continue
+        problem = _record_problem(record)
+        if problem:
+            skips.skip(BAD_RECORD, name, f"{name}: {problem}")
+            continue
+        image_path = Path(record["image"])
+        image_path = image_path if image_path.is_absolute() else root / image_path
+        try:
+            image = load_image(image_path, mode="RGB", name=f"{name} ({record['image']})")
+        except ImageDecodeError as exn:
+            skips.skip(exn.reason, name, str(exn))
+            continue
+        kind = record.get("kind", record.get("question_type", UNTYPED))
+        yield VQAItem(image, record["question"], tuple(record["answers"]), str(kind), name)
 
 
 def _record_problem(record: Any) -> str | None:

@@ -194,6 +194,21 @@ def _decode_batch(
     yield answers
 
 
+def _warn_short_budgets(budgets: Sequence[int], max_new_tokens: int, limit: int | None) -> None:
+    """One warning when the LM's positions, not max_new_tokens, bound some answers: a cut there is otherwise silent."""
+    short = [b for b in budgets if b < max_new_tokens]
+    if short:
+        which = "an answer" if len(short) == 1 else f"{len(short)} answers"
+        log.warning(
+            "%s limited to %d tokens (not max_new_tokens=%d) by the model's context of %d positions; "
+            "shorten the question",
+            which,
+            min(short),
+            max_new_tokens,
+            limit,
+        )
+
+
 def _iter_answers(
     model: UniCodeMLLM,
     prompts: Sequence[MLLMSample],
@@ -225,6 +240,7 @@ def _iter_answers(
     for i, p in enumerate(prompts):
         check_fits(len(p), 1, limit, f"prompt {i}")
         budgets.append(max_new_tokens if limit is None else min(max_new_tokens, limit - len(p)))
+    _warn_short_budgets(budgets, max_new_tokens, limit)
     request_seed = None if sampling.is_greedy else resolve_seed(seed)
     stops = reply_stop_strings(model.template) if stop_strings is None else tuple(stop_strings)
     answers: list[Answer] = []

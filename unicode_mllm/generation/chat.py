@@ -17,14 +17,16 @@ from PIL import Image
 from torch import Tensor
 
 from unicode_mllm.data.conversation import ImageRead, ImageWrite, Turn
+from unicode_mllm.errors import UserError
 from unicode_mllm.generation.answering import DEFAULT_MAX_NEW_TOKENS, StreamCallback, generate_answers
+from unicode_mllm.generation.guidance import check_cfg_scale
 from unicode_mllm.generation.image_generation import (
     ImageGeneration,
     decode_token_ids,
     generate_image_sequences,
 )
 from unicode_mllm.generation.image_inputs import ImageInput, images_to_token_ids
-from unicode_mllm.generation.prompts import check_prompt_text, conversation_prompt, prompt_builder
+from unicode_mllm.generation.prompts import check_prompt_text, conversation_prompt, max_positions, prompt_builder
 from unicode_mllm.generation.sampling import SamplingSettings, resolve_seed, row_seed
 from unicode_mllm.model.decompression import grid_to_sequence, sequence_to_grid
 
@@ -45,6 +47,16 @@ class ChatSettings:
     image_top_p: float | None = None
     cfg_scale: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked once here (the CLI does so before loading the model), not on every message of the session.
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        SamplingSettings(self.temperature, self.top_k, self.top_p)
+        SamplingSettings(self.image_temperature, self.image_top_k, self.image_top_p)
+        check_cfg_scale(self.cfg_scale)
+        if self.seed is not None:
+            resolve_seed(self.seed)
 
 
 class ChatSession:
@@ -84,6 +96,15 @@ class ChatSession:
             return self.images, text
         return [*self.images, self.pending_image], (ImageRead(len(self.images)), text)
 
+    def _check_room(self, prompt_length: int, needed: int, what: str) -> None:
+        """In a conversation the fix for a prompt past the LM's positions is /reset, not a shorter message."""
+        limit = max_positions(self.model.lm)
+        if self.turns and limit is not None and prompt_length + needed > limit:
+            raise UserError(
+                f"the conversation is full: {what} needs {prompt_length + needed} of the LM's {limit} positions; "
+                "/reset to start a new conversation"
+            )
+
     def _next_seed(self) -> int:
         self._requests += 1
         return row_seed(self.seed, self._requests)
@@ -93,6 +114,7 @@ class ChatSession:
         text = check_prompt_text(text, "message")
         images, user = self._user_message(text)
         prompt = conversation_prompt(self.builder, [*self.turns, Turn(user, None)], images)
+        self._check_room(len(prompt), 1, "this message")
         s = self.settings
         (answer,) = generate_answers(
             self.model,
@@ -116,6 +138,7 @@ class ChatSession:
         sample = conversation_prompt(self.builder, [*self.turns, Turn(user, (ImageWrite(placeholder),))], images)
         start = int((sample.input_ids == self.model.token_ids.image_start).nonzero()[-1, 0])
         sample.input_ids, sample.labels = sample.input_ids[: start + 1], sample.labels[: start + 1]
+        self._check_room(len(sample), self.model.num_write_tokens + 1, "this drawing")
         s = self.settings
         sampling = SamplingSettings(s.image_temperature, s.image_top_k, s.image_top_p)
         seed = self._next_seed()

@@ -54,6 +54,29 @@ def parse_chat_line(line: str) -> ChatCommand | None:
     return ChatCommand(kinds[name.lower()], argument.strip())
 
 
+def check_utf8(line: str, number: int) -> None:
+    """Raise UserError for a line read with errors="surrogateescape" that held bytes that are not UTF-8."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exn:
+        raise UserError(
+            f"input line {number} is not UTF-8 text (at character {exn.start + 1}); type or pipe UTF-8 text"
+        ) from None
+
+
+def save_drawing(image, out_dir: Path) -> Path:
+    """Save to the next image_NNN.png of out_dir; UserError (the session goes on) when it cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = next_image_path(out_dir)
+        image.save(path)
+    except OSError as exn:
+        raise UserError(
+            f"cannot save the drawing in {out_dir} ({exn.strerror or exn}); choose another --out-dir"
+        ) from None
+    return path
+
+
 def next_image_path(out_dir: Path) -> Path:
     """out_dir/image_NNN.png with NNN one past the highest already there (001 in an empty folder)."""
     taken = [int(m.group(1)) for p in out_dir.glob("image_*.png") if (m := _IMAGE_NAME.match(p.name))]
@@ -92,8 +115,9 @@ def run_chat(
     errors = 0
     if prompt is not None:
         prompt()
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         try:
+            check_utf8(line, number)
             command = parse_chat_line(line)
             if command is None:
                 pass
@@ -111,9 +135,7 @@ def run_chat(
                 write(f"(image {command.argument} attached to the next message)\n")
             elif command.kind == "draw":
                 drawing = session.draw(command.argument)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                path = next_image_path(out_dir)
-                drawing.images[0].save(path)
+                path = save_drawing(drawing.images[0], out_dir)
                 write(f"assistant: [image saved to {path}]\n")
             else:
                 _stream_answer(session, command.argument, write)

@@ -12,6 +12,7 @@ Filtering after the common recipe (HF `TopKLogitsWarper` / `TopPLogitsWarper`, L
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,16 +37,16 @@ class SamplingSettings:
     depth_temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:  # also refuses NaN
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):  # NaN and inf too
+            raise UserError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise UserError(f"top_k must be >= 1 (or 0/None for no top-k filter), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must lie in (0, 1] (1 = no top-p filter), got {self.top_p}")
         if self.depth_temperatures is not None:
             temps = tuple(float(t) for t in self.depth_temperatures)
-            if not temps or not all(t >= 0.0 for t in temps):
-                raise UserError(f"depth temperatures must be one or more values >= 0, got {list(temps)}")
+            if not temps or not all(math.isfinite(t) and t >= 0.0 for t in temps):
+                raise UserError(f"depth temperatures must be one or more values >= 0 and finite, got {list(temps)}")
             object.__setattr__(self, "depth_temperatures", temps)
 
     @property

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from unicode_mllm.data.shapes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPE_NAMES, SIZE_NAMES
+from unicode_mllm.runtime.model_folders import LANGUAGE_MODEL, hub_errors, require_language_model
 from unicode_mllm.visual_tokenizer.language_codebook import load_input_embeddings, ordinary_token_ids
 
 # The words the shapes world's text uses, by meaning. Words that are not one ordinary token of the
@@ -49,10 +50,12 @@ def embedding_structure_report(
     nearest-neighbour rate per group), `nn_same_group` and `nn_same_group_chance` (among grouped words),
     `nn_vocab_same_group` (nearest neighbour among all ordinary tokens), `neighbours` (word -> its
     `top_k` nearest ordinary tokens) and `skipped` (words that are not one ordinary token).
-    Raises ValueError when fewer than two groups have at least two usable words.
+    Raises ValueError when fewer than two groups have at least two usable words, UserError for a bad folder.
     """
     groups = dict(groups or DEFAULT_WORD_GROUPS)
-    text_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    folder = require_language_model(model_dir)  # one-line UserError for a folder of another kind or damaged files
+    with hub_errors(model_dir, LANGUAGE_MODEL, folder):
+        text_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     embeddings, _ = load_input_embeddings(model_dir)  # (v, c) fp32
     ordinary = ordinary_token_ids(text_tokenizer, embeddings.shape[0])
     ordinary_set = set(ordinary)

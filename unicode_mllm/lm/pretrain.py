@@ -59,6 +59,7 @@ from unicode_mllm.runtime.checkpoint import (
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.progress import make_progress
+from unicode_mllm.runtime.run_files import StopOnInterrupt, check_out_dir
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.viz import plot_curves, read_jsonl
 
@@ -292,10 +293,10 @@ def _save_final(
 def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool = False) -> Path:
     """Run stage 0 into `out_dir` (default `cfg.train.out_dir`); return the `save_pretrained` folder.
 
-    With `resume`, continue from the latest checkpoint in `out_dir/checkpoints` (starting fresh when
-    there is none). Raises UserError when `out_dir` already holds checkpoints and `resume` is false,
-    when a resumed config changes a setting that affects the numbers, or when the corpus is too small
-    for one batch or one held-out window.
+    With `resume`, continue from the latest usable checkpoint in `out_dir/checkpoints`. Raises UserError
+    when `resume` is true and there is none, when `out_dir` already holds checkpoints or a model and
+    `resume` is false, when a resumed config changes a setting that affects the numbers, or when the
+    corpus is too small for one batch or one held-out window.
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.train.out_dir)
     cfg = replace(cfg, train=replace(cfg.train, out_dir=out_dir))  # the resolved config names where it went
@@ -306,18 +307,12 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     )
     is_main = accelerator.is_main_process
 
+    check_out_dir(out_dir, resume, final_dirname=MODEL_DIRNAME)  # the same refusals as stages 1 and 2
     manager = CheckpointManager(out_dir / CHECKPOINT_DIRNAME, keep_last=tcfg.keep_last)
-    latest = manager.latest()
-    if latest is not None and not resume:
-        raise UserError(
-            f"{out_dir} already holds checkpoints (latest {latest.name}); resume it or train into a fresh out_dir"
-        )
-    checkpoint = manager.load(latest) if latest is not None else None
+    checkpoint = manager.load() if resume else None
     if checkpoint is not None:
         _check_resume_config(checkpoint.state["config"], cfg, out_dir)
-        log.info("resuming %s from step %d", out_dir, checkpoint.step)
-    elif resume:
-        log.info("no checkpoint in %s; starting fresh", manager.root)
+        log.info("resuming %s from %s", out_dir, checkpoint.path.name)
 
     started = time.perf_counter()
     train_docs = build_corpus(cfg.corpus, "train", show_progress=is_main)
@@ -384,9 +379,13 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     loop_started = time.perf_counter()
 
     model.train()
-    with make_progress(disable=not is_main) as progress:
+    with make_progress(disable=not is_main) as progress, StopOnInterrupt(accelerator) as interrupt:
         task = progress.add_task("stage 0: LM", total=tcfg.steps, completed=step, stats="")
         while step < tcfg.steps:
+            if interrupt.requested:  # single process only (StopOnInterrupt): this is the main process
+                elapsed = elapsed_before + time.perf_counter() - started
+                saved = _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed)
+                interrupt.stop(step, saved)
             windows, position = data.next_batch(position, global_batch)
             loss = lm_loss(model, windows[rank_slice].to(accelerator.device))
             accelerator.backward(loss)

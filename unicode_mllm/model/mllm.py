@@ -51,6 +51,14 @@ from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.model.special_tokens import MultimodalTokenIds, add_multimodal_tokens
 from unicode_mllm.model.splice import SplicedInputs, splice_image_embeddings
+from unicode_mllm.runtime.model_folders import (
+    LANGUAGE_MODEL,
+    MLLM_CONFIG,
+    hub_errors,
+    read_json_object,
+    require_language_model,
+    require_mllm,
+)
 from unicode_mllm.token_reduction.config import TokenReductionConfig
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
@@ -58,7 +66,7 @@ log = logging.getLogger(__name__)
 
 ReadingMode = Literal["aggregated", "interleaved"]
 READING_MODES: tuple[str, ...] = ("aggregated", "interleaved")
-CONFIG_NAME = "unicode_mllm.json"
+CONFIG_NAME = MLLM_CONFIG
 LM_DIR = "lm"
 VISUAL_TOKENIZER_DIR = "visual_tokenizer"
 COMPRESSOR_WEIGHTS = "compressor.safetensors"
@@ -118,20 +126,41 @@ class UniCodeMLLMConfig:
             raise UserError(f"{source}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
         if data.get("reading") not in READING_MODES:
             raise UserError(f"{source}: reading {data.get('reading')!r} is unknown; one of {list(READING_MODES)}")
+        _check_config_types(data, source)
         compressor = CompressorConfig.from_dict(data.get("compressor", {}), source=f"{source}: compressor")
         token_reduction = TokenReductionConfig.from_dict(
             data.get("token_reduction", {}), source=f"{source}: token_reduction"
         )  # ConfigError naming the key
+        try:
+            token_ids = MultimodalTokenIds.from_dict(data["token_ids"])
+        except TypeError as e:  # unknown or missing names
+            raise UserError(f"{source}: token_ids {data['token_ids']} do not fit ({e}); re-save the model") from None
         return cls(
             reading=data["reading"],
             code_shape=tuple(data["code_shape"]),  # type: ignore[arg-type]
-            token_ids=MultimodalTokenIds.from_dict(data["token_ids"]),
+            token_ids=token_ids,
             template=data.get("template", "plain"),
             visual_tokenizer=data.get("visual_tokenizer", VISUAL_TOKENIZER_DIR),
             extra=dict(data.get("extra", {})),
             compressor=compressor,
             token_reduction=token_reduction,
         )
+
+
+def _check_config_types(data: dict[str, Any], source: str) -> None:
+    """UserError naming the key for a hand-edited or damaged `unicode_mllm.json` (else a KeyError/TypeError later)."""
+    for key in ("code_shape", "token_ids"):
+        if key not in data:
+            raise UserError(f"{source}: {key} is missing; re-save the model")
+    shape = data["code_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)):
+        raise UserError(f"{source}: code_shape must be 3 positive ints [h, w, d], got {shape!r}; re-save the model")
+    ids = data["token_ids"]
+    if not (isinstance(ids, dict) and all(v is None or type(v) is int for v in ids.values())):
+        raise UserError(f"{source}: token_ids must map names to ints, got {ids!r}; re-save the model")
+    for key, kind in (("template", str), ("visual_tokenizer", str), ("extra", dict)):
+        if key in data and not isinstance(data[key], kind):
+            raise UserError(f"{source}: {key} must be a {kind.__name__}, got {data[key]!r}; re-save the model")
 
 
 class UniCodeMLLM(nn.Module):
@@ -530,9 +559,12 @@ class UniCodeMLLM(nn.Module):
 
         A compressor with parameters starts from its fresh initialisation (train it in stage 2).
         """
-        lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), **lm_kwargs)
-        text_tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path))
+        # The small tokenizer first, so that a bad folder fails before the LM loads. Both are checked up front: a
+        # folder of another kind, a missing path or damaged files is a one-line UserError.
         visual_tokenizer = VisualTokenizer.from_pretrained(str(visual_tokenizer_path))
+        with hub_errors(lm_name_or_path, LANGUAGE_MODEL, require_language_model(lm_name_or_path)):
+            lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), **lm_kwargs)
+            text_tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path))
         return cls(
             lm,
             visual_tokenizer,
@@ -550,13 +582,14 @@ class UniCodeMLLM(nn.Module):
 
         Raises UserError when the folder is not a saved UniCodeMLLM or its parts disagree with the config.
         """
-        path = Path(path)
+        path = require_mllm(path)  # names the folder's kind when it is a tokenizer, an LM or no model at all
         config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise UserError(f"{path} holds no {CONFIG_NAME}; it is not a saved UniCodeMLLM")
-        config = UniCodeMLLMConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+        config = UniCodeMLLMConfig.from_dict(read_json_object(config_file), source=str(config_file))
         vt_path = Path(config.visual_tokenizer)
         vt_path = vt_path if vt_path.is_absolute() else path / vt_path
+        for part, what in ((path / LM_DIR, "language model"), (vt_path, "visual tokenizer")):
+            if not part.is_dir():  # a part missing from a copied folder, not a hub id to look up
+                raise UserError(f"{path} is missing its {what} folder {part}; re-copy or re-save the model")
         model = cls.from_components(
             path / LM_DIR,
             vt_path,

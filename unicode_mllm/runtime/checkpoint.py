@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unicode_mllm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TENSOR_STUB = "__tensor__"
 
@@ -116,7 +119,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint file {path} is damaged ({e}); resume from an earlier checkpoint") from None
+        raise UserError(f"checkpoint file {path} is damaged ({e})") from None
 
 
 def split_tensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
@@ -206,27 +209,99 @@ class CheckpointManager:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def latest(self) -> Path | None:
-        """The directory named by `latest.json`, or None when there is no checkpoint yet."""
+    def step_dirs(self) -> list[Path]:
+        """Every `step-N` folder, newest first (temporary `.step-*` folders never match)."""
+        return sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+
+    def exists(self) -> bool:
+        """Whether a fresh run would overwrite checkpoints here (a pointer or any step folder, damaged or not)."""
+        return self.pointer.is_file() or bool(self.step_dirs())
+
+    def _pointed(self) -> tuple[Path | None, str]:
+        """The folder latest.json names, or None and what is wrong with the pointer ("" when there is none)."""
         if not self.pointer.is_file():
-            return None
+            return None, f"{self.pointer} is missing" if self.step_dirs() else ""
         try:
             name = json.loads(self.pointer.read_text())["name"]
-        except (json.JSONDecodeError, KeyError):
-            raise UserError(f"{self.pointer} is damaged; delete it to resume from the newest step-* folder") from None
-        path = self.root / name
-        if not path.is_dir():
-            raise UserError(f"{self.pointer} names {name}, which is missing; delete the pointer or restore it")
-        return path
+            path = self.root / name
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            return None, f"{self.pointer} is damaged"
+        return (path, "") if path.is_dir() else (None, f"{self.pointer} names {name}, which is missing")
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders to resume from, best first: the one latest.json names, then the others newest first.
+
+        A missing or damaged pointer is not fatal while complete step-* folders remain (their rename is atomic):
+        it is logged, naming the folder used instead.
+        """
+        pointed, problem = self._pointed()
+        rest = [p for p in self.step_dirs() if p != pointed]
+        if pointed is not None:
+            return [pointed, *rest]
+        if problem and not rest:
+            raise UserError(f"{problem} and no step-* folder is left in {self.root}; delete {self.root} to start over")
+        if problem:
+            log.warning("%s; using the newest step-* folder, %s", problem, rest[0].name)
+        return rest
+
+    def no_checkpoint_error(self) -> UserError:
+        return UserError(f"--resume: no checkpoint in {self.root}; check --out, or leave out --resume to start afresh")
+
+    def latest(self) -> Path | None:
+        """The folder to resume from (see `candidates`), or None when there is no checkpoint yet."""
+        candidates = self.candidates()
+        return candidates[0] if candidates else None
 
     def load(self, path: str | Path | None = None, device: str | torch.device = "cpu") -> Checkpoint:
-        """Load a checkpoint directory (default: the latest)."""
-        path = Path(path) if path is not None else self.latest()
-        if path is None:
-            raise UserError(f"no checkpoint in {self.root}; train first or point --resume at a step-* folder")
+        """Load a checkpoint folder; by default the latest, falling back to an older one (with a warning) when
+        the latest is damaged, so a crash that spoiled one checkpoint costs only the steps since the one before."""
+        if path is not None:
+            return self._load_dir(Path(path), device)
+        candidates = self.candidates()
+        if not candidates:
+            raise self.no_checkpoint_error()
+        errors = []
+        for candidate in candidates:
+            try:
+                checkpoint = self._load_dir(candidate, device)
+            except UserError as e:
+                errors.append(str(e))
+                continue
+            for error in errors:
+                log.warning("%s; resuming from %s instead", error, candidate.name)
+            return checkpoint
+        raise UserError(
+            f"no usable checkpoint in {self.root} ({errors[0]}); restore the file, or train into another --out "
+            "to start over"
+        )
+
+    def _load_dir(self, path: Path, device: str | torch.device) -> Checkpoint:
         state_file = path / "state.json"
         if not state_file.is_file():
             raise UserError(f"checkpoint {path} has no state.json; it is not a checkpoint folder")
-        state = json.loads(state_file.read_text())
+        state = _read_state(state_file)
         tensors = {p.stem: load_tensors(p, device) for p in sorted(path.glob("*.safetensors"))}
         return Checkpoint(path=path, step=int(state["step"]), tensors=tensors, state=state)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json; a truncated or foreign file is a one-line UserError naming it."""
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint file {path} is damaged (not valid JSON: {e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"checkpoint file {path} is damaged (no integer 'step')")
+    return state
+
+
+def refuse_to_overwrite(out_dir: str | Path, checkpoints: CheckpointManager, final_dir: str | Path) -> None:
+    """Raise UserError when a fresh (not resumed) run into `out_dir` would overwrite another run's
+    checkpoints or final model: every stage refuses the same way, before any work is done."""
+    fix = "train into another --out (or delete it) to start over"
+    if checkpoints.exists():
+        newest = checkpoints.step_dirs()
+        which = f" (newest {newest[0].name})" if newest else ""
+        raise UserError(f"{out_dir} already holds checkpoints{which}; pass --resume to continue that run, or {fix}")
+    if Path(final_dir).exists():
+        raise UserError(f"{out_dir} already holds a finished model in {Path(final_dir).name}/; {fix}")

@@ -1,5 +1,6 @@
 """The files a training run writes into its out_dir, shared by the stage-1 and stage-2 trainers.
 
+    out_dir/checkpoints/          `CheckpointManager` folders (step-N/, latest.json)
     out_dir/config.yaml           the resolved config, written when the run starts (and again on resume)
     out_dir/metrics.jsonl         one JSON object per line: training logs and evaluations, by step
     out_dir/curves.png            panels of metrics.jsonl (`plot`)
@@ -13,25 +14,92 @@ every process first, so the weights it saves are the ones all ranks agree on).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unicode_mllm.config import dump_config
-from unicode_mllm.runtime.checkpoint import atomic_write_text
+from unicode_mllm.data.shards import MANIFEST_NAME, read_manifest
+from unicode_mllm.errors import UserError
+from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, refuse_to_overwrite
 from unicode_mllm.viz import plot_curves, read_jsonl
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIRNAME = "checkpoints"
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "curves.png"
 FINAL_METRICS_FILENAME = "final_metrics.json"
 FINAL_DIRNAME = "final"
 FINAL_CONFIG_FILENAME = "train_config.yaml"
+
+
+def check_out_dir(out_dir: str | Path, resume: bool | str, final_dirname: str = FINAL_DIRNAME) -> None:
+    """Before anything loads: a fresh run must not overwrite another run, and `resume=True` needs a checkpoint.
+
+    Shared by every stage, so they refuse (and resume) alike; `resume` may also be an explicit step folder.
+    """
+    out_dir = Path(out_dir)
+    checkpoints = CheckpointManager(out_dir / CHECKPOINTS_DIRNAME)
+    if not resume:
+        refuse_to_overwrite(out_dir, checkpoints, out_dir / final_dirname)
+    elif resume is True and not checkpoints.exists():
+        raise checkpoints.no_checkpoint_error()
+
+
+def check_splits(data_dir: str | Path, splits_by_key: Mapping[str, Sequence[str]]) -> None:
+    """Before step 1: every split the config trains or evaluates on must be in the shards' manifest, or the
+    run would fail only at its first evaluation, with the steps before it lost. `splits_by_key`: config key ->
+    the split names it gives."""
+    manifest = read_manifest(data_dir)
+    for key, names in splits_by_key.items():
+        for name in names:
+            if name not in manifest.splits:
+                where = manifest.root / MANIFEST_NAME
+                raise UserError(
+                    f"{key} names split {name!r}, but {where} has only {sorted(manifest.splits)}; "
+                    f"write that split into {data_dir} or set {key} to splits it holds"
+                )
+
+
+class StopOnInterrupt:
+    """Ctrl-C during training: let the current step finish, so the caller can save a consistent checkpoint
+    and stop (`requested`); a second Ctrl-C interrupts at once. Single-process runs only: ranks that stop at
+    different steps would wait on each other, so multi-process runs keep the default behaviour."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.enabled = accelerator.num_processes == 1 and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self) -> StopOnInterrupt:
+        if self.enabled:
+            previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = previous if previous is not None else signal.default_int_handler
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def stop(self, step: int, checkpoint: Path | None) -> None:
+        """Raise KeyboardInterrupt (the CLI exits 130) after saying where the run can be resumed from."""
+        log.warning("interrupted at step %d; checkpoint saved to %s; rerun with --resume to continue", step, checkpoint)
+        raise KeyboardInterrupt
 
 
 class RunFiles:
@@ -51,6 +119,19 @@ class RunFiles:
         if self.accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / CONFIG_FILENAME, dump_config(self.cfg))
+
+    def trim_metrics(self, step: int) -> None:
+        """Keep only the metrics.jsonl rows up to `step`: a resumed run drops what the stopped run logged after
+        its checkpoint (and a fresh one what a run that died before its first checkpoint left), so no step
+        appears twice in the log or the curves."""
+        if not self.accelerator.is_main_process or not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+        atomic_write_text(self.metrics_path, "".join(kept))
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Append one JSON row to metrics.jsonl."""

@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from unicode_mllm.constants import IGNORE_INDEX
 from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder, SkipCounter
-from unicode_mllm.data.stream import StreamingDataset, collate
+from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
 from unicode_mllm.runtime.accelerator import stage_accelerator
@@ -42,7 +42,7 @@ from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles
+from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_out_dir, check_splits
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
@@ -155,6 +155,7 @@ class MLLMTrainer:
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
         self._batches: MLLMBatches | None = None
+        self._reader_skips: dict[str, Any] = {}  # reader skip counts of a resumed run, until the stream exists
         self._eval_samples: list[EvalSample] | None = None
 
     @property
@@ -191,6 +192,7 @@ class MLLMTrainer:
                 max_skip_fraction=d.max_skip_fraction,
                 position=DataPosition(self.position.epoch, self.position.batch),
             )
+            self._batches.records.report.load_state_dict(self._reader_skips)
             self._iter = iter(self._batches)
         samples = next(self._iter)
         self.position = DataPosition(self._batches.position.epoch, self._batches.position.batch)
@@ -324,6 +326,7 @@ class MLLMTrainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.position.to_dict(),
             "skips": self.skips.state_dict(),
+            "reader_skips": self.reader_skips_state(),
             "rng": capture_rng_state(),
         }
         return self.ckpt.save(self.step, {"trainable": self._trainable_state(), "optimizer": opt_tensors}, state)
@@ -345,9 +348,20 @@ class MLLMTrainer:
         self.step = ckpt.step
         self.position = DataPosition(**ckpt.state["data"])
         self.skips.load_state_dict(ckpt.state.get("skips", {}))
+        self._reader_skips = ckpt.state.get("reader_skips", {})
         self._batches = None
         restore_rng_state(ckpt.state["rng"])
         log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
+
+    def reader_skips_state(self) -> dict[str, Any]:
+        """What the shard reader skipped so far (corrupt images, broken shards), as checkpoint JSON."""
+        return self._batches.records.report.state_dict() if self._batches is not None else dict(self._reader_skips)
+
+    def reader_summary(self) -> str:
+        """One line, e.g. "skipped 10 of 40 samples (25.00%): 10 corrupt image" (records as read from the shards)."""
+        reader = SkipReport()
+        reader.load_state_dict(self.reader_skips_state())
+        return reader.summary()
 
     # ----- the run ------------------------------------------------------------------------------------
 
@@ -355,13 +369,20 @@ class MLLMTrainer:
         cfg, acc = self.cfg, self.accelerator
         if resume:
             self.load_checkpoint(None if resume is True else resume)
+        elif self.step == 0:  # a trainer that has stepped or loaded continues its own run
+            check_out_dir(self.out_dir, resume=False)
+        d = cfg.data
+        check_splits(d.shards, {"data.train_split": [d.train_split], "eval.splits": cfg.eval.splits})  # before step 1
         self.files.write_config()
+        self.files.trim_metrics(self.step)
         started = time.perf_counter()
         train_seconds = 0.0  # optimizer steps only: evaluation and checkpoints excluded
         last_eval: dict[str, float] = {}
-        with make_progress(disable=not acc.is_main_process) as progress:
+        with make_progress(disable=not acc.is_main_process) as progress, StopOnInterrupt(acc) as interrupt:
             task = progress.add_task("stage 2: MLLM", total=cfg.train.steps, completed=self.step, stats="")
             while self.step < cfg.train.steps:
+                if interrupt.requested:
+                    interrupt.stop(self.step, self.save_checkpoint())
                 step_started = time.perf_counter()
                 logs = self.train_step()
                 train_seconds += time.perf_counter() - step_started
@@ -400,10 +421,11 @@ class MLLMTrainer:
             **last_eval,
         }
         metrics["data"] = self.skips.summary()
+        metrics["data_reader"] = self.reader_summary()
         self.files.write_final_metrics(metrics)
         if acc.is_main_process:
             self.plot()
-        log.info("stage 2 data: %s", self.skips.summary())
+        log.info("stage 2 data: shard reader %s; sample builder %s", self.reader_summary(), self.skips.summary())
         return MLLMTrainResult(final_dir, self.step, metrics)
 
     def _log(self, row: dict[str, Any]) -> None:
@@ -440,5 +462,9 @@ class MLLMTrainer:
 
 
 def train_mllm(cfg: MLLMTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> MLLMTrainResult:
-    """Run stage 2 to `cfg.train.steps` (or `train.max_minutes`); returns where the model was saved."""
+    """Run stage 2 to `cfg.train.steps` (or `train.max_minutes`); returns where the model was saved.
+
+    Refuses (UserError) to overwrite a run in `out_dir` unless `resume`, and `resume=True` without a checkpoint.
+    """
+    check_out_dir(out_dir or cfg.train.out_dir, resume)  # before the models load
     return MLLMTrainer(cfg, out_dir).fit(resume=resume)

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.runtime.model_folders import LANGUAGE_MODEL, hub_errors, require_language_model
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ def load_input_embeddings(
     (matrix, "model") after `AutoModelForCausalLM.from_pretrained`. Raises UserError when the model
     cannot be loaded at all.
     """
+    folder = require_language_model(path_or_name, text_tokenizer=False)  # one-line UserError for a bad folder
     hub_kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
     if prefer_safetensors:
         tensor = _read_embedding_from_safetensors(path_or_name, **hub_kwargs)
@@ -195,7 +197,8 @@ def load_input_embeddings(
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_name), **hub_kwargs)
+        with hub_errors(path_or_name, LANGUAGE_MODEL, folder):
+            model = AutoModelForCausalLM.from_pretrained(str(path_or_name), **hub_kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load the LLM {str(path_or_name)!r} ({e}); pass a local folder with config.json and weights"
@@ -281,13 +284,17 @@ class LanguageCodebook:
         """
         if policy not in CODE_POLICIES:
             raise ConfigError(f"codebook policy {policy!r} is unknown; choose one of {sorted(CODE_POLICIES)}")
+        # A folder of another kind, a missing path or damaged files fail here in one line, before HF builds
+        # anything (or spends a minute on hub retries for a local path that does not exist).
+        folder = require_language_model(path_or_name, text_tokenizer=text_tokenizer is None)
         if text_tokenizer is None:
             from transformers import AutoTokenizer
 
             try:
-                text_tokenizer = AutoTokenizer.from_pretrained(
-                    str(path_or_name), revision=revision, local_files_only=local_files_only
-                )
+                with hub_errors(path_or_name, LANGUAGE_MODEL, folder):
+                    text_tokenizer = AutoTokenizer.from_pretrained(
+                        str(path_or_name), revision=revision, local_files_only=local_files_only
+                    )
             except (OSError, ValueError) as e:
                 raise UserError(
                     f"cannot load the text tokenizer of {str(path_or_name)!r} ({e}); pass text_tokenizer="

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.runtime.model_folders import VISUAL_TOKENIZER, hub_errors, require_visual_tokenizer
 from unicode_mllm.visual_tokenizer.autoencoder import Decoder, Encoder
 from unicode_mllm.visual_tokenizer.language_codebook import LanguageCodebook
 from unicode_mllm.visual_tokenizer.quantizer import QuantizerSettings
@@ -84,7 +86,8 @@ class VisualTokenizerConfig(PretrainedConfig):
         return 2 ** (len(self.ch_mult) - 1)
 
     def check(self) -> None:
-        """Cross-field checks; ConfigError names the keys and values."""
+        """Type and cross-field checks; ConfigError names the keys and values."""
+        self._check_types()
         if self.stacking not in STACK_BUILDERS:
             raise ConfigError(f"stacking {self.stacking!r} is unknown; choose one of {sorted(STACK_BUILDERS)}")
         f = self.downsample_factor
@@ -99,6 +102,14 @@ class VisualTokenizerConfig(PretrainedConfig):
         if len(set(self.code_to_token_id)) != self.num_codes:
             raise ConfigError("code_to_token_id has repeated token ids; each code needs its own LLM token id")
 
+    def _check_types(self) -> None:
+        # A hand-edited config.json ({"image_size": "big"}) otherwise fails deep inside the model as a TypeError.
+        for key, kinds in _FIELD_TYPES.items():
+            value = getattr(self, key)
+            bad = [v for v in value if not _is_type(v, kinds)] if isinstance(value, list) else [value]
+            if bad and not _is_type(bad[0], kinds):
+                raise ConfigError(f"{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
     def quantizer_settings(self) -> QuantizerSettings:
         return QuantizerSettings(
             codebook_mode=self.codebook_mode,
@@ -110,6 +121,22 @@ class VisualTokenizerConfig(PretrainedConfig):
             backend=self.backend,
             search_dim=self.search_dim,
         )
+
+
+# Allowed types per field; list fields are checked item by item, None only where the field is optional.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("image_size", "ch", "num_res_blocks", "z_channels", "llm_width", "num_codes", "llm_vocab_size"), (int,)
+    ),
+    **dict.fromkeys(("ch_mult", "attn_resolutions", "code_to_token_id"), (int,)),
+    **dict.fromkeys(("depth", "search_dim"), (int, type(None))),
+    **dict.fromkeys(("dropout", "decay", "eps", "commitment_weight", "feature_norm_decay"), (float, int)),
+    **dict.fromkeys(("stacking", "codebook_mode", "norm_matching", "backend", "llm_name_or_path"), (str,)),
+}
+
+
+def _is_type(value: object, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 @dataclass
@@ -309,6 +336,16 @@ class VisualTokenizer(PreTrainedModel):
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not _is_shared_codebook_copy(k)}
         super().save_pretrained(save_directory, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> VisualTokenizer:
+        """HF load after checking the folder: UserError (one line) for a folder of another kind, a missing
+        path, damaged weights or a bad config.json, instead of a randomly initialised model or a traceback."""
+        folder = require_visual_tokenizer(pretrained_model_name_or_path)
+        if folder is not None and kwargs.get("config") is None:
+            kwargs["config"] = _checked_config(folder)
+        with hub_errors(pretrained_model_name_or_path, VISUAL_TOKENIZER, folder):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     # ----- construction from an LLM ----------------------------------------------------------
 
     @classmethod
@@ -343,6 +380,16 @@ class VisualTokenizer(PreTrainedModel):
         else:
             model.quantizer.install(codebook.embeddings)
         return model
+
+
+def _checked_config(folder: Path) -> VisualTokenizerConfig:
+    """The folder's config, built and checked here so that a bad value names config.json."""
+    try:
+        config = VisualTokenizerConfig.from_pretrained(folder)
+        config.check()
+    except (ConfigError, TypeError, ValueError) as e:  # only the file's values reach this code
+        raise UserError(f"{folder / 'config.json'}: {e}; re-save the tokenizer or fix the value") from None
+    return config
 
 
 def _is_shared_codebook_copy(key: str) -> bool:

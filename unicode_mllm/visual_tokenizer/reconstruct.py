@@ -72,6 +72,26 @@ class Reconstruction:
     lpips: float | None
 
 
+def output_paths(paths: list[Path], out_dir: str | Path) -> list[Path]:
+    """One distinct output per input: `{stem}_recon.png`; inputs sharing a stem add their extension
+    (`x_jpg_recon.png`), and inputs sharing both (same name, other folders) a number (`x_png_2_recon.png`)."""
+    stems = [Path(p).stem for p in paths]
+    names = []
+    for path, stem in zip(paths, stems, strict=True):
+        ext = Path(path).suffix.lstrip(".").lower()
+        names.append(f"{stem}_{ext}" if stems.count(stem) > 1 and ext else stem)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        unique, n = name, 1
+        while unique in used:  # never two inputs on one file: the later one would silently replace the first
+            n += 1
+            unique = f"{name}_{n}"
+        used.add(unique)
+        out.append(Path(out_dir) / f"{unique}_recon.png")
+    return out
+
+
 def reconstruct_files(
     tokenizer_dir: str | Path,
     paths: list[Path],
@@ -79,7 +99,7 @@ def reconstruct_files(
     lpips_trunk: str | None = "auto",
     device: str | torch.device = "auto",
 ) -> list[Reconstruction]:
-    """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each image file."""
+    """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each image file (names: `output_paths`)."""
     device = select_device(device)  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     perceptual, _ = load_perceptual(lpips_trunk, device)  # None is reported as n/a by the caller, never a number
@@ -87,14 +107,13 @@ def reconstruct_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     size = tokenizer.config.image_size
     results = []
-    for path in paths:
+    for path, output in zip(paths, output_paths(paths, out_dir), strict=True):
         image = fit_square(load_image(path), size)
         x = pil_to_tensor(image)[None].to(device)
         _, rec = reconstruct_batch(tokenizer, x)
         with torch.no_grad():
             lp = float(perceptual(x, rec)[0]) if perceptual is not None else None
         pair = side_by_side(image, rec[0])
-        output = out_dir / f"{Path(path).stem}_recon.png"
         pair.save(output)
         results.append(Reconstruction(Path(path), output, float(psnr(x, rec)[0]), lp))
     return results
