@@ -86,3 +86,23 @@ def test_cuda_rng_states_of_another_gpu_count_are_skipped_with_a_warning(monkeyp
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     restore_rng_state(state)
     assert len(restored) == 1 and len(restored[0]) == 2
+
+
+def test_logs_off_a_terminal_are_single_unwrapped_lines(capsys):
+    """Rich wraps log lines at 80 columns off a terminal; the plain handler used there keeps one line per record,
+    written to the stderr of the moment (here pytest's capture)."""
+    import logging
+
+    from unicode_mllm.runtime.progress import _log_handler
+
+    logger = logging.getLogger("unicode_mllm.test_plain_logs")
+    logger.propagate = False
+    handler = _log_handler(terminal=False)
+    logger.addHandler(handler)
+    try:
+        message = "skipping the rest of broken shard " + "/very/long/path" * 12 + " (ReadError: invalid header)"
+        logger.warning(message)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(message) and "WARNING" in err

@@ -47,11 +47,20 @@ class ConversionReport:
     num_text_only: int = 0
     num_without_caption: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    warned: dict[str, list[str]] = field(default_factory=dict)  # kept samples with a problem, by reason
     split_summary: SplitSummary | None = None
 
     def skip(self, reason: str, name: str, message: str) -> None:
         self.skipped.setdefault(reason, []).append(name)
         logger.warning("skipping %s", message)
+
+    def warn(self, reason: str, name: str, message: str) -> None:
+        """Count a sample that is kept although something about it is suspicious (e.g. a repeated id)."""
+        self.warned.setdefault(reason, []).append(name)
+        logger.warning("%s", message)
+
+    def warn_counts(self) -> dict[str, int]:
+        return {reason: len(names) for reason, names in self.warned.items()}
 
     @property
     def num_skipped(self) -> int:
@@ -77,7 +86,18 @@ class ConversionReport:
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
                 parts.append(f"{len(names)} {reason} ({shown})")
             text += f"; skipped {self.num_skipped}: " + ", ".join(parts)
+        if self.warned:
+            parts = []
+            for reason, names in sorted(self.warned.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                parts.append(f"{len(names)} {reason} ({shown})")
+            text += f"; kept with a warning {sum(len(n) for n in self.warned.values())}: " + ", ".join(parts)
         return text
+
+
+def _is_dangling(path: Path) -> bool:
+    """True for a symlink whose target does not exist (at any depth of a link chain)."""
+    return path.is_symlink() and not path.exists()
 
 
 def _image_record(path: Path, name: str, storage: ImageStorage, expected_size: Any) -> tuple[Any, str, Any]:
@@ -98,7 +118,9 @@ def _finish(
     report.split_summary = summary
     if summary.num_samples == 0:
         raise UserError(f"no sample could be converted: {report.summary()}; fix the input and run again")
-    extra = {"conversion": {"num_inputs": report.num_inputs, "skipped": report.skip_counts()}}
+    extra = {
+        "conversion": {"num_inputs": report.num_inputs, "skipped": report.skip_counts(), "warned": report.warn_counts()}
+    }
     write_manifest(out_dir, [summary], generator_config, extra=extra)
     logger.info("%s", report.summary())
     return report
@@ -136,7 +158,10 @@ def convert_image_folder(
     if not src.is_dir():
         raise UserError(f"{src}: no such image folder; check the path")
     candidates = src.rglob("*") if recursive else src.iterdir()
-    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+    # A dangling symlink is not a file but is listed (and then counted as a missing image), never dropped.
+    files = sorted(
+        p for p in candidates if (p.is_file() or _is_dangling(p)) and p.suffix.lower() in IMAGE_FILE_SUFFIXES
+    )
     if not files:
         raise UserError(
             f"{src}: no image files ({', '.join(IMAGE_FILE_SUFFIXES)}) found"
@@ -149,6 +174,10 @@ def convert_image_folder(
     def records() -> Iterator[dict[str, Any]]:
         for path in files:
             name = path.relative_to(src).as_posix()
+            if _is_dangling(path):
+                target = os.readlink(path)
+                report.skip("missing image", name, f"{path}: dangling symlink to {target}; fix or remove the link")
+                continue
             caption = None
             sidecar = path.with_suffix(".txt")
             if captions_from == "sidecar" and sidecar.is_file():
@@ -184,7 +213,8 @@ def convert_image_folder(
 def check_conversation(conversations: Any, has_image: bool) -> tuple[str, str] | None:
     """Validate a LLaVA conversation; return None when valid, else (reason, explanation).
 
-    Rules: a non-empty list of {"from": "human"|"gpt", "value": str}; turns alternate starting with
+    Rules: a non-empty list of {"from": "human"|"gpt", "value": str} with no empty (blank) value, where a
+    human turn holding only `<image>` counts as a question; turns alternate starting with
     human and ending with gpt; with an image, `<image>` appears exactly once, in a human turn; without
     one, it does not appear at all.
     """
@@ -195,6 +225,12 @@ def check_conversation(conversations: Any, has_image: bool) -> tuple[str, str] |
             return "malformed record", f"turn {i} must be an object with a string 'value'"
         if turn.get("from") not in (HUMAN, GPT):
             return "malformed record", f"turn {i} is from {turn.get('from')!r}, expected 'human' or 'gpt'"
+    for i, turn in enumerate(conversations):
+        if not turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() and not (
+            turn["from"] == HUMAN and IMAGE_PLACEHOLDER in turn["value"]
+        ):
+            kind = "question" if turn["from"] == HUMAN else "answer"
+            return "empty turn", f"turn {i} is an empty {kind}; give it text or remove the record"
     roles = [turn["from"] for turn in conversations]
     for i, role in enumerate(roles):
         if role != (HUMAN if i % 2 == 0 else GPT):
@@ -211,6 +247,13 @@ def check_conversation(conversations: Any, has_image: bool) -> tuple[str, str] |
     if not has_image and in_human + in_gpt:
         return "image placeholder mismatch", f"a text-only record contains {IMAGE_PLACEHOLDER}"
     return None
+
+
+def _inside(root_abs: str, image_rel: str) -> bool:
+    """Whether `image_rel` (relative, or absolute) names a path under `root_abs`, judged on the text
+    (`..` resolved lexically), so symlinked folders inside the root stay allowed."""
+    path = os.path.normpath(os.path.join(root_abs, image_rel))
+    return os.path.commonpath([root_abs, path]) == root_abs
 
 
 def _load_llava_json(path: Path) -> list[Any]:
@@ -244,8 +287,10 @@ def convert_llava_json(
     Each record is `{"id", "image": path relative to image_root (optional), "conversations": [...]}`.
     A record is skipped, counted by reason and named (by id, or "#index") in the report when it is
     not an object or has a bad conversation (see `check_conversation`: "malformed record", "bad turn
-    order", "image placeholder mismatch"), or when its image is missing, corrupt or of the wrong size.
-    Records without "image" are kept as text-only (json-only) samples.
+    order", "empty turn", "image placeholder mismatch"), when its image path leaves `image_root` ("image
+    outside root": `..` or an absolute path elsewhere; skipped, never read), or when its image is missing,
+    corrupt or of the wrong size. A record whose id repeats an earlier one is kept and counted in the
+    report's `warned` ("duplicate id"). Records without "image" are kept as text-only (json-only) samples.
 
     Returns the ConversionReport. Raises UserError when the JSON file is missing or not a list, or no
     record could be converted.
@@ -258,6 +303,8 @@ def convert_llava_json(
         raise UserError(f"{root}: no such image root folder; check the path")
     out = Path(out_dir)
     report = ConversionReport(out_dir=out, split=split, num_inputs=len(data))
+    root_abs = os.path.abspath(root)
+    seen_ids: set[str] = set()
 
     def records() -> Iterator[dict[str, Any]]:
         for index, record in enumerate(data):
@@ -273,6 +320,19 @@ def convert_llava_json(
             if problem is not None:
                 report.skip(problem[0], name, f"record {name}: {problem[1]}")
                 continue
+            if image_rel is not None and not _inside(root_abs, image_rel):
+                report.skip(
+                    "image outside root",
+                    name,
+                    f"record {name}: image path {image_rel!r} leads outside --images {root}; "
+                    "make it relative to the image root",
+                )
+                continue
+            if "id" in record:
+                if name in seen_ids:
+                    message = f"record {name}: id repeats an earlier record's; kept, but give it a new id"
+                    report.warn("duplicate id", name, message)
+                seen_ids.add(name)
             meta = {"id": record.get("id"), "image_source": image_rel, "conversations": record["conversations"]}
             out_record: dict[str, Any] = {"key": f"{report.num_written:08d}", "meta": meta, "image": None}
             if image_rel is not None:

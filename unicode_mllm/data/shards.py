@@ -116,6 +116,35 @@ class Manifest:
         """Expected samples per shard path (the keys are what `shard_urls` returns)."""
         return {str(self.root / s.name): s.num_samples for s in self.split(split).shards}
 
+    def image_size(self) -> tuple[int, int] | None:
+        """The (h, w) every image of this folder should have, when its writer fixed one; else None.
+
+        Read from `generator_config`: `shapes.image_size` of a `data shapes` folder, or a converter's
+        `expected_size` (an int for a square image, or [h, w]); a `tokenize` folder keeps its images at the
+        source's size, so its `source_generator` is read. Anything else (or a malformed value) is None.
+        """
+        config: Any = self.generator_config
+        for _ in range(8):  # a tokenize of a tokenize ...; the bound stops a cycle
+            if not isinstance(config, dict) or config.get("generator") != "tokenize":
+                break
+            config = config.get("source_generator")
+        if not isinstance(config, dict):
+            return None
+        if config.get("generator") == "shapes":
+            shapes = config.get("shapes")
+            size = shapes.get("image_size") if isinstance(shapes, dict) else None
+        else:
+            size = config.get("expected_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size, size
+        if (
+            isinstance(size, (list, tuple))
+            and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            return int(size[0]), int(size[1])
+        return None
+
 
 # ---------------------------------------------------------------------------------------------------
 # writing

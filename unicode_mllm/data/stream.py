@@ -240,7 +240,12 @@ class StreamingDataset(IterableDataset):
 
     @classmethod
     def from_folder(cls, data_dir: str | os.PathLike, split: str, **kwargs: Any) -> StreamingDataset:
-        """Same as the constructor; reads as "stream this split of that folder"."""
+        """The constructor, reading as "stream this split of that folder"; unless `expected_size` is given,
+        it is the image size the folder's manifest declares (`Manifest.image_size`: a shapes set's
+        `image_size`, a converter's `expected_size`), so an image of another size is a counted
+        "wrong image size" skip."""
+        if "expected_size" not in kwargs:
+            kwargs["expected_size"] = read_manifest(data_dir).image_size()
         return cls(data_dir, split, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:

@@ -60,14 +60,26 @@ def shapes_t2i_prompts(cfg: ShapesConfig | None = None, count: int = 50, *, star
 
 
 def shapes_config_from_manifest(data_dir: str | Path) -> ShapesConfig:
-    """The `ShapesConfig` a shapes shard folder was written with (its manifest's generator_config)."""
+    """The `ShapesConfig` a shapes shard folder was written with (its manifest's generator_config).
+
+    A folder written by `unicode-mllm tokenize` from a shapes folder works too: its manifest keeps the
+    source's generator_config as `source_generator` (followed through repeated tokenizing).
+    """
     from unicode_mllm.config import config_from_dict
     from unicode_mllm.data.shards import read_manifest
 
     manifest = read_manifest(data_dir)
-    raw = manifest.generator_config.get("shapes")
-    if manifest.generator_config.get("generator") != "shapes" or not isinstance(raw, dict):
-        raise UserError(f"{data_dir} was not written by `unicode-mllm data shapes`; pass a shapes shard folder")
+    config: Any = manifest.generator_config
+    for _ in range(8):  # a tokenize of a tokenize ... ends at the shapes config; the bound stops a cycle
+        if not isinstance(config, dict) or config.get("generator") != "tokenize":
+            break
+        config = config.get("source_generator")
+    raw = config.get("shapes") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or config.get("generator") != "shapes" or not isinstance(raw, dict):
+        raise UserError(
+            f"{data_dir} was not written by `unicode-mllm data shapes` (nor tokenized from such a folder); "
+            "pass a shapes shard folder"
+        )
     return config_from_dict(ShapesConfig, raw, source=f"{data_dir}/manifest.json")
 
 

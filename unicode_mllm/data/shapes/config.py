@@ -33,6 +33,10 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
 # vocabulary leaves the cross out to keep the tiny preset's vocabulary small.
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 SIZE_NAMES: tuple[str, ...] = ("small", "large")
+# Every image side must be a multiple of this: a visual tokenizer needs image_size divisible by its
+# downsampling factor 2**(len(ch_mult)-1), and its hq stack needs the latent grid (image_size / factor)
+# to be even; a multiple of 8 satisfies both for the presets (tiny: factor 2; 32 px) and keeps sizes simple.
+IMAGE_SIZE_MULTIPLE = 8
 # The 3x3 grid cells in reading order (row-major): index = 3 * row + column. One naming scheme,
 # used by scenes, captions, answers and the instruction parser alike. Laid out as the grid (fmt: skip).
 POSITIONS: tuple[str, ...] = (
@@ -85,6 +89,13 @@ class ShapesConfig:
 
     def validate(self) -> None:
         """Cross-field checks; raises ValueError naming the bad value and the fix."""
+        if self.image_size % IMAGE_SIZE_MULTIPLE:
+            low = self.image_size - self.image_size % IMAGE_SIZE_MULTIPLE
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of {IMAGE_SIZE_MULTIPLE}, which the visual "
+                f"tokenizers need (downsampling, then the hq stack halves the grid); use {low} or "
+                f"{low + IMAGE_SIZE_MULTIPLE}"
+            )
         _check_names("shapes", self.shapes, SHAPE_NAMES)
         _check_names("colours", self.colours, tuple(OBJECT_COLOURS))
         _check_names("backgrounds", self.backgrounds, tuple(BACKGROUND_COLOURS))
