@@ -116,18 +116,23 @@ class Manifest:
         """Expected samples per shard path (the keys are what `shard_urls` returns)."""
         return {str(self.root / s.name): s.num_samples for s in self.split(split).shards}
 
-    def image_size(self) -> tuple[int, int] | None:
-        """The (h, w) every image of this folder should have, when its writer fixed one; else None.
-
-        Read from `generator_config`: `shapes.image_size` of a `data shapes` folder, or a converter's
-        `expected_size` (an int for a square image, or [h, w]); a `tokenize` folder keeps its images at the
-        source's size, so its `source_generator` is read. Anything else (or a malformed value) is None.
-        """
+    def source_generator_config(self) -> Any:
+        """The generator_config of the folder the images were made in: a `tokenize` folder keeps its source's as
+        `source_generator`, followed here through repeated tokenizing (not necessarily a dict)."""
         config: Any = self.generator_config
         for _ in range(8):  # a tokenize of a tokenize ...; the bound stops a cycle
             if not isinstance(config, dict) or config.get("generator") != "tokenize":
                 break
             config = config.get("source_generator")
+        return config
+
+    def image_size(self) -> tuple[int, int] | None:
+        """The (h, w) every image of this folder should have, when its writer fixed one; else None.
+
+        Read from the source generator config: `shapes.image_size` of a `data shapes` folder, or a converter's
+        `expected_size` (an int for a square image, or [h, w]). Anything else (or a malformed value) is None.
+        """
+        config = self.source_generator_config()
         if not isinstance(config, dict):
             return None
         if config.get("generator") == "shapes":

@@ -68,12 +68,7 @@ def shapes_config_from_manifest(data_dir: str | Path) -> ShapesConfig:
     from unicode_mllm.config import config_from_dict
     from unicode_mllm.data.shards import read_manifest
 
-    manifest = read_manifest(data_dir)
-    config: Any = manifest.generator_config
-    for _ in range(8):  # a tokenize of a tokenize ... ends at the shapes config; the bound stops a cycle
-        if not isinstance(config, dict) or config.get("generator") != "tokenize":
-            break
-        config = config.get("source_generator")
+    config = read_manifest(data_dir).source_generator_config()
     raw = config.get("shapes") if isinstance(config, dict) else None
     if not isinstance(config, dict) or config.get("generator") != "shapes" or not isinstance(raw, dict):
         raise UserError(

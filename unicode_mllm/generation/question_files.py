@@ -90,12 +90,14 @@ def _warn_misspelled_keys(fields: dict[str, Any], path: Path, number: int) -> No
 
 
 def check_question_images(records: list[QuestionRecord], path: Path) -> None:
-    """Decode every image once before any answering, so a bad image late in the file loses no work;
-    UserError naming the file, line and image."""
+    """Decode every image before any answering (answering decodes it again, rather than holding a whole file's
+    images in memory), so a bad image late in the file loses no work; UserError naming the file, line and image."""
     from unicode_mllm.data.image_io import load_image
 
+    checked: set[Path] = set()  # many questions share an image: decode each file once
     for record in records:
-        if record.image is not None:
+        if record.image is not None and record.image not in checked:
+            checked.add(record.image)
             try:
                 load_image(record.image)
             except UserError as exn:
