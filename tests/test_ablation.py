@@ -18,11 +18,18 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.ablation import SETTINGS, rows_to_markdown, run_ablation
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
-# The smoke profile, sized for conftest's LM (width 32, 512 positions): depth 2 keeps every stage-2
-# sample (a T=8 decompression sample reads 64 and writes 128 codes) inside 512 tokens.
+# The smoke profile, sized for conftest's LM (width 32, 512 positions): rq at depth 2 keeps every stage-2
+# sample (an 8x8 grid: a T=8 decompression sample reads 64 and writes 128 codes) inside 512 tokens (with hq,
+# every decompression sample was over the limit and skipped; stage 2 now refuses that up front).
 TEST_PROFILE = dataclasses.replace(
     PROFILES["smoke"],
-    tokenizer_overrides=(*PROFILES["smoke"].tokenizer_overrides, "model.depth=2", "model.z_channels=16"),
+    tokenizer_overrides=(
+        *PROFILES["smoke"].tokenizer_overrides,
+        "model.stacking=rq",
+        "model.ch_mult=[1,2,2]",
+        "model.depth=2",
+        "model.z_channels=16",
+    ),
     mllm_overrides=(*PROFILES["smoke"].mllm_overrides, "data.max_length=512", "eval.splits=[heldout]"),
     evaluation=EvalSizes(
         tokenizer_images=4,

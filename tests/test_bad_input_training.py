@@ -230,7 +230,7 @@ def test_stage2_reports_reader_skips_and_resume_keeps_counting(mllm_cfg, corrupt
     resumed.load_checkpoint()
     resumed.train_step()
     assert resumed.reader_skips_state() == expected  # the replayed part of the epoch is not counted twice
-    assert expected["skipped"]["corrupt image"] > 0
+    assert expected[corrupt_shapes_dir.name]["skipped"]["corrupt image"] > 0  # per data source
     metrics = resumed.fit().metrics
     assert "corrupt image" in metrics["data_reader"]
     saved = json.loads((tmp_path / "mm" / "final_metrics.json").read_text())

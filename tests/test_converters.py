@@ -146,7 +146,9 @@ def test_llava_converter_counts_each_problem(tmp_path):
         (_turns("<image> q", "a"), False, "image placeholder mismatch"),
         (_turns("q", "a", "q2"), False, "bad turn order"),
         ([{"from": "human", "value": "q"}, {"from": "human", "value": "q"}], False, "bad turn order"),
-        ([{"from": "user", "value": "q"}], False, "malformed record"),
+        ([{"from": "system", "value": "q"}], False, "malformed record"),
+        ([{"from": "user", "value": "<image> q"}, {"from": "assistant", "value": "a"}], True, None),  # aliases
+        ([{"from": "user", "value": "q"}], False, "bad turn order"),
         ([], False, "malformed record"),
         ("hello", False, "malformed record"),
     ],
@@ -163,3 +165,29 @@ def test_llava_bad_json_file(tmp_path):
     (tmp_path / "obj.json").write_text("{}", encoding="utf-8")
     with pytest.raises(UserError, match="top level is a dict; expected a list"):
         convert_llava_json(tmp_path / "obj.json", tmp_path, tmp_path / "out", progress=False)
+
+
+def test_llava_role_aliases_are_normalised_and_ids_of_any_type_survive(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    _image(0).save(root / "a.png")
+    sharegpt = [{"from": "user", "value": "<image>\nWhat?"}, {"from": "assistant", "value": "A square."}]
+    records = [
+        {"id": 7, "image": "a.png", "conversations": sharegpt},
+        {"id": "7", "conversations": _turns("Hi.", "Hello.")},  # not a repeat of the int 7
+        {"id": None, "conversations": [{"from": "user", "value": "Hi."}, {"from": "gpt", "value": "Yo."}]},
+        {"id": 2.5, "conversations": _turns("Q.", "A.")},
+        {"id": ["a", 1], "conversations": _turns("Q.", "A.")},
+        {"conversations": _turns("no id", "ok")},
+    ]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "out"
+    report = convert_llava_json(tmp_path / "sharegpt.json", root, out, progress=False)
+
+    assert report.num_written == 6 and not report.skipped and not report.warned
+    metas = [s["meta"] for s in StreamingDataset(out, "train", shuffle=False)]
+    assert [m["id"] for m in metas] == [7, "7", None, 2.5, ["a", 1], None]
+    assert [type(m["id"]) for m in metas[:4]] == [int, str, type(None), float]
+    assert metas[0]["conversations"] == _turns("<image>\nWhat?", "A square.")
+    assert [t["from"] for t in metas[2]["conversations"]] == ["human", "gpt"]
+    assert "id" not in records[5] and metas[5]["id"] is None

@@ -15,9 +15,8 @@ from unicode_mllm.data.mllm_samples import (
     MLLMSampleBuilder,
     SampleError,
     SkipCounter,
-    build_shapes_samples,
-    draw_vqa_turns,
 )
+from unicode_mllm.data.record_samples import build_record_samples, draw_vqa_turns
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.errors import UserError
 from unicode_mllm.lm.config import TextTokenizerConfig
@@ -210,7 +209,7 @@ def test_missing_image_and_template_mismatch_are_counted_or_raised(text_tokenize
 
 def test_shapes_record_gives_one_sample_per_task(text_tokenizer, world_samples):
     builder = MLLMSampleBuilder(text_tokenizer, CODE_SHAPE)
-    samples = build_shapes_samples(builder, world_samples[1].to_json(), image_ids())
+    samples = build_record_samples(builder, world_samples[1].to_json(), image_ids())
     assert [s.task for s in samples] == ["vqa", "caption", "text_to_image", "decompression"]
     assert len(labelled_runs(samples[0].labels)) == len(world_samples[1].qa)
     assert builder.skips.built == 4

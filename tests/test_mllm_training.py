@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections import Counter
 
@@ -188,7 +189,7 @@ def test_ids_written_by_a_different_tokenizer_of_the_same_shape_are_skipped(
     assert trainer.builder.skips.skipped["visual_token_ids of another tokenizer"] == 4
 
 
-def test_too_long_samples_are_counted_and_reported(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path):
+def test_too_long_tasks_are_refused_up_front(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path):
     tasks = {"vqa": 1.0, "text_to_image": 0.0, "decompression": 1.0}
     cfg = make_config(
         tiny_lm_dir,
@@ -197,10 +198,16 @@ def test_too_long_samples_are_counted_and_reported(tiny_lm_dir, tiny_visual_toke
         tmp_path,
         data={"tasks": tasks, "max_length": 200, "max_skip_fraction": 1.0},
     )
+    with pytest.raises(UserError, match=r"every decompression sample is at least \d+ tokens.*data.max_length=200"):
+        MLLMTrainer(cfg)  # up front: every decompression sample would be a skip
+    cfg.data.tasks.decompression = 0.0
     trainer = MLLMTrainer(cfg)
+    shortest = trainer.builder.shortest_length("decompression")
+    roomy = dataclasses.replace(trainer.builder, max_length=10**6, skips=None)
+    real = roomy.decompression(torch.zeros(trainer.builder.code_shape, dtype=torch.long))
+    assert real is not None and len(real) == shortest  # the up-front length is the real one
     samples = trainer.next_samples()
-    assert {s.task for s in samples} == {"vqa"}  # every decompression sample (~170 tokens) was too long
-    assert trainer.skips.skipped["too long"] == 2 and "too long" in trainer.skips.summary()
+    assert samples and all(len(s) <= 200 for s in samples) and trainer.skips.num_skipped == 0
 
 
 def test_lora_training_merges_into_the_saved_model(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path):

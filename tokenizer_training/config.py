@@ -8,6 +8,7 @@ from typing import Literal
 from tokenizer_training.blend_schedule import BlendConfig, check_mode_schedule
 from tokenizer_training.losses import LossConfig
 from unicode_mllm.config import bounded
+from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.errors import ConfigError
 
 
@@ -52,6 +53,8 @@ class DataConfig:
     num_workers: int = bounded(0, min=0)
     shuffle_buffer: int = bounded(1000, min=1)
     max_skip_fraction: float = bounded(0.01, min=0.0, max=1.0)
+    # How images reach model.image_size: auto = exact for shapes (never resampled), centre crop for photos.
+    image: ImagePolicy = field(default_factory=ImagePolicy)
 
 
 @dataclass

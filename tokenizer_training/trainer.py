@@ -27,6 +27,8 @@ from tokenizer_training.config import OptimConfig, TokenizerTrainConfig
 from tokenizer_training.losses import VQGANLoss
 from tokenizer_training.usage import UsageWindow
 from unicode_mllm.data.batches import DataPosition, EpochBatches
+from unicode_mllm.data.image_policy import check_fixed_size
+from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
@@ -150,7 +152,11 @@ class TokenizerTrainer:
         return self.tokenizer.quantizer.relative_distance(self.language_codebook)
 
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        """The training split (shuffle=True) with the configured image policy, whose random crops and flips
+        follow the run seed and the epoch (`EpochBatches` sets it); eval splits with its `for_eval()`."""
         state = self.accelerator.state
+        policy = self.cfg.data.image if shuffle else self.cfg.data.image.for_eval()
+        check_fixed_size(policy, read_manifest(self.cfg.data.shards).image_size(), self.cfg.model.image_size)
         return StreamingDataset(
             self.cfg.data.shards,
             split,
@@ -160,7 +166,8 @@ class TokenizerTrainer:
             rank=state.process_index,
             world_size=state.num_processes,
             image_format="tensor",
-            expected_size=self.cfg.model.image_size,
+            image_size=self.cfg.model.image_size,
+            image_policy=policy,
         )
 
     def batches(self) -> EpochBatches:
@@ -335,6 +342,7 @@ class TokenizerTrainer:
             check_out_dir(self.out_dir, resume=False)
         d = cfg.data  # every split it reads must exist before step 1
         check_splits(d.shards, {"data.train_split": [d.train_split], "data.eval_splits": d.eval_splits})
+        check_fixed_size(d.image, read_manifest(d.shards).image_size(), cfg.model.image_size)  # not a skip per sample
         self.files.write_config()
         self.files.trim_metrics(self.step)
         started = time.perf_counter()

@@ -136,20 +136,109 @@ def data_from_llava(
     typer.echo(report.summary())
 
 
+def _check_inputs(files: dict[str, Path | None], images: Path) -> None:
+    """Up-front checks of a converter's input files (option -> path; None is not given) and its --images folder."""
+    for option, path in files.items():
+        if path is not None and not path.is_file():
+            raise UserError(f"{option} {path} not found; pass an existing JSON file")
+    if not images.is_dir():
+        raise UserError(f"--images {images} not found; pass the folder that holds the COCO images")
+
+
+@data_app.command("from-coco")
+def data_from_coco(
+    captions: Path = typer.Option(..., "--captions", help="COCO captions JSON, e.g. captions_train2017.json."),
+    images: Path = typer.Option(..., "--images", help="Folder of the images the file names (e.g. train2017/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
+    split: str = typer.Option("train", "--split", help="Split name to write."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards of this split."),
+) -> None:
+    """Convert COCO captions into shards, one sample per image with all its captions; problems are counted."""
+    from unicode_mllm.data.coco_vqa import convert_coco_captions
+
+    _check_inputs({"--captions": captions}, images)
+    check_split_name(split)
+    check_at_least(shard_size, 1, "--shard-size")
+    ensure_writable_output(out, "--out", folder=True)
+    report = convert_coco_captions(captions, images, out, split=split, maxcount=shard_size, overwrite=overwrite)
+    typer.echo(report.summary())
+
+
+@data_app.command("from-vqav2")
+def data_from_vqav2(
+    questions: Path = typer.Option(..., "--questions", help="VQAv2 questions JSON (v2_OpenEnded_mscoco_*)."),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="VQAv2 annotations JSON (answers); leave out for test-dev (no answers)."
+    ),
+    images: Path = typer.Option(..., "--images", help="Folder of the COCO images (e.g. train2014/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
+    image_pattern: str = typer.Option(
+        "COCO_{subset}_{image_id:012d}.jpg", "--image-pattern", help="Image file name of {subset} and {image_id}."
+    ),
+    subset: str | None = typer.Option(None, "--subset", help="Fills {subset} (default: the files' data_subtype)."),
+    split: str = typer.Option("train", "--split", help="Split name to write."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing shards of this split."),
+) -> None:
+    """Convert VQAv2 questions (+ annotations) into shards, one sample per image with its `qa` list."""
+    from unicode_mllm.data.coco_vqa import convert_vqav2
+
+    _check_inputs({"--questions": questions, "--annotations": annotations}, images)
+    check_split_name(split)
+    check_at_least(shard_size, 1, "--shard-size")
+    ensure_writable_output(out, "--out", folder=True)
+    report = convert_vqav2(
+        questions,
+        annotations,
+        images,
+        out,
+        split=split,
+        image_pattern=image_pattern,
+        subset=subset,
+        maxcount=shard_size,
+        overwrite=overwrite,
+    )
+    typer.echo(report.summary())
+
+
 @data_app.command("inspect")
 def data_inspect(
     folder: Path = typer.Argument(..., help="A shard folder with manifest.json."),
     split: str | None = typer.Option(None, "--split", help="Read back this split only."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Check as a trainer at this size would read (default: decode only)."
+    ),
+    resize: str = typer.Option(
+        "auto", "--resize", help="With --image-size: auto (exact for shapes, else center_crop), center_crop or exact."
+    ),
 ) -> None:
     """Print the manifest and stream every sample back, reporting samples that cannot be decoded."""
+    from unicode_mllm.data.image_policy import ImagePolicy, check_fixed_size
     from unicode_mllm.data.shards import read_manifest
     from unicode_mllm.data.stream import SkipReport, StreamingDataset
     from unicode_mllm.runtime.progress import track
 
+    choices = ("auto", "center_crop", "exact")
+    if resize not in choices:
+        raise UserError(f"--resize {resize!r} is unknown; choose one of {', '.join(choices)}")
+    if image_size is None and resize != "auto":
+        raise UserError(f"--resize {resize} needs --image-size N (the size to check the images against)")
     manifest = read_manifest(folder)
     splits = [split] if split else sorted(manifest.splits)
+    # The trainers' own reader and policy (evaluation form: the same skips, no random crops).
+    sizing = {}
+    if image_size is not None:
+        check_at_least(image_size, 1, "--image-size")
+        policy = ImagePolicy(resize=resize).for_eval()  # type: ignore[arg-type]  # checked against choices above
+        sizing = {"image_size": image_size, "image_policy": policy}
+        try:
+            keys = {"shards_key": str(folder), "size_key": "--image-size", "resize_key": "--resize"}
+            check_fixed_size(policy, manifest.image_size(), image_size, **keys)
+        except UserError as exn:
+            typer.echo(f"note: a trainer stops before step 1 here: {exn}")
     for name in splits:
-        stream = StreamingDataset.from_folder(folder, name, shuffle=False)
+        stream = StreamingDataset.from_folder(folder, name, shuffle=False, **sizing)
         report = SkipReport()
         n = sum(1 for _ in report.track(track(stream, f"reading {name}", total=manifest.split(name).num_samples)))
         typer.echo(f"{name}: {n} samples read; {report.summary()}")
@@ -266,10 +355,12 @@ def reconstruct_cmd(
     for output in output_paths(images, out):
         ensure_writable_output(output, "-o/--out")
     trunk = None if lpips_trunk == "none" else lpips_trunk
-    results = reconstruct_files(model, images, out, trunk, device)
-    for r in results:
+    report = reconstruct_files(model, images, out, trunk, device)
+    for r in report.done:
         lp = f"{r.lpips:.4f}" if r.lpips is not None else "n/a (no VGG16 trunk; pass --lpips-trunk PATH)"
         typer.echo(f"{r.source}: PSNR {r.psnr:.2f} dB, LPIPS {lp} -> {r.output}")
+    if report.failed:  # after every readable file was done and printed: one line naming each unreadable file
+        raise UserError(f"{report.summary()}; re-export or remove the unreadable files")
 
 
 @app.command("tokenize")

@@ -37,13 +37,15 @@ class EpochBatches:
         num_workers: int = 0,
         max_skip_fraction: float | None = None,
         position: DataPosition | None = None,
+        check_after: int = 1000,
     ):
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.position = position or DataPosition()
         # Reader-level skips (corrupt images, broken shards): counted over the whole run, checked per epoch.
-        self.report = SkipReport(max_skip_fraction, setting="data.max_skip_fraction")
+        # checked after every batch once `check_after` samples were seen, and at every epoch end.
+        self.report = SkipReport(max_skip_fraction, check_after=check_after, setting="data.max_skip_fraction")
 
     def _what(self) -> str:
         return f"the {self.dataset.num_samples} samples of split {self.dataset.split!r}"

@@ -99,6 +99,8 @@ class ConversationTemplate:
                 text += part
             elif isinstance(part, ImageRead):
                 images.append(part)
+                if text and not text[-1].isspace():  # text before the image (LLaVA's "question\n<image>")
+                    text += self.image_sep
                 text += IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END
                 if i + 1 < len(parts) and isinstance(parts[i + 1], str) and parts[i + 1]:
                     text += self.image_sep

@@ -1,16 +1,17 @@
 """Convert an image folder or a LLaVA-style JSON file into shards + manifest (see `shards`).
 
-Both converters read every input, write the good samples through `shards.write_split`, and count the
-bad ones by reason in a `ConversionReport` (never a crash, never a silent drop). The report's counts
-are also stored in the manifest under `extra.conversion`, and the converter's settings under
-`generator_config`.
+The converters (these two, and COCO captions / VQAv2 in `coco_vqa`) read every input, write the good
+samples through `shards.write_split`, and count the bad ones by reason in a `ConversionReport` (never a
+crash, never a silent drop). The report's counts are also stored in the manifest under
+`extra.conversion`, and the converter's settings under `generator_config`.
 
 Sample metadata written (the writer adds `has_image`):
 
 * image folder: `{"source": "sub/cat.jpg", "caption": "a cat" | None, "height": h, "width": w}`.
-* LLaVA: `{"id": ..., "image_source": "coco/1.jpg" | None, "conversations": [{"from", "value"}, ...]}`.
-  A text-only record (no "image" field) is stored as a json-only sample (`has_image: false`), so it
-  stays in the same split and order as the image samples.
+* LLaVA: `{"id": ..., "image_source": "coco/1.jpg" | None, "conversations": [{"from", "value"}, ...]}`,
+  `id` exactly as in the file (any JSON type), `from` normalised to "human"/"gpt" (ShareGPT-style
+  "user"/"assistant" are accepted as aliases). A text-only record (no "image" field) is stored as a
+  json-only sample (`has_image: false`), so it stays in the same split and order as the image samples.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
 from unicode_mllm.data.image_io import ImageDecodeError, encode_png, load_image
-from unicode_mllm.data.shards import SplitSummary, write_manifest, write_split
+from unicode_mllm.data.shards import SplitSummary, read_manifest, write_manifest, write_split
 from unicode_mllm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ImageStorage = Literal["png", "original"]
 _KEEP_ORIGINAL = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}  # what "original" can store as-is
 HUMAN, GPT = "human", "gpt"
+ROLE_ALIASES = {"user": HUMAN, "assistant": GPT}  # ShareGPT-style exports name the roles this way
 
 
 @dataclass
@@ -47,7 +49,9 @@ class ConversionReport:
     num_text_only: int = 0
     num_without_caption: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
-    warned: dict[str, list[str]] = field(default_factory=dict)  # kept samples with a problem, by reason
+    # Problems that cost no sample, by reason: a kept sample's oddity (a repeated id), or an input entry left
+    # out of the samples (a caption of an image that is not in the file, a question without an answer).
+    warned: dict[str, list[str]] = field(default_factory=dict)
     split_summary: SplitSummary | None = None
 
     def skip(self, reason: str, name: str, message: str) -> None:
@@ -55,7 +59,7 @@ class ConversionReport:
         logger.warning("skipping %s", message)
 
     def warn(self, reason: str, name: str, message: str) -> None:
-        """Count a sample that is kept although something about it is suspicious (e.g. a repeated id)."""
+        """Count a problem that costs no sample (see `warned`), e.g. a repeated id or a caption of an unknown image."""
         self.warned.setdefault(reason, []).append(name)
         logger.warning("%s", message)
 
@@ -81,23 +85,29 @@ class ConversionReport:
         if self.num_without_caption:
             text += f", {self.num_without_caption} without caption"
         if self.skipped:
-            parts = []
-            for reason, names in sorted(self.skipped.items(), key=lambda kv: -len(kv[1])):
-                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                parts.append(f"{len(names)} {reason} ({shown})")
-            text += f"; skipped {self.num_skipped}: " + ", ".join(parts)
+            text += f"; skipped {self.num_skipped}: " + _by_reason(self.skipped)
         if self.warned:
-            parts = []
-            for reason, names in sorted(self.warned.items(), key=lambda kv: -len(kv[1])):
-                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                parts.append(f"{len(names)} {reason} ({shown})")
-            text += f"; kept with a warning {sum(len(n) for n in self.warned.values())}: " + ", ".join(parts)
+            text += f"; warnings {sum(len(n) for n in self.warned.values())}: " + _by_reason(self.warned)
         return text
+
+
+def _by_reason(names_by_reason: dict[str, list[str]]) -> str:
+    """ "2 corrupt image (a.png, b.png), 1 missing image (c.png)": most frequent first, three names each."""
+    parts = []
+    for reason, names in sorted(names_by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts.append(f"{len(names)} {reason} ({shown})")
+    return ", ".join(parts)
 
 
 def _is_dangling(path: Path) -> bool:
     """True for a symlink whose target does not exist (at any depth of a link chain)."""
     return path.is_symlink() and not path.exists()
+
+
+def _check_storage(image_storage: str) -> None:
+    if image_storage not in ("png", "original"):
+        raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
 
 
 def _image_record(path: Path, name: str, storage: ImageStorage, expected_size: Any) -> tuple[Any, str, Any]:
@@ -107,6 +117,30 @@ def _image_record(path: Path, name: str, storage: ImageStorage, expected_size: A
     if storage == "original" and ext is not None:
         return path.read_bytes(), ext, img
     return encode_png(img), "png", img
+
+
+def _read_image(
+    report: ConversionReport,
+    root: Path,
+    image_rel: str,
+    name: str,
+    label: str,
+    storage: ImageStorage,
+    expected_size: Any,
+) -> dict[str, Any] | None:
+    """The image fields of a record ({"image": bytes, "image_ext": ext}) for `root / image_rel`, or None after
+    counting the skip under `name`: a path that leads outside `root` (never read), a missing, corrupt or
+    wrong-size image. `label` is what the messages call the image."""
+    if not _inside(os.path.abspath(root), image_rel):
+        message = f"{label}: image path {image_rel!r} leads outside --images {root}; make it relative to the image root"
+        report.skip("image outside root", name, message)
+        return None
+    try:
+        data, ext, _ = _image_record(root / image_rel, label, storage, expected_size)
+    except ImageDecodeError as exn:
+        report.skip(exn.reason, name, str(exn))
+        return None
+    return {"image": data, "image_ext": ext}
 
 
 def _finish(
@@ -121,9 +155,33 @@ def _finish(
     extra = {
         "conversion": {"num_inputs": report.num_inputs, "skipped": report.skip_counts(), "warned": report.warn_counts()}
     }
-    write_manifest(out_dir, [summary], generator_config, extra=extra)
+    write_manifest(
+        out_dir, [*_other_splits(out_dir, summary.split, generator_config), summary], generator_config, extra=extra
+    )
     logger.info("%s", report.summary())
     return report
+
+
+def _other_splits(out_dir: Path, split: str, generator_config: dict[str, Any]) -> list[SplitSummary]:
+    """The splits an earlier run of the same converter wrote into `out_dir` (e.g. COCO's train before its val),
+    kept in the new manifest so that converting a second split never hides the first."""
+    try:
+        manifest = read_manifest(out_dir)
+    except UserError:
+        return []  # no (readable) manifest yet
+    others = {name: s for name, s in manifest.splits.items() if name != split}
+    if not others:
+        return []
+    if manifest.generator_config.get("converter") != generator_config.get("converter"):
+        logger.warning(
+            "%s held splits %s of another converter (%s); the new manifest lists only split %r",
+            out_dir,
+            sorted(others),
+            manifest.generator_config.get("converter") or manifest.generator_config.get("generator"),
+            split,
+        )
+        return []
+    return [s for s in others.values() if all((out_dir / shard.name).is_file() for shard in s.shards)]
 
 
 def convert_image_folder(
@@ -153,8 +211,7 @@ def convert_image_folder(
     src = Path(folder)
     if captions_from not in ("sidecar", "none"):
         raise ValueError(f"captions_from {captions_from!r} is unknown; choose one of ['none', 'sidecar']")
-    if image_storage not in ("png", "original"):
-        raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
+    _check_storage(image_storage)
     if not src.is_dir():
         raise UserError(f"{src}: no such image folder; check the path")
     candidates = src.rglob("*") if recursive else src.iterdir()
@@ -210,9 +267,23 @@ def convert_image_folder(
     return _finish(report, out, summary, config)
 
 
+def normalise_roles(conversations: Any) -> Any:
+    """The conversation with the roles of `ROLE_ALIASES` ("user", "assistant") renamed "human"/"gpt"; anything
+    that is not a list of objects is returned unchanged (for `check_conversation` to reject)."""
+    if not isinstance(conversations, list):
+        return conversations
+    return [
+        {**turn, "from": ROLE_ALIASES[turn["from"]]}
+        if isinstance(turn, dict) and isinstance(turn.get("from"), str) and turn["from"] in ROLE_ALIASES
+        else turn
+        for turn in conversations
+    ]
+
+
 def check_conversation(conversations: Any, has_image: bool) -> tuple[str, str] | None:
     """Validate a LLaVA conversation; return None when valid, else (reason, explanation).
 
+    Roles "user"/"assistant" count as "human"/"gpt" (`normalise_roles`).
     Rules: a non-empty list of {"from": "human"|"gpt", "value": str} with no empty (blank) value, where a
     human turn holding only `<image>` counts as a question; turns alternate starting with
     human and ending with gpt; with an image, `<image>` appears exactly once, in a human turn; without
@@ -220,11 +291,14 @@ def check_conversation(conversations: Any, has_image: bool) -> tuple[str, str] |
     """
     if not isinstance(conversations, list) or not conversations:
         return "malformed record", "'conversations' must be a non-empty list"
+    conversations = normalise_roles(conversations)
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             return "malformed record", f"turn {i} must be an object with a string 'value'"
         if turn.get("from") not in (HUMAN, GPT):
-            return "malformed record", f"turn {i} is from {turn.get('from')!r}, expected 'human' or 'gpt'"
+            return "malformed record", (
+                f"turn {i} is from {turn.get('from')!r}, expected 'human' or 'gpt' (or 'user' / 'assistant')"
+            )
     for i, turn in enumerate(conversations):
         if not turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() and not (
             turn["from"] == HUMAN and IMAGE_PLACEHOLDER in turn["value"]
@@ -256,17 +330,19 @@ def _inside(root_abs: str, image_rel: str) -> bool:
     return os.path.commonpath([root_abs, path]) == root_abs
 
 
-def _load_llava_json(path: Path) -> list[Any]:
+def _load_json(path: Path, what: str, top_level: type, expected: str) -> Any:
+    """Parse a JSON input file whose top level must be a `top_level` (`expected` says what the user should give);
+    one-line UserError naming the file (`what` kind of file) otherwise."""
     if not path.is_file():
-        raise UserError(f"{path}: no such LLaVA JSON file; check the path")
+        raise UserError(f"{path}: no such {what}; check the path")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; re-export it as UTF-8 JSON") from None
     except json.JSONDecodeError as exn:
         raise UserError(f"{path}: not valid JSON (line {exn.lineno}: {exn.msg}); fix the file") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: top level is a {type(data).__name__}; expected a list of records")
+    if not isinstance(data, top_level):
+        raise UserError(f"{path}: top level is a {type(data).__name__}; expected {expected}")
     return data
 
 
@@ -291,19 +367,18 @@ def convert_llava_json(
     outside root": `..` or an absolute path elsewhere; skipped, never read), or when its image is missing,
     corrupt or of the wrong size. A record whose id repeats an earlier one is kept and counted in the
     report's `warned` ("duplicate id"). Records without "image" are kept as text-only (json-only) samples.
+    `id` is stored as it is (int, str, null, ...); roles "user"/"assistant" are stored as "human"/"gpt".
 
     Returns the ConversionReport. Raises UserError when the JSON file is missing or not a list, or no
     record could be converted.
     """
     src, root = Path(json_path), Path(image_root)
-    if image_storage not in ("png", "original"):
-        raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
-    data = _load_llava_json(src)
+    _check_storage(image_storage)
+    data = _load_json(src, "LLaVA JSON file", list, "a list of records")
     if not root.is_dir():
         raise UserError(f"{root}: no such image root folder; check the path")
     out = Path(out_dir)
     report = ConversionReport(out_dir=out, split=split, num_inputs=len(data))
-    root_abs = os.path.abspath(root)
     seen_ids: set[str] = set()
 
     def records() -> Iterator[dict[str, Any]]:
@@ -316,36 +391,28 @@ def convert_llava_json(
             if image_rel is not None and not isinstance(image_rel, str):
                 report.skip("malformed record", name, f"record {name}: 'image' must be one path string")
                 continue
-            problem = check_conversation(record.get("conversations"), has_image=image_rel is not None)
+            conversations = normalise_roles(record.get("conversations"))
+            problem = check_conversation(conversations, has_image=image_rel is not None)
             if problem is not None:
                 report.skip(problem[0], name, f"record {name}: {problem[1]}")
                 continue
-            if image_rel is not None and not _inside(root_abs, image_rel):
-                report.skip(
-                    "image outside root",
-                    name,
-                    f"record {name}: image path {image_rel!r} leads outside --images {root}; "
-                    "make it relative to the image root",
-                )
-                continue
-            if "id" in record:
-                if name in seen_ids:
-                    message = f"record {name}: id repeats an earlier record's; kept, but give it a new id"
-                    report.warn("duplicate id", name, message)
-                seen_ids.add(name)
-            meta = {"id": record.get("id"), "image_source": image_rel, "conversations": record["conversations"]}
-            out_record: dict[str, Any] = {"key": f"{report.num_written:08d}", "meta": meta, "image": None}
+            out_record: dict[str, Any] = {"key": f"{report.num_written:08d}", "image": None}
             if image_rel is not None:
-                try:
-                    data_bytes, ext, _ = _image_record(
-                        root / image_rel, f"{name} ({image_rel})", image_storage, expected_size
-                    )
-                except ImageDecodeError as exn:
-                    report.skip(exn.reason, name, f"record {exn}")
+                label = f"record {name} ({image_rel})"
+                image = _read_image(report, root, image_rel, name, label, image_storage, expected_size)
+                if image is None:
                     continue
-                out_record.update(image=data_bytes, image_ext=ext)
+                out_record.update(image)
             else:
                 report.num_text_only += 1
+            if "id" in record:
+                # Compared as JSON text, so the int 1 and the string "1" are different ids, as they are in the file.
+                id_text = json.dumps(record["id"], sort_keys=True)
+                if id_text in seen_ids:
+                    message = f"record {name}: id repeats an earlier record's; kept, but give it a new id"
+                    report.warn("duplicate id", name, message)
+                seen_ids.add(id_text)
+            out_record["meta"] = {"id": record.get("id"), "image_source": image_rel, "conversations": conversations}
             yield out_record
             report.num_written += 1
 

@@ -43,7 +43,8 @@ class ImageDecodeError(UserError):
         self.reason = reason
 
 
-def _normalise_size(expected_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+def normalise_size(expected_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """(h, w) of a size given as (h, w) or as the side of a square; None stays None."""
     if expected_size is None:
         return None
     if isinstance(expected_size, int):
@@ -112,14 +113,20 @@ def load_image(
         ) from None
 
     img = _to_mode(img, mode, label)
-    expected_hw = _normalise_size(expected_size)
+    check_image_size(img, expected_size, label)
+    return img
+
+
+def check_image_size(img: Image.Image, expected_size: int | tuple[int, int] | None, label: str) -> None:
+    """Raise ImageDecodeError (reason "wrong image size") unless `img` is `expected_size` ((h, w) or a square
+    side; None accepts any size)."""
+    expected_hw = normalise_size(expected_size)
     if expected_hw is not None and (img.height, img.width) != expected_hw:
         raise ImageDecodeError(
             f"{label}: image is {img.height}x{img.width} (h x w) but {expected_hw[0]}x{expected_hw[1]} "
             "was expected; resize the data or change the expected size",
             "wrong image size",
         )
-    return img
 
 
 def _apply_orientation(img: Image.Image) -> Image.Image:

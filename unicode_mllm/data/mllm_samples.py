@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,12 +78,19 @@ class SkipCounter:
         self.built = 0
         self.truncated = 0
         self.skipped: Counter[str] = Counter()
+        self.source = ""  # the data source whose records are being built (set by the stage-2 stream)
+        self.by_source: dict[str, Counter[str]] = {}  # per source: "built" and every skip reason
+
+    def add_built(self) -> None:
+        self.built += 1
+        self.by_source.setdefault(self.source, Counter())["built"] += 1
 
     def skip(self, reason: str, message: str) -> None:
-        """Raise SampleError in strict mode, else count the skip under `reason`."""
+        """Raise SampleError in strict mode, else count the skip under `reason` (and the current source)."""
         if self.strict:
             raise SampleError(reason, message)
         self.skipped[reason] += 1
+        self.by_source.setdefault(self.source, Counter())[reason] += 1
         log.debug("skipped sample (%s): %s", reason, message)
 
     @property
@@ -103,9 +109,19 @@ class SkipCounter:
             text += ": " + ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
         if self.truncated:
             text += f"; {self.truncated} truncated"
+        if len(self.by_source) > 1:
+            parts = []
+            for name, counts in sorted(self.by_source.items()):
+                skipped = sum(n for reason, n in counts.items() if reason != "built")
+                reasons = ", ".join(f"{n} {r}" for r, n in counts.most_common() if r != "built")
+                parts.append(f"{name} {skipped} of {skipped + counts['built']}" + (f" ({reasons})" if reasons else ""))
+            text += "; by source: " + "; ".join(parts)
         return text
 
-    def check(self) -> None:
+    def check(self, *, at_least: int = 0) -> None:
+        """Raise UserError past `max_skip_fraction`; `at_least`: only once that many samples were seen."""
+        if self.built + self.num_skipped < at_least:
+            return
         if self.max_skip_fraction is not None and self.fraction > self.max_skip_fraction:
             raise UserError(
                 f"{self.summary()} exceeds data.max_skip_fraction={self.max_skip_fraction}; fix the data or the "
@@ -114,11 +130,17 @@ class SkipCounter:
 
     def state_dict(self) -> dict[str, Any]:
         """The counts as plain JSON (saved in checkpoints so a resumed run keeps counting)."""
-        return {"built": self.built, "truncated": self.truncated, "skipped": dict(self.skipped)}
+        return {
+            "built": self.built,
+            "truncated": self.truncated,
+            "skipped": dict(self.skipped),
+            "by_source": {name: dict(counts) for name, counts in self.by_source.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.built, self.truncated = int(state.get("built", 0)), int(state.get("truncated", 0))
         self.skipped = Counter(state.get("skipped", {}))
+        self.by_source = {name: Counter(counts) for name, counts in state.get("by_source", {}).items()}
 
     def to_delta(self) -> SkipDelta:
         """The skips as a `SkipDelta`, to travel with batches from data-loader workers (see data/stream.py)."""
@@ -295,6 +317,38 @@ class MLLMSampleBuilder:
             turns.append(Turn(user, (ImageWrite(segment, opens=k == 0, closes=k == total - 1),)))
         return self.conversation(turns, [image_token_ids], "decompression", sample_id, uncompressed_reads=True)
 
+    def shortest_length(self, task: str) -> int:
+        """Tokens of the shortest sample `task` can produce with this template and code shape: the image span
+        and the template's fixed text, with a one-word text wherever the data gives text (for up-front
+        checks against `max_length` and the LM's positions)."""
+        dummy = torch.zeros(self.code_shape, dtype=torch.long)
+        if task == "text_to_image":
+            turns, images, full = [Turn("", (ImageWrite(dummy.reshape(-1)),))], [], False
+        elif task == "decompression":
+            segments = split_into_segments(dummy, self.num_segments)
+            turns = [
+                Turn(
+                    (ImageRead(0), self.prompts.decompression.format(part=1, total=len(segments)))
+                    if k == 0
+                    else self.prompts.decompression.format(part=k + 1, total=len(segments)),
+                    (ImageWrite(seg, opens=k == 0, closes=k == len(segments) - 1),),
+                )
+                for k, seg in enumerate(segments)
+            ]
+            images, full = [dummy], True
+        elif task in ("vqa", "caption"):
+            question = self.prompts.caption if task == "caption" else "x"
+            turns, images, full = [Turn((ImageRead(0), question), "x")], [dummy], False
+        else:
+            raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+        strict, self.skips.strict = self.skips.strict, True
+        try:
+            sample = self._build(turns, images, task, "", check_length=False, uncompressed_reads=full)
+        finally:
+            self.skips.strict = strict
+        assert sample is not None  # strict builds return a sample or raise
+        return len(sample)
+
     # ----- prompts for inference ----------------------------------------------------------------
 
     def text_to_image_prompt(self, prompt: str) -> Tensor:
@@ -340,7 +394,7 @@ class MLLMSampleBuilder:
         """
         sample = self._build(turns, images, task, sample_id, check_length=True, uncompressed_reads=uncompressed_reads)
         if sample is not None:
-            self.skips.built += 1
+            self.skips.add_built()
         return sample
 
     def _skip(self, reason: str, sample_id: str, message: str) -> None:
@@ -468,67 +522,6 @@ class MLLMSampleBuilder:
         image_token_ids = torch.stack(read_images) if read_images else torch.zeros(0, h, w, d, dtype=torch.long)
         is_uncompressed = torch.full((len(read_images),), uncompressed_reads, dtype=torch.bool)
         return MLLMSample(input_ids, labels, image_token_ids, task, sample_id, is_uncompressed)
-
-
-def _mentions(text: str, phrase: str) -> bool:
-    return re.search(rf"\b{re.escape(phrase.lower())}\b", text.lower()) is not None
-
-
-def draw_vqa_turns(qa: Sequence[tuple[str, str]], turns: int, rng: random.Random) -> list[tuple[str, str]]:
-    """Up to `turns` (question, answer) pairs in random order, none answerable from the turns before it.
-
-    A pair is kept only if its answer is not named by an earlier kept question: after "What colour is
-    the square? purple", "What shape is the purple object? square" would be answered by copying a word
-    of the conversation, not by reading the image, and teacher forcing would reward that shortcut.
-    """
-    kept: list[tuple[str, str]] = []
-    for question, answer in rng.sample(list(qa), len(qa)):
-        if len(kept) == turns:
-            break
-        if not any(_mentions(earlier, answer) for earlier, _ in kept):
-            kept.append((question, answer))
-    return kept
-
-
-def build_shapes_samples(
-    builder: MLLMSampleBuilder,
-    meta: Mapping[str, Any],
-    image_token_ids: Tensor | None,
-    tasks: Sequence[str] = TASKS,
-    *,
-    drop_prompt: Sequence[bool] = (),
-    vqa_turns: int = 0,
-    rng: random.Random | None = None,
-) -> list[MLLMSample]:
-    """The samples of one shapes-world record (its shard JSON: caption, qa, instruction) for `tasks`.
-
-    A task may repeat (the stage-2 mixture draws several). drop_prompt: the CFG drop of each
-    `text_to_image` entry in order (missing entries: the builder's own `cfg_drop_rate` draw).
-    vqa_turns: question/answer pairs per VQA conversation (0: all of the record's, in order; else
-    `draw_vqa_turns` with `rng`, by default one seeded by the record id: a random order without
-    replacement that leaves out pairs answerable from an earlier question).
-    Skipped samples are counted in `builder.skips` (or raise in strict mode) and left out of the list.
-    """
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
-    sample_id = str(meta.get("id", ""))
-    drops = iter(drop_prompt)
-    out: list[MLLMSample | None] = []
-    for task in tasks:
-        if task == "vqa":
-            qa = [(q["question"], q["answer"]) for q in meta.get("qa", [])]
-            if vqa_turns:
-                qa = draw_vqa_turns(qa, vqa_turns, rng or random.Random(sample_id))
-            out.append(builder.vqa(image_token_ids, qa, sample_id))
-        elif task == "caption":
-            out.append(builder.caption(image_token_ids, meta.get("caption", ""), sample_id))
-        elif task == "text_to_image":
-            prompt = meta.get("instruction", "")
-            out.append(builder.text_to_image(prompt, image_token_ids, sample_id, next(drops, None)))
-        else:
-            out.append(builder.decompression(image_token_ids, sample_id))
-    return [s for s in out if s is not None]
 
 
 # The collated keys `UniCodeMLLM.forward` takes: `model(**{k: batch[k] for k in MODEL_INPUTS})`.

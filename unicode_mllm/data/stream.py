@@ -18,13 +18,21 @@ Problems are found inside DataLoader worker processes, so the counts are carried
   item to the report (`report.add(item)` does it by hand), hides tally records and empty batches,
   logs `report.summary()` at the end and raises UserError past `max_skip_fraction`.
 
-Skip reasons: a sample with a corrupt image, a wrong image size, an unsupported image mode, a missing
-image or json member, or bad JSON is skipped and counted under that reason. A shard that cannot be
-opened or read to the end (truncated, missing, not a tar) is counted as a broken shard; the samples it
+Skip reasons: a sample with a corrupt image, a wrong image size (only under the "exact" image policy),
+an unsupported image mode, a missing image or json member, bad JSON or an undecodable .txt caption is
+skipped and counted under that reason. A shard that cannot be opened or read to the end (truncated,
+missing, not a tar) is counted as a broken shard; the samples it
 should have held but did not deliver are counted as "lost in broken shard", using the manifest's
 per-shard counts (this also catches a tar cut exactly at a member boundary, which `tarfile` reads as a
 clean end). Nothing is ever re-raised in the default mode; `strict=True` raises UserError at the first
 problem instead.
+
+Images (see `unicode_mllm.data.image_policy`): with an `image_size`, each decoded image is brought to that
+size by the `ImagePolicy` (`auto`: exact for folders whose manifest fixes a size, centre crop otherwise);
+random crops and flips are drawn from (seed, epoch, sample key). The shards are never rewritten.
+
+Captions: a sample with a `.txt` member (img2dataset's layout `KEY.jpg`, `KEY.txt`, `KEY.json`) whose
+JSON has no non-empty "caption" gets the stripped text as `meta["caption"]`.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from unicode_mllm.data.image_io import ImageDecodeError, load_image, pil_to_tensor
+from unicode_mllm.data.image_io import ImageDecodeError, load_image, normalise_size, pil_to_tensor
+from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.data.shards import HAS_IMAGE_FIELD, read_manifest
 from unicode_mllm.errors import UserError
 
@@ -158,6 +167,11 @@ class _WorkerTally:
             self.finish_shard(url)
 
 
+def _has_caption(meta: Mapping[str, Any]) -> bool:
+    caption = meta.get("caption")
+    return isinstance(caption, str) and bool(caption.strip())
+
+
 def _take_every(src: Iterable[Any], start: int, step: int) -> Iterator[Any]:
     yield from islice(src, start, None, step)
 
@@ -180,7 +194,13 @@ class StreamingDataset(IterableDataset):
         rank, world_size: this process's share of the shards (default: torch.distributed when
             initialised, else 0 and 1). Shards are split by rank, then by DataLoader worker.
         image_format: "pil" (a PIL image) or "tensor" (float32 (3, h, w) in [-1, 1], needs mode "RGB").
-        mode, expected_size: passed to `load_image`; a size mismatch is a counted skip, never a resize.
+        mode: the decoded pixel mode, "RGB" or "L" (`load_image` converts any other mode).
+        image_size: the size ((h, w) or a square side) every yielded image has; None decodes only (any size).
+        image_policy: how an image reaches `image_size` (`ImagePolicy`; default `ImagePolicy()`, i.e.
+            "auto": exact when the manifest fixes a size, else centre crop). Pass `policy.for_eval()` for
+            evaluation: random crops and flips are drawn from (seed, epoch, sample key). Needs image_size.
+        expected_size: the older spelling of `image_size` with the "exact" policy: a size mismatch is a
+            counted "wrong image size" skip, never a resize. Give it or image_size, not both.
         strict: raise UserError at the first problem instead of counting it.
 
     Yields dicts {"key": str, "image": PIL | tensor | None (text-only sample), "meta": dict,
@@ -205,6 +225,8 @@ class StreamingDataset(IterableDataset):
         image_format: Literal["pil", "tensor"] = "pil",
         mode: Literal["RGB", "L"] = "RGB",
         expected_size: int | tuple[int, int] | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        image_policy: ImagePolicy | None = None,
         strict: bool = False,
     ) -> None:
         super().__init__()
@@ -220,6 +242,14 @@ class StreamingDataset(IterableDataset):
             rank, world_size = _default_rank_world()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+        if expected_size is not None:
+            if image_size is not None:
+                raise ValueError("give image_size (with image_policy) or expected_size (exact size), not both")
+            if image_policy is not None and image_policy.resize not in ("auto", "exact"):
+                raise ValueError(f"expected_size means resize='exact', not {image_policy.resize!r}; use image_size")
+            image_size, image_policy = expected_size, ImagePolicy(resize="exact")
+        elif image_policy is not None and image_size is None:
+            raise ValueError("image_policy needs image_size (the size it brings every image to)")
         self.manifest = read_manifest(data_dir)
         self.split = split
         self.urls = self.manifest.shard_urls(split)
@@ -234,18 +264,28 @@ class StreamingDataset(IterableDataset):
         self.world_size = world_size
         self.image_format = image_format
         self.mode = mode
-        self.expected_size = expected_size
+        self.image_size = normalise_size(image_size)  # (h, w) or None: decode only
+        self.image_policy: ImagePolicy | None = None
+        if self.image_size is not None:
+            policy = image_policy or ImagePolicy()
+            policy.validate()
+            self.image_policy = policy.resolve(self.manifest.image_size())
+        # The size a mismatch is a skip for (the "exact" policy), as before image policies existed.
+        exact = self.image_policy is not None and self.image_policy.resize == "exact"
+        self.expected_size = self.image_size if exact else None
         self.strict = strict
         self.epoch = 0
 
     @classmethod
     def from_folder(cls, data_dir: str | os.PathLike, split: str, **kwargs: Any) -> StreamingDataset:
-        """The constructor, reading as "stream this split of that folder"; unless `expected_size` is given,
-        it is the image size the folder's manifest declares (`Manifest.image_size`: a shapes set's
-        `image_size`, a converter's `expected_size`), so an image of another size is a counted
-        "wrong image size" skip."""
-        if "expected_size" not in kwargs:
-            kwargs["expected_size"] = read_manifest(data_dir).image_size()
+        """The constructor, reading as "stream this split of that folder"; unless `image_size` or
+        `expected_size` is given, the size is the one the folder's manifest declares (`Manifest.image_size`:
+        a shapes set's `image_size`, a converter's `expected_size`): with an `image_policy` it becomes
+        `image_size`, else `expected_size`, so an image of another size is a counted "wrong image size"
+        skip. A folder that declares none is decoded only (any size)."""
+        if "expected_size" not in kwargs and kwargs.get("image_size") is None:
+            declared = read_manifest(data_dir).image_size()
+            kwargs["image_size" if kwargs.get("image_policy") is not None else "expected_size"] = declared
         return cls(data_dir, split, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
@@ -268,6 +308,14 @@ class StreamingDataset(IterableDataset):
             if not isinstance(meta, dict):
                 tally.skip_sample("bad json", f"{where}.json: holds a {type(meta).__name__}, not an object")
                 continue
+            if "txt" in raw and not _has_caption(meta):
+                try:
+                    text = raw["txt"].decode("utf-8").strip()
+                except UnicodeDecodeError as exn:
+                    tally.skip_sample("bad caption text", f"{where}.txt: caption is not UTF-8 text ({exn})")
+                    continue
+                if text:
+                    meta["caption"] = text
             ext = next((e for e in READ_IMAGE_EXTENSIONS if e in raw), None)
             image: Any = None
             if ext is None:
@@ -275,10 +323,13 @@ class StreamingDataset(IterableDataset):
                     tally.skip_sample("missing image", f"{where}: sample has no image member")
                     continue
             else:
+                name = f"{where}.{ext}"
                 try:
-                    image = load_image(
-                        raw[ext], mode=self.mode, expected_size=self.expected_size, name=f"{where}.{ext}"
-                    )
+                    image = load_image(raw[ext], mode=self.mode, name=name)
+                    if self.image_policy is not None and self.image_size is not None:
+                        image = self.image_policy.apply(
+                            image, self.image_size, seed=self.seed, epoch=self.epoch, key=key, name=name
+                        )
                 except ImageDecodeError as exn:
                     tally.skip_sample(exn.reason, str(exn))
                     continue
@@ -343,7 +394,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if images and all(isinstance(x, torch.Tensor) for x in images):
         shapes = sorted({tuple(x.shape) for x in images})
         if len(shapes) > 1:
-            raise ValueError(f"cannot stack images of different shapes {shapes}; set expected_size on the dataset")
+            raise ValueError(f"cannot stack images of different shapes {shapes}; set image_size on the dataset")
         images = torch.stack(images)  # (b, 3, h, w)
     return {
         "key": [s["key"] for s in real],

@@ -11,10 +11,12 @@ where the image token ids come from, the task mixture, sample building), `optim`
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from unicode_mllm.compression import CompressorConfig
 from unicode_mllm.config import bounded
+from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.errors import ConfigError
 from unicode_mllm.runtime.devices import DeviceChoice
 
@@ -79,8 +81,25 @@ class TaskWeights:
 
 
 @dataclass
+class DataSource:
+    """One shard folder of a stage-2 mixture: records of any kind (shapes, LLaVA, captions, VQAv2, folders).
+
+    weight: the share of micro-batches drawn from this source (relative to the other sources' weights).
+    tasks: this source's task weights (None: `data.tasks`); a LLaVA source typically weights vqa and
+        decompression, a caption source caption, text_to_image and decompression (data/record_samples.py).
+    """
+
+    shards: str = ""
+    name: str = ""  # how logs and skip counts call it (default: the folder's name)
+    weight: float = bounded(1.0, min=0.0)
+    tasks: TaskWeights | None = None
+    train_split: str | None = None  # None: data.train_split
+
+
+@dataclass
 class MLLMDataConfig:
-    shards: str = ""  # a shard folder with manifest.json (optionally with pre-extracted codes)
+    shards: str = ""  # one shard folder (manifest.json, or an img2dataset folder); or use `sources`
+    sources: list[DataSource] = field(default_factory=list)  # a weighted mixture of shard folders
     train_split: str = "train"
     token_ids: Literal["auto", "precomputed", "encode"] = "auto"  # auto: the shard's visual_token_ids if present
     tasks: TaskWeights = field(default_factory=TaskWeights)
@@ -96,6 +115,35 @@ class MLLMDataConfig:
     shuffle_buffer: int = bounded(1000, min=1)
     num_workers: int = bounded(0, min=0)
     max_skip_fraction: float = bounded(0.01, min=0.0, max=1.0)
+    image: ImagePolicy = field(default_factory=ImagePolicy)  # how images of any size reach the tokenizer
+
+    def resolved_sources(self) -> list[DataSource]:
+        """`sources` with defaults filled in, or the one source `shards` names."""
+        listed = self.sources or [DataSource(shards=self.shards)]
+        out = []
+        for source in listed:
+            out.append(
+                DataSource(
+                    shards=source.shards,
+                    name=source.name or Path(source.shards).name or "data",
+                    weight=source.weight,
+                    tasks=source.tasks or self.tasks,
+                    train_split=source.train_split or self.train_split,
+                )
+            )
+        return out
+
+    def validate(self) -> None:
+        if self.shards and self.sources:
+            raise ConfigError("data.shards and data.sources are both set; list every folder under data.sources")
+        for i, source in enumerate(self.sources):
+            if not source.shards:
+                raise ConfigError(f"data.sources[{i}].shards is empty; give the source's shard folder")
+        names = [s.name for s in self.resolved_sources()]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources have repeated names {names}; give each a distinct name")
+        if self.sources and sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources: every weight is 0; give at least one source a positive weight")
 
 
 @dataclass
@@ -143,7 +191,9 @@ class MLLMTrainConfig:
     eval: MLLMEvalConfig = field(default_factory=MLLMEvalConfig)
 
     def validate(self) -> None:
-        if sum(self.data.tasks.as_dict().values()) <= 0:
-            raise ConfigError("data.tasks: every weight is 0; give at least one task a positive weight")
+        for source in self.data.resolved_sources():
+            if source.tasks is not None and sum(source.tasks.as_dict().values()) <= 0:
+                where = "data.tasks" if source.tasks is self.data.tasks else f"data.sources ({source.name}).tasks"
+                raise ConfigError(f"{where}: every weight is 0; give at least one task a positive weight")
         if self.train.mixed_precision == "fp16" and self.train.device == "cpu":
             raise ConfigError("train.mixed_precision='fp16' needs a GPU; use 'no' or 'bf16' on CPU")

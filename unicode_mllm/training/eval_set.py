@@ -25,6 +25,8 @@ from torch import Tensor
 
 from unicode_mllm.constants import IGNORE_INDEX
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder
+from unicode_mllm.data.record_samples import build_record_samples, record_captions, record_tasks
+from unicode_mllm.data.shards import HAS_IMAGE_FIELD
 
 
 @dataclass
@@ -44,25 +46,34 @@ def build_eval_samples(
     max_questions_per_record: int = 0,
     seed: int = 0,
 ) -> list[EvalSample]:
-    """Single-turn VQA samples (one per question), plus one text-to-image and one decompression sample
-    per record, from (record JSON, (h, w, d) token ids) pairs; skips are counted by the builder."""
+    """From (record JSON, (h, w, d) token ids or None) pairs of any record kind (data/record_samples.py):
+    single-turn VQA samples (one per question of a `qa` list; a LLaVA conversation whole), one text-to-image
+    sample (instruction or first caption) and one decompression sample per image record; skips are counted
+    by the builder."""
     out: list[EvalSample] = []
     rng = random.Random(f"eval-{seed}-{split}")
     for meta, ids in records:
         sample_id = str(meta.get("id", ""))
-        if "vqa" in tasks:
-            qa = list(meta.get("qa", []))
+        if ids is None and meta.get(HAS_IMAGE_FIELD, True):
+            continue  # an image record whose ids were unusable: counted by the caller's token-id reader
+        can = record_tasks(meta, ids is not None)
+        if "vqa" in tasks and "vqa" in can:
+            if "conversations" in meta:
+                sample = build_record_samples(builder, meta, ids, ("vqa",))
+                out += [EvalSample(s, split) for s in sample]
+            qa = [q for q in meta.get("qa") or () if isinstance(q, dict) and q.get("question") and q.get("answer")]
             if max_questions_per_record and len(qa) > max_questions_per_record:
                 qa = rng.sample(qa, max_questions_per_record)
             for q in qa:
                 sample = builder.vqa(ids, [(q["question"], q["answer"])], sample_id)
                 if sample is not None:
-                    out.append(EvalSample(sample, split, q.get("kind", "")))
-        if "text_to_image" in tasks:
-            sample = builder.text_to_image(meta.get("instruction", ""), ids, sample_id, drop_prompt=False)
+                    out.append(EvalSample(sample, split, q.get("kind") or q.get("answer_type") or ""))
+        if "text_to_image" in tasks and "text_to_image" in can:
+            prompt = meta.get("instruction") or record_captions(meta)[0]
+            sample = builder.text_to_image(prompt, ids, sample_id, drop_prompt=False)
             if sample is not None:
                 out.append(EvalSample(sample, split))
-        if "decompression" in tasks:
+        if "decompression" in tasks and "decompression" in can:
             sample = builder.decompression(ids, sample_id)
             if sample is not None:
                 out.append(EvalSample(sample, split))

@@ -4,31 +4,32 @@ Each micro-batch reads `records_per_batch` records through `EpochBatches` (so it
 (epoch, record batches taken) and resuming replays the epoch's order exactly), gets every record's
 (h, w, d) LLM token ids, either pre-extracted by `unicode-mllm tokenize` (the record JSON's
 `visual_token_ids` + `code_shape`) or encoded on the fly by the frozen visual tokenizer, draws the
-record's tasks from the `TaskMixture` and builds the samples with an `MLLMSampleBuilder`. All samples
+record's tasks from the `TaskMixture` and builds the samples of whatever kind of record it is
+(`data/record_samples.py`: shapes, LLaVA, captions, VQAv2, image folders) with an `MLLMSampleBuilder`. All samples
 of the record batch form one group (their number varies with the mixture draws), which the trainer
 cuts into forward passes of similar lengths under a padded-token budget (`length_chunks`), so a
 518-token decompression sample does not pad forty 80-token VQA samples.
 
 A record that cannot give a sample (no image, wrong code shape, ids that are not this tokenizer's
-codes, too long) is a counted skip with its reason; `SkipCounter.check()` runs at every epoch end.
+codes, too long) is a counted skip with its reason; `SkipCounter.check()` runs as the run goes (after
+`SKIP_CHECK_AFTER` samples) and at every epoch end. `SourceMixture` draws micro-batches from several
+shard folders by weight (`data.sources`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from unicode_mllm.data.batches import DataPosition, EpochBatches
-from unicode_mllm.data.mllm_samples import (
-    MLLMSample,
-    MLLMSampleBuilder,
-    build_shapes_samples,
-)
+from unicode_mllm.data.mllm_samples import MLLMSample, MLLMSampleBuilder
+from unicode_mllm.data.record_samples import build_record_samples
+from unicode_mllm.data.shards import HAS_IMAGE_FIELD
 from unicode_mllm.data.stream import StreamingDataset
 from unicode_mllm.errors import UserError
 from unicode_mllm.training.task_mixture import TaskMixture
@@ -41,6 +42,7 @@ TokenIdSource = Literal["auto", "precomputed", "encode"]
 
 # Skip reasons of records whose token ids cannot be used (one count per record, not per task).
 MISSING_TOKEN_IDS = "missing visual_token_ids"
+SKIP_CHECK_AFTER = 100  # samples seen before data.max_skip_fraction is checked as the run goes
 FOREIGN_TOKEN_IDS = "visual_token_ids of another tokenizer"
 
 
@@ -58,7 +60,8 @@ class RecordTokenIds:
         self._warned_unfingerprinted = False
 
     def __call__(self, records: dict[str, Any], builder: MLLMSampleBuilder) -> list[Tensor | None]:
-        """The collated records of `collate` -> one (h, w, d) int64 tensor per record, None when unusable.
+        """The collated records of `collate` -> one (h, w, d) int64 tensor per record, None when unusable
+        or text-only (`has_image: false`, which needs no ids and is not a skip).
 
         Unusable records are counted in `builder.skips` (or raise in strict mode).
         """
@@ -66,6 +69,8 @@ class RecordTokenIds:
         out: list[Tensor | None] = [None] * len(metas)
         to_encode: list[int] = []
         for i, meta in enumerate(metas):
+            if not meta.get(HAS_IMAGE_FIELD, True):
+                continue  # a text-only record (LLaVA's text conversations): no image, no ids
             has_ids = TOKEN_IDS_KEY in meta
             if self.source == "precomputed" or (self.source == "auto" and has_ids):
                 out[i] = self._precomputed(meta, builder)
@@ -73,13 +78,18 @@ class RecordTokenIds:
                 to_encode.append(i)
         if to_encode:
             images = records["image"]
-            if not isinstance(images, Tensor):
+            if not isinstance(images, Tensor):  # a batch mixing text-only records: stack the images it has
                 missing = [metas[i].get("id", "?") for i in to_encode if images[i] is None]
-                raise UserError(
-                    f"records {missing[:3]} have no image to encode; pre-extract codes with 'unicode-mllm tokenize' "
-                    "or fix the shards"
-                )
-            pixel_values = images[to_encode].to(self.device)  # (k, 3, H, W) in [-1, 1]
+                if missing:
+                    raise UserError(
+                        f"records {missing[:3]} have no image to encode; pre-extract codes with "
+                        "'unicode-mllm tokenize' or fix the shards"
+                    )
+                images = torch.stack([images[i] for i in to_encode])
+                to_encode_rows = list(range(len(to_encode)))
+            else:
+                to_encode_rows = to_encode
+            pixel_values = images[to_encode_rows].to(self.device)  # (k, 3, H, W) in [-1, 1]
             with torch.no_grad():
                 token_ids = self.visual_tokenizer.codes_to_token_ids(self.visual_tokenizer.encode(pixel_values))
             for row, i in enumerate(to_encode):
@@ -145,7 +155,12 @@ class RecordTokenIds:
 
 class MLLMBatches:
     """Endless lists of stage-2 samples (those of `records_per_batch` records each) from one shard split;
-    `position` resumes it. `length_chunks` cuts a list into forward passes of similar lengths."""
+    `position` resumes it. `length_chunks` cuts a list into forward passes of similar lengths.
+
+    The builder's skip fraction is checked as the run goes, once `check_after` samples were built or
+    skipped (a short run that skips a quarter of its samples fails, not only one that reaches an epoch end),
+    and at every epoch end.
+    """
 
     def __init__(
         self,
@@ -159,6 +174,8 @@ class MLLMBatches:
         num_workers: int = 0,
         max_skip_fraction: float | None = None,
         position: DataPosition | None = None,
+        source: str = "",
+        check_after: int = SKIP_CHECK_AFTER,
     ):
         self.records = EpochBatches(
             dataset,
@@ -166,11 +183,14 @@ class MLLMBatches:
             num_workers=num_workers,
             max_skip_fraction=max_skip_fraction,
             position=position,
+            check_after=check_after,
         )
         self.builder = builder
         self.token_ids = token_ids
         self.mixture = mixture
         self.vqa_turns = vqa_turns
+        self.source = source
+        self.check_after = check_after
 
     @property
     def position(self) -> DataPosition:
@@ -178,7 +198,8 @@ class MLLMBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.records.position.epoch
-        produced = 0
+        produced = self.records.position.batch  # a resumed epoch already gave this many batches
+        weighted = [task for task, weight in self.mixture.weights.items() if weight > 0]
         for records in self.records:
             if self.records.position.epoch != epoch:  # an epoch ended: check the samples that failed to build
                 self.builder.skips.check()
@@ -186,18 +207,64 @@ class MLLMBatches:
                     raise UserError(f"an epoch of the stage-2 data gave no sample ({self.builder.skips.summary()})")
                 epoch, produced = self.records.position.epoch, 0
             samples: list[MLLMSample] = []
+            self.builder.skips.source = self.source
             token_ids = self.token_ids(records, self.builder)
             for meta, key, ids in zip(records["meta"], records["key"], token_ids, strict=True):
-                if ids is None:
+                if ids is None and meta.get(HAS_IMAGE_FIELD, True):
                     continue  # counted once for the record by `token_ids`
                 plan = self.mixture.plan(key, epoch)
                 rng = random.Random(f"vqa-turns-{self.mixture.seed}-{epoch}-{key}")
-                samples += build_shapes_samples(
-                    self.builder, meta, ids, plan.tasks, drop_prompt=plan.drop_prompt, vqa_turns=self.vqa_turns, rng=rng
+                samples += build_record_samples(
+                    self.builder,
+                    meta,
+                    ids,
+                    plan.tasks,
+                    drop_prompt=plan.drop_prompt,
+                    vqa_turns=self.vqa_turns,
+                    rng=rng,
+                    weighted_tasks=weighted,
                 )
+            self.builder.skips.check(at_least=self.check_after)
             if samples:
                 produced += 1
                 yield samples
+
+
+class SourceMixture:
+    """Endless stage-2 sample lists drawn from several sources by weight (`data.sources`).
+
+    Each micro-batch comes whole from one source, chosen by an RNG keyed by (seed, draw number), so the
+    sequence of sources is a function of the draw count: resuming restores every source's own position and
+    the count, and replays the run exactly. One source is always chosen without a draw.
+    """
+
+    def __init__(self, streams: Mapping[str, MLLMBatches], weights: Mapping[str, float], seed: int, draws: int = 0):
+        if set(streams) != set(weights):
+            raise ValueError(f"sources {sorted(streams)} and weights {sorted(weights)} differ")
+        self.streams = dict(streams)
+        self.names = list(streams)
+        self.weights = [float(weights[name]) for name in self.names]
+        if sum(self.weights) <= 0:
+            raise ValueError(f"every source weight is 0: {dict(weights)}")
+        self.seed = seed
+        self.draws = draws
+
+    def choose(self, draw: int) -> str:
+        if len(self.names) == 1:
+            return self.names[0]
+        return random.Random(f"source-{self.seed}-{draw}").choices(self.names, weights=self.weights)[0]
+
+    def position(self) -> dict[str, Any]:
+        """JSON: the draw count and each source's (epoch, batch)."""
+        return {"draws": self.draws, "sources": {n: s.position.to_dict() for n, s in self.streams.items()}}
+
+    def __iter__(self) -> Iterator[tuple[str, list[MLLMSample]]]:
+        iterators = {name: iter(stream) for name, stream in self.streams.items()}
+        while True:
+            name = self.choose(self.draws)
+            samples = next(iterators[name])
+            self.draws += 1
+            yield name, samples
 
 
 def length_chunks(samples: list[MLLMSample], max_tokens: int) -> list[list[MLLMSample]]:

@@ -33,6 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from unicode_mllm.constants import IGNORE_INDEX
 from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder, SkipCounter
+from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
@@ -42,12 +43,13 @@ from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_out_dir, check_splits
+from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_out_dir
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
-from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, length_chunks
+from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, SourceMixture, length_chunks
 from unicode_mllm.training.task_mixture import TaskMixture
+from unicode_mllm.training.up_front_checks import check_sequence_lengths, check_sources
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +150,21 @@ class MLLMTrainer:
             read_tokens_per_image=self.mllm.tokens_per_image,  # the compressor's span; decompression reads h*w
         )
         self.collator = MLLMCollator(pad_token_id=self.mllm.token_ids.pad)
-        self.mixture = TaskMixture(d.tasks.as_dict(), cfg_drop_rate=d.cfg_drop_rate, seed=cfg.train.seed)
+        self.sources = {source.name: source for source in d.resolved_sources()}
+        self.mixtures = {
+            name: TaskMixture(source.tasks.as_dict(), cfg_drop_rate=d.cfg_drop_rate, seed=cfg.train.seed)
+            for name, source in self.sources.items()
+        }
+        self.mixture = next(iter(self.mixtures.values()))  # the first source's (the only one's, usually)
+        check_sequence_lengths(self.builder, self.mllm, d, self.mixtures.values())
         self.record_token_ids = RecordTokenIds(self.mllm.visual_tokenizer, d.token_ids, self.accelerator.device)
         self.step = 0
-        self.position = DataPosition()
+        self.positions = {name: DataPosition() for name in self.sources}
+        self.draws = 0  # micro-batches drawn so far (SourceMixture's position)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
-        self._batches: MLLMBatches | None = None
-        self._reader_skips: dict[str, Any] = {}  # reader skip counts of a resumed run, until the stream exists
+        self._batches: SourceMixture | None = None
+        self._reader_skips: dict[str, dict[str, Any]] = {}  # per source, of a resumed run, until the streams exist
         self._eval_samples: list[EvalSample] | None = None
 
     @property
@@ -164,10 +173,16 @@ class MLLMTrainer:
 
     # ----- data -------------------------------------------------------------------------------------
 
-    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+    @property
+    def position(self) -> DataPosition:
+        """The only (or first) source's data position."""
+        return next(iter(self.positions.values()))
+
+    def _dataset(self, shards: str, split: str, shuffle: bool) -> StreamingDataset:
         state = self.accelerator.state
+        policy = self.cfg.data.image if shuffle else self.cfg.data.image.for_eval()
         return StreamingDataset(
-            self.cfg.data.shards,
+            shards,
             split,
             shuffle=shuffle,
             seed=self.cfg.train.seed,
@@ -175,47 +190,66 @@ class MLLMTrainer:
             rank=state.process_index if shuffle else 0,
             world_size=state.num_processes if shuffle else 1,
             image_format="tensor",
-            expected_size=self.mllm.visual_tokenizer.config.image_size,
+            image_size=self.mllm.visual_tokenizer.config.image_size,
+            image_policy=policy,
         )
+
+    def _stream(self, name: str) -> MLLMBatches:
+        d, source = self.cfg.data, self.sources[name]
+        position = self.positions[name]
+        stream = MLLMBatches(
+            self._dataset(source.shards, source.train_split, shuffle=True),
+            self.builder,
+            self.record_token_ids,
+            self.mixtures[name],
+            records_per_batch=d.records_per_batch,
+            vqa_turns=d.vqa_turns,
+            num_workers=d.num_workers,
+            max_skip_fraction=d.max_skip_fraction,
+            position=DataPosition(position.epoch, position.batch),
+            source=name,
+        )
+        stream.records.report.load_state_dict(self._reader_skips.get(name, {}))
+        return stream
 
     def next_samples(self) -> list[MLLMSample]:
         if self._batches is None:
-            d = self.cfg.data
-            self._batches = MLLMBatches(
-                self._dataset(d.train_split, shuffle=True),
-                self.builder,
-                self.record_token_ids,
-                self.mixture,
-                records_per_batch=d.records_per_batch,
-                vqa_turns=d.vqa_turns,
-                num_workers=d.num_workers,
-                max_skip_fraction=d.max_skip_fraction,
-                position=DataPosition(self.position.epoch, self.position.batch),
-            )
-            self._batches.records.report.load_state_dict(self._reader_skips)
+            streams = {name: self._stream(name) for name in self.sources}
+            weights = {name: source.weight for name, source in self.sources.items()}
+            self._batches = SourceMixture(streams, weights, self.cfg.train.seed, draws=self.draws)
             self._iter = iter(self._batches)
-        samples = next(self._iter)
-        self.position = DataPosition(self._batches.position.epoch, self._batches.position.batch)
+        name, samples = next(self._iter)
+        stream = self._batches.streams[name]
+        self.positions[name] = DataPosition(stream.position.epoch, stream.position.batch)
+        self.draws = self._batches.draws
         return samples
 
     def eval_samples(self) -> list[EvalSample]:
-        """Built once: `eval.records` records of each eval split (validation never skips silently either)."""
+        """Built once: `eval.records` records of each eval split of every source that holds it (validation
+        never skips silently either); a split's samples from several sources are scored together."""
         if self._eval_samples is None:
             samples: list[EvalSample] = []
             for split in self.cfg.eval.splits:
-                loader = torch.utils.data.DataLoader(
-                    self._dataset(split, shuffle=False), batch_size=self.cfg.eval.batch_size, collate_fn=collate
-                )
-                pairs: list[tuple[dict[str, Any], Any]] = []
-                for records in loader:
-                    if not records["key"]:
-                        continue
-                    pairs += list(zip(records["meta"], self.record_token_ids(records, self.builder), strict=True))
-                    if len(pairs) >= self.cfg.eval.records:
-                        break
-                samples += build_eval_samples(self.builder, pairs[: self.cfg.eval.records], split)
+                for source in self.sources.values():
+                    if split not in read_manifest(source.shards).splits:
+                        continue  # check_eval_splits made sure some source holds it
+                    samples += self._eval_split(source.shards, split)
             self._eval_samples = samples
         return self._eval_samples
+
+    def _eval_split(self, shards: str, split: str) -> list[EvalSample]:
+        self.builder.skips.source = f"{split} (eval)"  # counted apart from the training sources
+        loader = torch.utils.data.DataLoader(
+            self._dataset(shards, split, shuffle=False), batch_size=self.cfg.eval.batch_size, collate_fn=collate
+        )
+        pairs: list[tuple[dict[str, Any], Any]] = []
+        for records in loader:
+            if not records["key"]:
+                continue
+            pairs += list(zip(records["meta"], self.record_token_ids(records, self.builder), strict=True))
+            if len(pairs) >= self.cfg.eval.records:
+                break
+        return build_eval_samples(self.builder, pairs[: self.cfg.eval.records], split)
 
     # ----- one step ---------------------------------------------------------------------------------
 
@@ -324,7 +358,7 @@ class MLLMTrainer:
         state = {
             "optimizer": opt_tree,
             "scheduler": self.scheduler.state_dict(),
-            "data": self.position.to_dict(),
+            "data": {"draws": self.draws, "sources": {n: p.to_dict() for n, p in self.positions.items()}},
             "skips": self.skips.state_dict(),
             "reader_skips": self.reader_skips_state(),
             "rng": capture_rng_state(),
@@ -346,22 +380,50 @@ class MLLMTrainer:
         self.optimizer.load_state_dict(join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {})))
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         self.step = ckpt.step
-        self.position = DataPosition(**ckpt.state["data"])
-        self.skips.load_state_dict(ckpt.state.get("skips", {}))
-        self._reader_skips = ckpt.state.get("reader_skips", {})
+        self._load_data_state(ckpt.state, ckpt.path)
         self._batches = None
         restore_rng_state(ckpt.state["rng"])
         log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
 
-    def reader_skips_state(self) -> dict[str, Any]:
-        """What the shard reader skipped so far (corrupt images, broken shards), as checkpoint JSON."""
-        return self._batches.records.report.state_dict() if self._batches is not None else dict(self._reader_skips)
+    def _load_data_state(self, state: dict[str, Any], where: Path) -> None:
+        data, reader = state["data"], state.get("reader_skips", {})
+        if "sources" not in data:  # a checkpoint of one source, before data.sources existed
+            name = next(iter(self.sources))
+            data = {"draws": 0, "sources": {name: data}}
+            reader = {name: reader}
+        if set(data["sources"]) != set(self.sources):
+            raise UserError(
+                f"{where}: checkpoint was taken with data sources {sorted(data['sources'])}, the config has "
+                f"{sorted(self.sources)}; resume with the same data.sources"
+            )
+        self.positions = {name: DataPosition(**pos) for name, pos in data["sources"].items()}
+        self.draws = int(data["draws"])
+        self.skips.load_state_dict(state.get("skips", {}))
+        self._reader_skips = reader
+
+    def reader_skips_state(self) -> dict[str, dict[str, Any]]:
+        """What the shard readers skipped so far (corrupt images, broken shards), per source, as checkpoint JSON."""
+        if self._batches is None:
+            return dict(self._reader_skips)
+        return {name: stream.records.report.state_dict() for name, stream in self._batches.streams.items()}
 
     def reader_summary(self) -> str:
-        """One line, e.g. "skipped 10 of 40 samples (25.00%): 10 corrupt image" (records as read from the shards)."""
-        reader = SkipReport()
-        reader.load_state_dict(self.reader_skips_state())
-        return reader.summary()
+        """One line, e.g. "skipped 10 of 40 samples (25.00%): 10 corrupt image" (records as read from the shards),
+        per source when there are several."""
+        parts = []
+        for name, state in self.reader_skips_state().items():
+            reader = SkipReport()
+            reader.load_state_dict(state)
+            parts.append((f"{name}: " if len(self.sources) > 1 else "") + reader.summary())
+        return "; ".join(parts) if parts else SkipReport().summary()
+
+    def check_skips(self) -> None:
+        """data.max_skip_fraction over the whole run, whatever its length (the streams check as they go too)."""
+        self.skips.check()
+        for state in self.reader_skips_state().values():
+            reader = SkipReport(self.cfg.data.max_skip_fraction, setting="data.max_skip_fraction")
+            reader.load_state_dict(state)
+            reader.check()
 
     # ----- the run ------------------------------------------------------------------------------------
 
@@ -371,8 +433,8 @@ class MLLMTrainer:
             self.load_checkpoint(None if resume is True else resume)
         elif self.step == 0:  # a trainer that has stepped or loaded continues its own run
             check_out_dir(self.out_dir, resume=False)
-        d = cfg.data
-        check_splits(d.shards, {"data.train_split": [d.train_split], "eval.splits": cfg.eval.splits})  # before step 1
+        image_size = self.mllm.visual_tokenizer.config.image_size
+        check_sources(self.sources.values(), cfg.eval.splits, cfg.data.image, image_size)  # before step 1
         self.files.write_config()
         self.files.trim_metrics(self.step)
         started = time.perf_counter()
@@ -413,6 +475,7 @@ class MLLMTrainer:
                         self._log({"step": step, **last_eval})
                     break
         self.save_checkpoint()
+        self.check_skips()  # after the checkpoint: a run stopped here resumes, nothing is lost
         final_dir = self.save_final()
         metrics = {
             "step": self.step,

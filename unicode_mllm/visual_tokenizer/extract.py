@@ -1,8 +1,10 @@
 """Pre-extract codes once (`unicode-mllm tokenize`): shards in, shards out with LLM token ids added.
 
-Each output sample keeps its image and metadata and gains `visual_token_ids` (h*w*d LLM token ids in
+Each image sample is brought to the tokenizer's size by the evaluation image policy (exact for shapes,
+centre crop for photos of other sizes; `unicode_mllm.data.image_policy`), stored as that processed image
+(the one its codes describe) with its metadata, and gains `visual_token_ids` (h*w*d LLM token ids in
 raster order, depth-first per position) and `code_shape` [h, w, d], so stage 2 trains without running
-the tokenizer.
+the tokenizer. Text-only samples (no image) are copied unchanged; a batch may mix both.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unicode_mllm.data.image_io import tensor_to_pil
+from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.data.shards import SplitSummary, read_manifest, write_manifest, write_split
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
@@ -32,9 +35,21 @@ def _records(
     for batch in report.track(loader):
         if not batch["key"]:
             continue
-        images = batch["image"].to(device)
-        token_ids = tokenizer.codes_to_token_ids(tokenizer.encode(images)).cpu()  # (b, h, w, d)
-        for key, image, meta, ids in zip(batch["key"], batch["image"], batch["meta"], token_ids, strict=True):
+        # `collate` stacks a batch of images into (b, 3, H, W) but leaves a list when a text-only sample
+        # (image None) is in it: either way one (3, H, W) tensor or None per sample.
+        images: list[torch.Tensor | None] = list(batch["image"])
+        with_image = [i for i, x in enumerate(images) if x is not None]
+        token_ids: dict[int, torch.Tensor] = {}
+        if with_image:
+            pixels = torch.stack([images[i] for i in with_image]).to(device)  # (n, 3, H, W)
+            codes = tokenizer.codes_to_token_ids(tokenizer.encode(pixels)).cpu()  # (n, h, w, d)
+            token_ids = dict(zip(with_image, codes, strict=True))
+        for i, (key, image, meta) in enumerate(zip(batch["key"], images, batch["meta"], strict=True)):
+            if image is None:  # text-only: copied as read, without codes (stale ones of a re-tokenize dropped)
+                kept = {k: v for k, v in meta.items() if k not in (TOKEN_IDS_KEY, CODE_SHAPE_KEY, FINGERPRINT_KEY)}
+                yield {"key": key, "image": None, "meta": kept}
+                continue
+            ids = token_ids[i]  # (h, w, d)
             yield {
                 "key": key,
                 "image": tensor_to_pil(image),
@@ -55,8 +70,13 @@ def extract_codes(
     batch_size: int = 64,
     device: str | torch.device = "auto",
     overwrite: bool = False,
+    image_policy: ImagePolicy | None = None,
 ) -> dict[str, SplitSummary]:
-    """Encode every image of `splits` (default: all) and write them with their token ids to `out_dir`."""
+    """Encode every image of `splits` (default: all) and write them with their token ids to `out_dir`.
+
+    Images reach the tokenizer's size by `image_policy.for_eval()` (default `ImagePolicy()`: exact when the
+    manifest fixes a size, else centre crop); text-only samples are written unchanged, without codes.
+    """
     device = select_device(device)  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     manifest = read_manifest(shards)
@@ -66,9 +86,18 @@ def extract_codes(
         raise UserError(f"splits {unknown} are not in {shards}; available: {sorted(manifest.splits)}")
     summaries = {}
     size = tokenizer.config.image_size
+    policy = (image_policy or ImagePolicy()).for_eval()  # never a random crop: codes must be reproducible
+    fixed = manifest.image_size()
+    if policy.resolve(fixed).resize == "exact" and fixed is not None and fixed != (size, size):
+        raise UserError(
+            f"{shards} holds {fixed[0]}x{fixed[1]} images (its manifest) but the tokenizer {tokenizer_dir} codes "
+            f"{size}x{size} images; use a tokenizer trained at {fixed[0]}x{fixed[1]} or render the data at {size}"
+        )
     fingerprint = tokenizer.encoding_fingerprint()  # hashes the encoder and codebook once per run
     for split in names:
-        dataset = StreamingDataset(shards, split, shuffle=False, image_format="tensor", expected_size=size)
+        dataset = StreamingDataset(
+            shards, split, shuffle=False, image_format="tensor", image_size=size, image_policy=policy
+        )
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
         report = SkipReport()
         summaries[split] = write_split(

@@ -1,15 +1,20 @@
-"""Reconstruct image files through a trained tokenizer and measure PSNR (and LPIPS when a trunk exists)."""
+"""Reconstruct image files through a trained tokenizer and measure PSNR (and LPIPS when a trunk exists).
+
+Every readable file is reconstructed; the unreadable ones are collected with their reason (`ReconstructionReport`)
+instead of ending the run at the first, so the caller reports both.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from unicode_mllm.data.image_io import load_image, pil_to_tensor, tensor_to_pil
+from unicode_mllm.data.image_io import ImageDecodeError, load_image, pil_to_tensor, tensor_to_pil
+from unicode_mllm.data.image_policy import center_crop
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.runtime.devices import select_device
@@ -20,12 +25,9 @@ if TYPE_CHECKING:
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
-    """Centre-crop to a square and resize (bicubic) to size x size."""
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    return image if side == size else image.resize((size, size), Image.Resampling.BICUBIC)
+    """size x size by the data pipeline's centre crop (`image_policy.center_crop`: shorter side resized to
+    `size`, bicubic, then the centre cut), so a file is prepared exactly like a training photo."""
+    return center_crop(image, size)
 
 
 def load_perceptual(lpips_trunk: str | None, device: str | torch.device = "cpu") -> tuple[PerceptualLoss | None, str]:
@@ -72,6 +74,33 @@ class Reconstruction:
     lpips: float | None
 
 
+@dataclass
+class Unreadable:
+    """An input file that could not be decoded: `reason` is the short label ("corrupt image"), `message` the
+    one-line explanation."""
+
+    source: Path
+    reason: str
+    message: str
+
+
+@dataclass
+class ReconstructionReport:
+    """What `reconstruct_files` did: the reconstructed files (in input order) and the unreadable ones."""
+
+    done: list[Reconstruction] = field(default_factory=list)
+    failed: list[Unreadable] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line, e.g. "reconstructed 9 of 10 files; could not read 1: x.jpg (corrupt image)"."""
+        total = len(self.done) + len(self.failed)
+        text = f"reconstructed {len(self.done)} of {total} file{'s' if total != 1 else ''}"
+        if self.failed:
+            named = ", ".join(f"{f.source} ({f.reason})" for f in self.failed)
+            text += f"; could not read {len(self.failed)}: {named}"
+        return text
+
+
 def output_paths(paths: list[Path], out_dir: str | Path) -> list[Path]:
     """One distinct output per input: `{stem}_recon.png`; inputs sharing a stem add their extension
     (`x_jpg_recon.png`), and inputs sharing both (same name, other folders) a number (`x_png_2_recon.png`)."""
@@ -98,22 +127,27 @@ def reconstruct_files(
     out_dir: str | Path,
     lpips_trunk: str | None = "auto",
     device: str | torch.device = "auto",
-) -> list[Reconstruction]:
-    """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each image file (names: `output_paths`)."""
+) -> ReconstructionReport:
+    """Write `out_dir/{stem}_recon.png` (original | reconstruction) for each readable image file (names:
+    `output_paths`); a file that cannot be decoded is listed in the report's `failed`, never ends the run."""
     device = select_device(device)  # "auto" -> cuda, mps or cpu
     tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir)).to(device).eval()
     perceptual, _ = load_perceptual(lpips_trunk, device)  # None is reported as n/a by the caller, never a number
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = tokenizer.config.image_size
-    results = []
+    report = ReconstructionReport()
     for path, output in zip(paths, output_paths(paths, out_dir), strict=True):
-        image = fit_square(load_image(path), size)
+        try:
+            image = fit_square(load_image(path), size)
+        except ImageDecodeError as exn:
+            report.failed.append(Unreadable(Path(path), exn.reason, str(exn)))
+            continue
         x = pil_to_tensor(image)[None].to(device)
         _, rec = reconstruct_batch(tokenizer, x)
         with torch.no_grad():
             lp = float(perceptual(x, rec)[0]) if perceptual is not None else None
         pair = side_by_side(image, rec[0])
         pair.save(output)
-        results.append(Reconstruction(Path(path), output, float(psnr(x, rec)[0]), lp))
-    return results
+        report.done.append(Reconstruction(Path(path), output, float(psnr(x, rec)[0]), lp))
+    return report
