@@ -244,6 +244,17 @@ def test_stage1_final_metrics_report_reader_skips(tiny_lm_dir, corrupt_shapes_di
     assert "corrupt image" in result.metrics["data"] and saved["data"] == result.metrics["data"]
 
 
+def test_stage1_short_run_past_the_skip_limit_fails_after_saving(tiny_lm_dir, corrupt_shapes_dir, tmp_path):
+    """Three steps over data a quarter corrupt, limit 15%: the run ends far from an epoch's end and the early bound
+    (15% of the whole split, 7 images) is not reached, yet it must not exit 0 (it did, with one info line)."""
+    overrides = {"train.steps": 3, "codebook.blend.ramp_steps": 3, "data.max_skip_fraction": 0.15}
+    cfg = tiny_cfg(tiny_lm_dir, corrupt_shapes_dir, tmp_path, **overrides)
+    trainer = TokenizerTrainer(cfg)
+    with pytest.raises(UserError, match=r"corrupt image, more than data.max_skip_fraction=0.15"):
+        trainer.fit()
+    assert trainer.ckpt.load().step == 3  # the checkpoint was written first: nothing is lost
+
+
 # ----- row 25: Ctrl-C saves a checkpoint --------------------------------------------------------------
 
 

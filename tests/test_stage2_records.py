@@ -89,9 +89,9 @@ def test_text_only_and_role_aliases_and_bad_conversations(text_tokenizer):
     assert [s.task for s in samples] == ["vqa"] and samples[0].image_token_ids.shape[0] == 0
     assert "hi" in labelled_text(text_tokenizer, samples[0])
     two_images = {"conversations": [{"from": "human", "value": "<image> <image> ?"}, {"from": "gpt", "value": "x"}]}
-    assert conversation_turns(two_images["conversations"], True)[0] == "malformed conversation"
+    assert conversation_turns(two_images["conversations"], True)[0] == "image placeholder mismatch"
     assert build_record_samples(builder, {**two_images, "id": 7}, ids(), ("vqa",)) == []
-    assert builder.skips.skipped == {"malformed conversation": 1}
+    assert builder.skips.skipped == {"image placeholder mismatch": 1}  # the reasons of `data from-llava`
 
 
 def test_caption_vqav2_and_folder_records(text_tokenizer):

@@ -328,9 +328,7 @@ class TokenizerTrainer:
 
     def reader_summary(self) -> str:
         """One line, e.g. "skipped 10 of 40 samples (25.00%): 10 corrupt image"."""
-        reader = SkipReport()
-        reader.load_state_dict(self.reader_skips_state())
-        return reader.summary()
+        return SkipReport.from_state(self.reader_skips_state()).summary()
 
     # ----- the run ---------------------------------------------------------------------------------
 
@@ -379,6 +377,10 @@ class TokenizerTrainer:
                     )
                     break
         self.save_checkpoint()
+        # The whole run's skips, however short it was (after the checkpoint: a run stopped here resumes).
+        SkipReport.from_state(
+            self.reader_skips_state(), cfg.data.max_skip_fraction, setting="data.max_skip_fraction"
+        ).check()
         final_dir = self.save_final()
         metrics = {"step": self.step, "rel_distance": self.relative_distance(), **last_eval}
         metrics["usage"] = self.usage.unique_per_depth()

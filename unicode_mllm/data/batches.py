@@ -16,6 +16,10 @@ from torch.utils.data import DataLoader
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 
+# Samples read before a trainer's max_skip_fraction is checked as the run goes: a short run that skips a
+# fifth of its data must fail too, not only one that reaches an epoch's end.
+TRAINING_CHECK_AFTER = 100
+
 
 @dataclass
 class DataPosition:
@@ -37,7 +41,7 @@ class EpochBatches:
         num_workers: int = 0,
         max_skip_fraction: float | None = None,
         position: DataPosition | None = None,
-        check_after: int = 1000,
+        check_after: int = TRAINING_CHECK_AFTER,
     ):
         self.dataset = dataset
         self.batch_size = batch_size

@@ -30,13 +30,10 @@ from torch import Tensor
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
 from unicode_mllm.data.conversation import ImageRead, Part, Turn
+from unicode_mllm.data.converters import check_conversation, normalise_roles
 from unicode_mllm.data.mllm_samples import MISSING_TEXT, TASKS, MLLMSample, MLLMSampleBuilder
 
 NO_TASK = "no task for record"
-BAD_CONVERSATION = "malformed conversation"
-# LLaVA's roles, and the aliases of ShareGPT-style exports.
-USER_ROLES = frozenset({"human", "user"})
-ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
 
 
 def _text(value: Any) -> str:
@@ -76,35 +73,16 @@ def _split_at_image(value: str) -> tuple[Part, ...]:
 def conversation_turns(conversations: Any, has_image: bool) -> list[Turn] | tuple[str, str]:
     """LLaVA turns -> template `Turn`s, or (skip reason, explanation) when the conversation cannot be used.
 
-    Valid: a non-empty list of {"from": human|user / gpt|assistant, "value": str}, alternating from the
-    user, ending with a reply, no empty reply; with an image, `<image>` exactly once, in a user turn;
-    without one, not at all.
+    Valid as `data from-llava` checks it (`converters.check_conversation`, one set of rules for both): turns
+    alternating from human|user to gpt|assistant, ending with a reply, none empty; with an image, `<image>`
+    exactly once, in a human turn; without one, not at all.
     """
-    if not isinstance(conversations, list) or not conversations:
-        return BAD_CONVERSATION, "'conversations' must be a non-empty list"
-    turns: list[Turn] = []
-    placeholders = 0
-    for i in range(0, len(conversations), 2):
-        pair = conversations[i : i + 2]
-        if any(not isinstance(t, Mapping) or not isinstance(t.get("value"), str) for t in pair):
-            return BAD_CONVERSATION, f"turn {i} or {i + 1} is not an object with a string 'value'"
-        if pair[0].get("from") not in USER_ROLES:
-            return BAD_CONVERSATION, f"turn {i} is from {pair[0].get('from')!r}; turns alternate human/gpt from human"
-        if len(pair) < 2:
-            return BAD_CONVERSATION, f"the last turn ({i}) is a question with no answer"
-        question, answer = pair[0]["value"], pair[1]["value"]
-        if pair[1].get("from") not in ASSISTANT_ROLES:
-            return BAD_CONVERSATION, f"turn {i + 1} is from {pair[1].get('from')!r}; turns alternate human/gpt"
-        if IMAGE_PLACEHOLDER in answer:
-            return BAD_CONVERSATION, f"turn {i + 1} (an answer) holds {IMAGE_PLACEHOLDER}"
-        if not answer.strip():
-            return BAD_CONVERSATION, f"turn {i + 1} is an empty answer"
-        placeholders += question.count(IMAGE_PLACEHOLDER)
-        turns.append(Turn(_split_at_image(question), answer.strip()))
-    if placeholders != int(has_image):
-        expected = "exactly once" if has_image else "not at all (the record has no image)"
-        return BAD_CONVERSATION, f"{IMAGE_PLACEHOLDER} appears {placeholders} times; it must appear {expected}"
-    return turns
+    conversations = normalise_roles(conversations)
+    problem = check_conversation(conversations, has_image)
+    if problem is not None:
+        return problem
+    pairs = zip(conversations[::2], conversations[1::2], strict=True)
+    return [Turn(_split_at_image(question["value"]), answer["value"].strip()) for question, answer in pairs]
 
 
 def record_tasks(meta: Mapping[str, Any], has_image: bool) -> frozenset[str]:

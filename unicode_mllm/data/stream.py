@@ -503,6 +503,13 @@ class SkipReport:
         """The counts as plain JSON (saved in checkpoints, so a resumed run reports the whole run)."""
         return {"delivered": self.delivered, "skipped": dict(self.skipped), "broken_shards": list(self.broken_shards)}
 
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], max_skip_fraction: float | None = None, **kwargs: Any) -> SkipReport:
+        """A report holding saved counts (`state_dict`), e.g. to check a whole run's skips at its end."""
+        report = cls(max_skip_fraction, **kwargs)
+        report.load_state_dict(state)
+        return report
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.delivered = int(state.get("delivered", 0))
         self.skipped = Counter(state.get("skipped", {}))

@@ -12,7 +12,7 @@ cuts into forward passes of similar lengths under a padded-token budget (`length
 
 A record that cannot give a sample (no image, wrong code shape, ids that are not this tokenizer's
 codes, too long) is a counted skip with its reason; `SkipCounter.check()` runs as the run goes (after
-`SKIP_CHECK_AFTER` samples) and at every epoch end. `SourceMixture` draws micro-batches from several
+`TRAINING_CHECK_AFTER` samples) and at every epoch end. `SourceMixture` draws micro-batches from several
 shard folders by weight (`data.sources`).
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from unicode_mllm.data.batches import DataPosition, EpochBatches
+from unicode_mllm.data.batches import TRAINING_CHECK_AFTER, DataPosition, EpochBatches
 from unicode_mllm.data.mllm_samples import MLLMSample, MLLMSampleBuilder
 from unicode_mllm.data.record_samples import build_record_samples
 from unicode_mllm.data.shards import HAS_IMAGE_FIELD
@@ -42,7 +42,6 @@ TokenIdSource = Literal["auto", "precomputed", "encode"]
 
 # Skip reasons of records whose token ids cannot be used (one count per record, not per task).
 MISSING_TOKEN_IDS = "missing visual_token_ids"
-SKIP_CHECK_AFTER = 100  # samples seen before data.max_skip_fraction is checked as the run goes
 FOREIGN_TOKEN_IDS = "visual_token_ids of another tokenizer"
 
 
@@ -175,7 +174,7 @@ class MLLMBatches:
         max_skip_fraction: float | None = None,
         position: DataPosition | None = None,
         source: str = "",
-        check_after: int = SKIP_CHECK_AFTER,
+        check_after: int = TRAINING_CHECK_AFTER,
     ):
         self.records = EpochBatches(
             dataset,

@@ -412,18 +412,14 @@ class MLLMTrainer:
         per source when there are several."""
         parts = []
         for name, state in self.reader_skips_state().items():
-            reader = SkipReport()
-            reader.load_state_dict(state)
-            parts.append((f"{name}: " if len(self.sources) > 1 else "") + reader.summary())
+            parts.append((f"{name}: " if len(self.sources) > 1 else "") + SkipReport.from_state(state).summary())
         return "; ".join(parts) if parts else SkipReport().summary()
 
     def check_skips(self) -> None:
         """data.max_skip_fraction over the whole run, whatever its length (the streams check as they go too)."""
         self.skips.check()
         for state in self.reader_skips_state().values():
-            reader = SkipReport(self.cfg.data.max_skip_fraction, setting="data.max_skip_fraction")
-            reader.load_state_dict(state)
-            reader.check()
+            SkipReport.from_state(state, self.cfg.data.max_skip_fraction, setting="data.max_skip_fraction").check()
 
     # ----- the run ------------------------------------------------------------------------------------
 
