@@ -52,7 +52,7 @@ def test_readme_yaml_snippets_are_valid_config_sections():
     preset["data"].update(snippet["data"])
     preset["eval"].update(snippet["eval"])
     cfg = config_from_dict(MLLMTrainConfig, preset)
-    assert [s.name for s in cfg.data.resolved_sources()] == ["llava", "coco", "shapes"]
+    assert [s.name for s in cfg.data.resolved_sources()] == ["llava", "coco", "vqav2", "shapes"]
     policy = yaml.safe_load(next(b for b in YAML_BLOCKS if "resize: auto" in b))
     assert config_from_dict(TokenizerTrainConfig, policy).data.image.resize == "auto"
     assert config_from_dict(MLLMTrainConfig, policy).data.image.crop_scale == (0.8, 1.0)

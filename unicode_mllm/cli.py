@@ -731,9 +731,19 @@ def eval_tokenizer_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate at most this many images."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    inception_weights: Path | None = typer.Option(
+        None,
+        "--inception-weights",
+        help="FID Inception weights for rFID (pt_inception-2015-12-05-6726825d.pth); default: the torch hub cache, "
+        "else rFID is not measured. Never downloaded.",
+    ),
+    feature_extractor: str | None = typer.Option(
+        None, "--feature-extractor", help="rFID network: inception (default), or random-for-tests (not FID)."
+    ),
 ) -> None:
-    """PSNR, SSIM, LPIPS and per-depth code usage of a visual tokenizer on shards, a folder or photos."""
+    """PSNR, SSIM, LPIPS, rFID and per-depth code usage of a visual tokenizer on shards, a folder or photos."""
     from unicode_mllm.evaluation import ImageSet, eval_visual_tokenizer
+    from unicode_mllm.evaluation.fid import INCEPTION, load_feature_extractor
     from unicode_mllm.runtime.devices import select_device
 
     require_visual_tokenizer(tokenizer)
@@ -755,14 +765,19 @@ def eval_tokenizer_cmd(
         images = ImageSet.folder(folder)
     else:
         images = ImageSet.photos(photo or None)
+    run_device = select_device(device)
+    rfid = INCEPTION  # measured when the weights are in the torch hub cache, else "not measured: <reason>"
+    if feature_extractor is not None or inception_weights is not None:  # asked for: a bad file is an error, now
+        rfid = load_feature_extractor(feature_extractor or INCEPTION, inception_weights, run_device)
     result = eval_visual_tokenizer(
         tokenizer,
         images,
         lpips_trunk=None if lpips_trunk == "none" else lpips_trunk,
         batch_size=batch_size,
         limit=limit,
-        device=select_device(device),
+        device=run_device,
         grid_path=grid,
+        rfid=rfid,
     )
     for line in result.summary_lines():
         typer.echo(line)
@@ -771,58 +786,228 @@ def eval_tokenizer_cmd(
     _write_report(result.to_dict(), out)
 
 
+VQA_METRIC_HELP = "auto (VQAv2 accuracy for a question with >= 4 reference answers, else exact match), vqav2 or exact."
+EVAL_OUT_HELP = "The JSON report (default: MODEL/eval/<name>.json); the .md table and the _results.json go next to it."
+
+
+def _eval_outputs(model: Path, name: str, out: Path | None) -> tuple[Path, Path, Path]:
+    """The JSON report, markdown table and official-format results of an `eval vqa`/`eval pope` run: --out and
+    files next to it, else MODEL/eval/<name>.json, <name>.md and <name>_results.json; all checked writable."""
+    if not model.is_dir():
+        raise UserError(f"--model {model} is not a folder; pass a saved UniCodeMLLM folder")
+    if out is not None and out.suffix.lower() == ".md":
+        json_out = out.with_suffix(".json")
+        raise UserError(f"--out {out} names the JSON report (the .md table goes next to it); e.g. --out {json_out}")
+    report = out if out is not None else model / "eval" / f"{name}.json"
+    paths = (report, report.with_suffix(".md"), report.with_name(f"{report.stem}_results.json"))
+    for path in paths:
+        ensure_writable_output(path, "--out")
+    return paths
+
+
+def _write_eval_outputs(report: dict, markdown: str, results: list | None, paths: tuple[Path, Path, Path]) -> None:
+    import json
+
+    _write_report(report, paths[0])
+    paths[1].write_text(markdown)
+    typer.echo(f"table: {paths[1]}")
+    if results is not None:
+        paths[2].write_text(json.dumps(results) + "\n")
+        typer.echo(f"answers in the official results format: {paths[2]}")
+
+
+def _eval_settings(model: Path, data: dict, decoding: dict, limit: int | None, reduce: list[str]) -> dict[str, str]:
+    """The settings rows of the markdown table."""
+    rows = {"model": str(model), **{f"data: {k}": str(v) for k, v in data.items() if v is not None}}
+    rows["decoding"] = f"greedy, at most {decoding['max_new_tokens']} new tokens, batches of {decoding['batch_size']}"
+    rows["limit"] = "all questions" if limit is None else f"the first {limit} questions"
+    if reduce:
+        rows["token reduction"] = ", ".join(reduce)
+    return rows
+
+
 @eval_app.command("vqa")
 def eval_vqa_cmd(
     model: Path = typer.Option(..., "--model", help="UniCodeMLLM folder (save_pretrained output)."),
-    data: Path | None = typer.Option(None, "--data", help="Shapes shard folder (questions from its samples' qa)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Shard folder: shapes, or `data from-vqav2` (questions from its samples' qa)."
+    ),
     split: str | None = typer.Option(None, "--split", help="Split of --data (default: heldout)."),
-    jsonl: Path | None = typer.Option(None, "--jsonl", help='JSONL of {"image", "question", "answers"} lines.'),
+    jsonl: Path | None = typer.Option(
+        None, "--jsonl", help='JSONL of {"image", "question", "answers" (or "answer")} lines.'
+    ),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder --jsonl image paths are relative to."),
+    questions: Path | None = typer.Option(
+        None,
+        "--questions",
+        help="Official question file: VQAv2 (v2_OpenEnded_mscoco_val2014_questions.json, with --annotations) or GQA "
+        "(testdev_balanced_questions.json).",
+    ),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="VQAv2 annotations (v2_mscoco_val2014_annotations.json): the human answers."
+    ),
+    images: Path | None = typer.Option(None, "--images", help="Folder of the --questions images (e.g. val2014/)."),
+    image_pattern: str | None = typer.Option(
+        None,
+        "--image-pattern",
+        help="Image file name of {subset} and {image_id} (default: COCO_{subset}_{image_id:012d}.jpg for VQAv2, "
+        "{image_id}.jpg for GQA).",
+    ),
+    subset: str | None = typer.Option(None, "--subset", help="Fills {subset} (default: the files' data_subtype)."),
+    metric: str = typer.Option("auto", "--metric", help=VQA_METRIC_HELP),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size"),
     limit: int | None = typer.Option(None, "--limit", help="Ask at most this many questions."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     reduce: list[str] = typer.Option([], "--reduce", help=REDUCE_HELP),
-    out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    out: Path | None = typer.Option(None, "--out", help=EVAL_OUT_HELP),
 ) -> None:
-    """Exact-match VQA accuracy per question kind (greedy answers of UniCodeMLLM.answer)."""
-    from unicode_mllm.evaluation import eval_vqa_jsonl, eval_vqa_shapes
+    """VQA accuracy per answer and question type: VQAv2's official metric or exact match (greedy answers)."""
+    from unicode_mllm.data.shards import read_manifest
+    from unicode_mllm.evaluation import SkipCounts
+    from unicode_mllm.evaluation.vqa import METRICS, eval_vqa, jsonl_vqa_items, question_file_items, shapes_vqa_items
     from unicode_mllm.generation.question_files import read_utf8_lines
 
-    if (data is None) == (jsonl is None):
-        raise UserError("pick exactly one question set: --data DIR [--split S] or --jsonl FILE")
+    chosen = [name for name, given in (("--data", data), ("--jsonl", jsonl), ("--questions", questions)) if given]
+    if len(chosen) != 1:
+        raise UserError(
+            "pick exactly one question set: --data DIR [--split S], --jsonl FILE or --questions FILE "
+            f"[--annotations FILE] --images DIR (got {', '.join(chosen) or 'none'})"
+        )
     if split is not None and data is None:
         raise UserError("--split selects a split of --data; pass --data DIR as well")
+    if image_root is not None and jsonl is None:
+        raise UserError("--image-root is the folder of --jsonl's images; with --questions, pass --images")
+    extras = [o for o, v in (("--annotations", annotations), ("--images", images)) if v is not None]
+    extras += [o for o, v in (("--image-pattern", image_pattern), ("--subset", subset)) if v is not None]
+    if extras and questions is None:
+        raise UserError(f"{', '.join(extras)} go with --questions FILE; pass it, or drop them")
+    if questions is not None and images is None:
+        raise UserError("--questions needs --images DIR, the folder of its images (e.g. val2014/)")
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise UserError(
             f"--batch-size, --max-new-tokens and --limit must be >= 1 (got {batch_size}, {max_new_tokens}, {limit})"
         )
-    ensure_writable_output(out, "--out")
-    if jsonl is not None and jsonl.is_file():
+    for option, path in (("--questions", questions), ("--annotations", annotations), ("--jsonl", jsonl)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{option} {path} not found; pass an existing {'JSONL' if path is jsonl else 'JSON'} file")
+    skips = SkipCounts()
+    if data is not None:
+        read_manifest(data)  # a missing or foreign folder fails here, not after the model is loaded
+        name = f"vqa_{data.name}_{split or 'heldout'}"
+        source = {"kind": "shards", "data_dir": str(data), "split": split or "heldout"}
+        items = shapes_vqa_items(data, split or "heldout", skips)
+    elif jsonl is not None:
         read_utf8_lines(jsonl)  # a file that is not UTF-8 fails here, not after the model is loaded
+        name, source = f"vqa_{jsonl.stem}", {"kind": "jsonl", "path": str(jsonl)}
+        items = jsonl_vqa_items(jsonl, skips, image_root)
+    else:
+        assert questions is not None and images is not None
+        name = f"vqa_{questions.stem}"
+        items, source = question_file_items(
+            questions, annotations, images, skips, image_pattern=image_pattern, subset=subset
+        )  # read and checked now: a bad file fails before the model loads
+    paths = _eval_outputs(model, name if limit is None else f"{name}_limit{limit}", out)
     mllm = _load_mllm(model, device, "answer", reduce)
 
-    def answer_fn(images: list, questions: list[str]) -> list[str]:
-        return mllm.answer(images, questions, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    def answer_fn(batch_images: list, batch_questions: list[str]) -> list[str]:
+        return mllm.answer(
+            batch_images, batch_questions, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size
+        )
 
-    if data is not None:
-        result = eval_vqa_shapes(answer_fn, data, split or "heldout", batch_size=batch_size, limit=limit)
-    else:
-        result = eval_vqa_jsonl(answer_fn, jsonl, image_root=image_root, batch_size=batch_size, limit=limit)
+    result = eval_vqa(answer_fn, items, batch_size=batch_size, limit=limit, source=source, skips=skips, metric=metric)
     for line in result.summary_lines():
         typer.echo(line)
-    decoding = {"model": str(model), "max_new_tokens": max_new_tokens, "temperature": 0.0, "batch_size": batch_size}
-    _write_report({**result.to_dict(), "decoding": decoding}, out)
+    decoding = {
+        "model": str(model),
+        "greedy": True,
+        "max_new_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "batch_size": batch_size,
+        "reduce": list(reduce),
+    }
+    settings = {"command": "eval vqa", "model": str(model), "metric": result.metric_name, "limit": limit}
+    report = {**result.to_dict(), "decoding": decoding, "settings": settings}
+    markdown = result.to_markdown(f"VQA: {name}", _eval_settings(model, source, decoding, limit, reduce))
+    _write_eval_outputs(report, markdown, result.official_results(), paths)
+
+
+@eval_app.command("pope")
+def eval_pope_cmd(
+    model: Path = typer.Option(..., "--model", help="UniCodeMLLM folder (save_pretrained output)."),
+    questions: Path = typer.Option(
+        ..., "--questions", help="POPE question file (JSON lines), e.g. coco_pope_random.json."
+    ),
+    images: Path = typer.Option(..., "--images", help="Folder of the POPE images (val2014/ for the COCO sets)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Longest answer, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    limit: int | None = typer.Option(None, "--limit", help="Ask at most this many questions."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    reduce: list[str] = typer.Option([], "--reduce", help=REDUCE_HELP),
+    out: Path | None = typer.Option(None, "--out", help=EVAL_OUT_HELP),
+) -> None:
+    """POPE yes/no questions (object hallucination): accuracy, precision, recall, F1, yes-ratio (greedy answers)."""
+    from unicode_mllm.evaluation import SkipCounts
+    from unicode_mllm.evaluation.pope import eval_pope, pope_items
+
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise UserError(
+            f"--batch-size, --max-new-tokens and --limit must be >= 1 (got {batch_size}, {max_new_tokens}, {limit})"
+        )
+    skips = SkipCounts()
+    items = pope_items(questions, images, skips)  # read and checked now: a bad file fails before the model loads
+    name = f"pope_{questions.stem}"
+    paths = _eval_outputs(model, name if limit is None else f"{name}_limit{limit}", out)
+    mllm = _load_mllm(model, device, "answer", reduce)
+
+    def answer_fn(batch_images: list, batch_questions: list[str]) -> list[str]:
+        return mllm.answer(
+            batch_images, batch_questions, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size
+        )
+
+    source = {"kind": "pope", "questions": str(questions), "images": str(images)}
+    result = eval_pope(answer_fn, items, source=source, skips=skips, batch_size=batch_size, limit=limit)
+    for line in result.summary_lines():
+        typer.echo(line)
+    decoding = {
+        "model": str(model),
+        "greedy": True,
+        "max_new_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "batch_size": batch_size,
+        "reduce": list(reduce),
+    }
+    settings = {"command": "eval pope", "model": str(model), "metric": "pope", "limit": limit}
+    report = {**result.to_dict(), "decoding": decoding, "settings": settings}
+    markdown = result.to_markdown(f"POPE: {name}", _eval_settings(model, source, decoding, limit, reduce))
+    _write_eval_outputs(report, markdown, None, paths)
 
 
 @eval_app.command("t2i")
 def eval_t2i_cmd(
     model: Path = typer.Option(..., "--model", help="UniCodeMLLM folder (save_pretrained output)."),
     data: Path | None = typer.Option(
-        None, "--data", help="Shapes shard folder the model was trained on: its world config (held-out pairs)."
+        None,
+        "--data",
+        help="Shapes shard folder the model was trained on (analyser score, seen vs held-out pairs), or a shard / "
+        "img2dataset folder whose samples have captions (FID, KID, IS against its images).",
     ),
-    count: int = typer.Option(50, "--count", help="Prompts per group (seen = val, heldout = heldout split)."),
-    start: int = typer.Option(0, "--start", help="First world sample index of each split."),
+    split: str | None = typer.Option(
+        None, "--split", help="Split of a caption --data folder (default: val, else its only split)."
+    ),
+    captions: Path | None = typer.Option(
+        None, "--captions", help="COCO captions file (captions_val2017.json): FID, KID, IS against --images."
+    ),
+    images: Path | None = typer.Option(None, "--images", help="With --captions: the folder of its images (val2017/)."),
+    count: int = typer.Option(
+        50,
+        "--count",
+        help="Shapes: prompts per group (seen = val, heldout = heldout split). Captions: images to generate "
+        "(the first caption of each of the first N images).",
+    ),
+    start: int = typer.Option(0, "--start", help="First world sample index of each split (shapes)."),
     temperature: float = typer.Option(1.0, "--temperature"),
     top_k: int | None = typer.Option(None, "--top-k"),
     top_p: float | None = typer.Option(None, "--top-p"),
@@ -833,24 +1018,73 @@ def eval_t2i_cmd(
     ),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
-    out: Path | None = typer.Option(None, "--out", help="Write the JSON report here."),
+    inception_weights: Path | None = typer.Option(
+        None,
+        "--inception-weights",
+        help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: the torch hub cache. "
+        "Never downloaded.",
+    ),
+    feature_extractor: str | None = typer.Option(
+        None, "--feature-extractor", help="inception (default), or random-for-tests (a random network: not FID)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON report (a markdown table is written beside it); default MODEL/eval/t2i-NAME.json."
+    ),
     grid: Path | None = typer.Option(None, "--grid", help="Write a PNG grid of generations with their prompts here."),
 ) -> None:
-    """Text-to-image accuracy on shapes instructions (seen vs held-out pairs), scored by the shapes analyser."""
+    """Text-to-image: the shapes analyser's score (seen vs held-out pairs) on a shapes folder, or FID, KID and IS
+    of one image per caption against the real images (COCO captions, a from-coco or img2dataset folder)."""
+    import itertools
+
+    from unicode_mllm.data.shards import read_manifest
     from unicode_mllm.evaluation import eval_t2i, shapes_config_from_manifest, shapes_t2i_prompts
+    from unicode_mllm.evaluation.caption_sets import CaptionSet
+    from unicode_mllm.evaluation.fid import (
+        INCEPTION,
+        DistributionMetrics,
+        load_feature_extractor,
+        try_feature_extractor,
+    )
+    from unicode_mllm.evaluation.t2i import eval_t2i_captions, results_markdown, write_results
     from unicode_mllm.generation.guidance import check_cfg_scale
+    from unicode_mllm.runtime.devices import select_device
 
     if count < 1 or batch_size < 1 or start < 0:
         raise UserError(f"--count and --batch-size must be >= 1 and --start >= 0 (got {count}, {batch_size}, {start})")
     depth_temps = _depth_temperatures(depth_temperatures)
     check_sampling(temperature, top_k, top_p, depth_temps)
     check_cfg_scale(cfg_scale)
+    if (captions is None) != (images is None):
+        raise UserError("--captions FILE and --images DIR go together (the COCO layout); pass both")
+    if captions is not None and data is not None:
+        raise UserError("pick one set: --data DIR, or --captions FILE --images DIR")
+    caption_set, shapes_cfg = None, None
+    if captions is not None:
+        caption_set = CaptionSet.coco(captions, images)
+    elif data is not None:
+        source = read_manifest(data).source_generator_config()
+        if isinstance(source, dict) and source.get("generator") == "shapes":
+            shapes_cfg = shapes_config_from_manifest(data)
+        else:
+            caption_set = CaptionSet.shards(data, split)
+    if split is not None and caption_set is None:
+        raise UserError("--split selects a split of a caption --data folder; shapes prompts come from val and heldout")
+    if start != 0 and caption_set is not None:
+        raise UserError("--start picks shapes world samples; captions are always the first --count images")
+    prompts = shapes_t2i_prompts(shapes_cfg, count, start=start) if caption_set is None else []
+    name = f"{caption_set.name}-n{count}" if caption_set is not None else f"shapes-n{count}"
+    out = out if out is not None else model / "eval" / f"t2i-{name}.json"
     ensure_writable_output(out, "--out")
     ensure_writable_output(grid, "--grid")
-    shapes_cfg = shapes_config_from_manifest(data) if data is not None else None
-    prompts = shapes_t2i_prompts(shapes_cfg, count, start=start)
+    fid_device = select_device(device)
+    fid_note = None
+    if caption_set is not None or feature_extractor is not None or inception_weights is not None:
+        extractor = load_feature_extractor(feature_extractor or INCEPTION, inception_weights, fid_device)
+    else:  # beside the shapes score, only when the weights are there
+        extractor, fid_note = try_feature_extractor(INCEPTION, None, fid_device)
+    metrics = DistributionMetrics(extractor, device=fid_device) if extractor is not None else None
     mllm = _load_mllm(model, device, "generate_images")
-    batches = iter(range(len(prompts)))
+    batches = itertools.count()
 
     def generate_fn(batch_prompts: list[str]) -> list:
         index = next(batches)
@@ -866,7 +1100,26 @@ def eval_t2i_cmd(
             depth_temperatures=depth_temps,
         )
 
-    result = eval_t2i(generate_fn, prompts, cfg=shapes_cfg, batch_size=batch_size, grid_path=grid)
+    image_size = mllm.visual_tokenizer.config.image_size
+    if caption_set is not None:
+        assert metrics is not None
+        result = eval_t2i_captions(
+            generate_fn, caption_set, metrics, count=count, image_size=image_size, batch_size=batch_size, grid_path=grid
+        )
+        title, num_images = f"Text-to-image on {caption_set.name}", result.num_images
+        data_files = caption_set.describe()
+    else:
+        result = eval_t2i(
+            generate_fn,
+            prompts,
+            cfg=shapes_cfg,
+            batch_size=batch_size,
+            grid_path=grid,
+            metrics=metrics,
+            metrics_note=fid_note,
+        )
+        title, num_images = "Text-to-image on the shapes world", len(prompts)
+        data_files = {"kind": "shapes", "data_dir": str(data.resolve()) if data is not None else None}
     for line in result.summary_lines():
         typer.echo(line)
     if grid is not None:
@@ -881,7 +1134,18 @@ def eval_t2i_cmd(
         "seed": seed,
         "batch_size": batch_size,  # with a seed, the images depend on the batching (batch i: seed + i)
     }
-    _write_report({**result.to_dict(), "sampling": sampling}, out)
+    settings = {
+        **sampling,
+        "model": str(model.resolve()),
+        "num_images": num_images,
+        "resolution": image_size,
+        "feature_extractor": extractor.name if extractor is not None else None,
+        "inception_weights": str(extractor.weights) if extractor is not None and extractor.weights else None,
+        "data": data_files,
+    }
+    report = {**result.to_dict(), "sampling": sampling, "settings": settings}
+    json_path, md_path = write_results(report, results_markdown(title, result.markdown_rows(), settings), out)
+    typer.echo(f"report: {json_path}; table: {md_path}")
 
 
 @eval_app.command("compressors")

@@ -1,4 +1,4 @@
-"""Evaluate a visual tokenizer on an image set: PSNR, SSIM, LPIPS, per-depth code usage and, on shapes
+"""Evaluate a visual tokenizer on an image set: PSNR, SSIM, LPIPS, rFID, per-depth code usage and, on shapes
 shards, scene fidelity (the shapes analyser reads each reconstruction back and scores it against the
 image's scene: whether shapes, colours and positions survive tokenization; the ceiling of text-to-image).
 
@@ -7,6 +7,12 @@ The per-image work is `unicode-mllm reconstruct`'s (`visual_tokenizer.reconstruc
 VGG16 trunk (`lpips_trunk="auto"` finds torchvision's cache file, or pass a path); without one it is
 reported as not measured with the reason. A random trunk is used only when asked for by name
 (`lpips_trunk="random"`, for tests), and the result then says so next to the number.
+
+rFID (the reconstruction FID of tokenizer papers, `evaluation.fid`): FID of the reconstructions against the
+originals, both at the tokenizer's size, with the FID Inception network (`rfid="inception"`), measured when
+its weights file is found (or given as `inception_weights`) and otherwise reported as not measured with the
+reason, like LPIPS. `rfid="random-for-tests"` or a `FeatureExtractor` uses another network, and the result
+then says that the value is not FID.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from unicode_mllm.data.image_io import pil_to_tensor, tensor_to_pil
 from unicode_mllm.data.shapes import Scene, ShapesConfig, ShapesScore, score
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.code_usage import CodeUsage
+from unicode_mllm.evaluation.fid import DistributionMetrics, DistributionScores, FeatureExtractor, try_feature_extractor
 from unicode_mllm.evaluation.image_sets import ImageSet, NamedImage
 from unicode_mllm.evaluation.item_batches import run_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
@@ -99,6 +106,8 @@ class TokenizerEvalResult:
     num_resized: int  # images that were centre-cropped and/or resized to image_size
     grid_path: Path | None = None
     scene_fidelity: SceneFidelity | None = None  # shapes shards only (every image carries its scene)
+    rfid: DistributionScores | None = None  # reconstructions vs originals, when measured
+    rfid_note: str = "not measured: not requested"  # the extractor used, or why rFID was not measured
 
     @property
     def num_images(self) -> int:
@@ -134,6 +143,12 @@ class TokenizerEvalResult:
                 "random_trunk": self.lpips_is_random_trunk,
                 "note": self.lpips_note,
             },
+            "rfid": {
+                "measured": self.rfid is not None,
+                "value": self.rfid.fid if self.rfid is not None else None,
+                "note": self.rfid_note,
+                "scores": self.rfid.to_dict() if self.rfid is not None else None,
+            },
             "usage": self.usage.to_dict(),
             "scene_fidelity": self.scene_fidelity.to_dict() if self.scene_fidelity else None,
             "grid": str(self.grid_path) if self.grid_path else None,
@@ -155,6 +170,11 @@ class TokenizerEvalResult:
             f"PSNR {self.psnr:.2f} dB, SSIM {self.ssim:.4f}, {lp}",
             f"code usage per depth: {per_depth}",
         ]
+        if self.rfid is not None:
+            r = self.rfid
+            lines.append(f"{r.label}rFID {r.fid:.3f} ({r.num_fake} reconstructions vs originals; {self.rfid_note})")
+        else:
+            lines.append(f"rFID {self.rfid_note}")
         if self.scene_fidelity is not None:
             f = self.scene_fidelity
             lines.append(
@@ -175,6 +195,8 @@ def eval_visual_tokenizer(
     device: str | torch.device = "cpu",
     grid_path: str | Path | None = None,
     grid_count: int = 16,
+    rfid: str | FeatureExtractor | None = None,
+    inception_weights: str | Path | None = None,
 ) -> TokenizerEvalResult:
     """Reconstruct every image of `images` (at most `limit`) and score the reconstructions.
 
@@ -182,6 +204,9 @@ def eval_visual_tokenizer(
         visual_tokenizer: a loaded `VisualTokenizer` or its save_pretrained folder.
         lpips_trunk: "auto", a VGG16 file path, "random" (tests only) or None (see the module docstring).
         grid_path: when given, a PNG of original | reconstruction pairs of the first `grid_count` images.
+        rfid: "inception" (the FID network; its weights `inception_weights` or the torch hub cache),
+            "random-for-tests", a `FeatureExtractor`, or None (not measured). Missing weights are reported
+            as "not measured: <reason>", never an error; fewer than 2 images too.
 
     Returns a `TokenizerEvalResult` (PSNR and SSIM are means of per-image values; code usage counts
     every code position of every image). Raises UserError when no image could be used, ValueError for
@@ -197,6 +222,7 @@ def eval_visual_tokenizer(
     perceptual, lpips_note = load_perceptual(lpips_trunk, device)
     if perceptual is None:
         logger.info("LPIPS %s", lpips_note)
+    metrics, rfid_note = _rfid_metrics(rfid, inception_weights, device, batch_size)
     usage = CodeUsage(vt.config.num_codes, vt.code_shape[2])
     skips = SkipCounts()
     scores: list[ImageScores] = []
@@ -215,6 +241,9 @@ def eval_visual_tokenizer(
         p, s = psnr(x, rec).tolist(), ssim(x, rec).tolist()
         with torch.no_grad():
             lp = perceptual(x, rec).tolist() if perceptual is not None else [None] * len(batch)
+        if metrics is not None:
+            metrics.add(x, real=True)  # originals, already at the tokenizer's size
+            metrics.add(rec, real=False)
         for i, item in enumerate(batch):
             scores.append(ImageScores(item.name, p[i], s[i], lp[i]))
             if scenes_complete and item.scene is None:
@@ -239,6 +268,11 @@ def eval_visual_tokenizer(
         written = Path(grid_path)
         written.parent.mkdir(parents=True, exist_ok=True)
         caption_grid([img for _, img in pairs], [cap for cap, _ in pairs], columns=4, cell_size=256).save(written)
+    rfid_scores = None
+    if metrics is not None and len(scores) < 2:
+        rfid_note = f"not measured: FID needs at least 2 images, got {len(scores)}"
+    elif metrics is not None:
+        rfid_scores = metrics.compute()
     return TokenizerEvalResult(
         tokenizer=source_name,
         source=source,
@@ -252,7 +286,28 @@ def eval_visual_tokenizer(
         num_resized=num_resized,
         grid_path=written,
         scene_fidelity=SceneFidelity.from_scores(*scene_scores) if scenes_complete and scene_scores[0] else None,
+        rfid=rfid_scores,
+        rfid_note=rfid_note,
     )
+
+
+def _rfid_metrics(
+    rfid: str | FeatureExtractor | None,
+    inception_weights: str | Path | None,
+    device: str | torch.device,
+    batch_size: int,
+) -> tuple[DistributionMetrics | None, str]:
+    """(metrics to feed, note): the extractor asked for, or None with the reason rFID is not measured."""
+    if rfid is None:
+        return None, "not measured: not requested"
+    if isinstance(rfid, FeatureExtractor):
+        extractor, note = rfid, rfid.note
+    else:
+        extractor, note = try_feature_extractor(rfid, inception_weights, device)
+    if extractor is None:
+        logger.info("rFID %s", note)
+        return None, note
+    return DistributionMetrics(extractor, device=device, batch_size=batch_size), note
 
 
 def _shapes_config(images: ImageSet, size: int) -> ShapesConfig | None:
