@@ -2,15 +2,19 @@
 
 What one step is: the forward and backward of a LLaMA causal LM over (batch, seq_len) tokens with the
 next-token loss on every position, then an AdamW step over the trainable parameters; bf16 autocast on a
-GPU with native bf16 (fp32 elsewhere), fp32 master weights (what `train-mllm` keeps). With `--lora`, the
-project's adapters (`LoraSettings`: r 128, alpha 256, dropout 0.05, every linear layer) and, as the 7B
-preset, a trainable embedding table. The image splice of `UniCodeMLLM` is not in the step: it is one gather
-and one scatter per image, next to 32 transformer layers.
+GPU with native bf16 (fp32 elsewhere). The weights' dtypes are train-mllm's (`frozen_weights_dtype` and
+`build_model` in unicode_mllm/training/trainer.py): full fine-tuning keeps fp32 master weights; with `--lora`
+under bf16 the frozen base is stored in bf16 and the project's adapters (`LoraSettings`: r 128, alpha 256,
+dropout 0.05, every linear layer) and, as the 7B preset, the trainable embedding table train in fp32. The image
+splice of `UniCodeMLLM` is not in the step: it is one gather and one scatter per image, next to 32 transformer
+layers.
 
 The weights are random (a `LlamaConfig` of the named shape, built directly on the device): no download,
 and the step costs what a pretrained model's costs. Shapes:
     tiny: the CPU preset's stage-0 LM (width 128, 4 layers, vocabulary 442);
-    7b:   LLaMA-2-7B / Vicuna-7B-v1.5 (width 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32000).
+    7b:   LLaMA-2-7B / Vicuna-7B-v1.5 (width 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32000);
+    3b, 1b: smaller LLaMA shapes (OpenLLaMA-3B's; TinyLlama-1.1B's without its grouped KV heads), the fallbacks
+          of benchmarks/gpu_suite.py when 7B does not fit a card.
 
 Reported: the median and min wall time of a step after warm-up, tokens per second at the median, and the
 peak memory of the step: on CUDA torch.cuda.max_memory_allocated() (weights, optimizer state and
@@ -44,13 +48,38 @@ SHAPES = {
     "7b": dict(
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000
     ),
+    "3b": dict(
+        hidden_size=3200, num_hidden_layers=26, num_attention_heads=32, intermediate_size=8640, vocab_size=32000
+    ),
+    "1b": dict(
+        hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, intermediate_size=5632, vocab_size=32000
+    ),
 }
 
 
-def build_lm(size: str, seq_len: int, device: torch.device, lora: bool, checkpointing: bool) -> torch.nn.Module:
+def frozen_dtype(lora: bool, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the LM is built in: bf16 for a LoRA base under bf16 autocast, else fp32 (train-mllm's rule)."""
+    return torch.bfloat16 if lora and compute_dtype == torch.bfloat16 else torch.float32
+
+
+def build_lm(
+    size: str,
+    seq_len: int,
+    device: torch.device,
+    lora: bool,
+    checkpointing: bool,
+    base_dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """A random LLaMA of shape `size` on `device`, its weights in `base_dtype` (built so: no fp32 copy of a 7B
+    LM first); with `lora`, the adapters and the embedding table trainable and in fp32."""
     config = LlamaConfig(**SHAPES[size], max_position_embeddings=max(seq_len, 2048), tie_word_embeddings=False)
-    with device:
-        lm = LlamaForCausalLM(config)  # fp32: the master weights stage 2 trains
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(base_dtype)
+    try:
+        with device:
+            lm = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     if checkpointing:
         lm.config.use_cache = False
         enable_activation_checkpointing(lm)  # as train-mllm with train.gradient_checkpointing
@@ -59,6 +88,9 @@ def build_lm(size: str, seq_len: int, device: torch.device, lora: bool, checkpoi
 
         lm = get_peft_model(lm, LoraSettings().to_peft())
         lm.get_input_embeddings().weight.requires_grad_(True)  # the 7B preset's train_embeddings: true
+        for parameter in lm.parameters():
+            if parameter.requires_grad:  # adapters and embeddings train in fp32 over a bf16 base
+                parameter.data = parameter.data.float()
     return lm
 
 
@@ -68,17 +100,19 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = select_device(args.device)
-    dtype = select_dtype("auto", device)
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    lm = build_lm(args.size, args.seq_len, device, args.lora, args.activation_checkpointing)
+def time_steps(
+    lm: torch.nn.Module, batch: int, seq_len: int, dtype: torch.dtype, warmup: int, steps: int
+) -> list[float]:
+    """Wall times (s) of `steps` training steps of `lm` over random (batch, seq_len) ids, after `warmup` untimed ones.
+
+    A fresh AdamW over the trainable parameters each call, so that a caller can retry a smaller batch after
+    torch.OutOfMemoryError on the same model (its gradients are dropped with `zero_grad(set_to_none=True)`).
+    """
+    device = next(lm.parameters()).device
     trainable = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=device.type == "cuda")
-    vocab = SHAPES[args.size]["vocab_size"]
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len), device=device)
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, seq_len), device=device)
 
     def step() -> float:
         start = time.perf_counter()
@@ -91,9 +125,21 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
-    times = [step() for _ in range(args.steps)]
+    return [step() for _ in range(steps)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = select_device(args.device)
+    dtype = select_dtype("auto", device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_dtype = frozen_dtype(args.lora, dtype)
+    lm = build_lm(args.size, args.seq_len, device, args.lora, args.activation_checkpointing, base_dtype)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    times = time_steps(lm, args.batch, args.seq_len, dtype, args.warmup, args.steps)
     median = statistics.median(times)
     return {
         "size": args.size,
@@ -104,6 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "compute_dtype": str(dtype).removeprefix("torch."),
+        "base_dtype": str(base_dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "parameters_m": round(sum(p.numel() for p in lm.parameters()) / 1e6, 2),
         "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 2),

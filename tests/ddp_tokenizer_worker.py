@@ -14,6 +14,13 @@ from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.config import config_from_dict
 
 
+def codebook_syncs(rvq: torch.nn.Module) -> bool:
+    """Whether the EMA statistics are all-reduced: the native backend's flag, or the library's all-reduce function."""
+    if hasattr(rvq, "sync_codebook"):
+        return bool(rvq.sync_codebook)
+    return rvq.layers[0]._codebook.all_reduce_fn.__name__ != "noop"
+
+
 def main(cfg_path: str, out_path: str) -> None:
     cfg = config_from_dict(TokenizerTrainConfig, json.loads(Path(cfg_path).read_text()))
     trainer = TokenizerTrainer(cfg)
@@ -37,7 +44,7 @@ def main(cfg_path: str, out_path: str) -> None:
             "weight_max_diff": float((weights[0] - weights[1]).abs().max()),
             "codebook_moved": trainer.relative_distance(),
             "batches_differ": batch_sums[0] != batch_sums[1],
-            "sync_codebook": trainer.tokenizer.quantizer.rvq.layers[0]._codebook.all_reduce_fn.__name__ != "noop",
+            "sync_codebook": codebook_syncs(trainer.tokenizer.quantizer.rvq),
         }
         with open(out_path, "w") as f:
             json.dump(result, f)

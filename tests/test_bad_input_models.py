@@ -27,6 +27,10 @@ from unicode_mllm.runtime.model_folders import (
 from unicode_mllm.visual_tokenizer import LanguageCodebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 
 def copy(folder: Path, tmp_path: Path, name: str = "copy") -> Path:
     return Path(shutil.copytree(folder, tmp_path / name))

@@ -33,6 +33,10 @@ from unicode_mllm.evaluation.t2i import shapes_config_from_manifest
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 # ----------------------------------------------------------------------------------------- SSIM
 
 

@@ -25,6 +25,10 @@ from unicode_mllm.evaluation.fid import (
     load_feature_extractor,
 )
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 SIZE = 48  # every test image is SIZE x SIZE
 
 

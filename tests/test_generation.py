@@ -37,6 +37,10 @@ from unicode_mllm.generation import (
 from unicode_mllm.generation.chat_repl import parse_chat_line
 from unicode_mllm.model import UniCodeMLLM
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 PROMPTS = ["a red circle at the top left", "a small blue square", "a green star in the center and a red triangle"]
 QUESTIONS = ["what colour is the circle", "where", "how many objects are there in the picture at the top"]
 

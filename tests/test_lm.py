@@ -275,7 +275,7 @@ def test_train_lm_refuses_to_overwrite_or_resume_with_changed_numbers(run):
     with pytest.raises(UserError, match="already holds checkpoints"):
         train_lm(cfg, out_dir)
     changed = load_config(LMTrainConfig, overrides=[*TINY, "optim.lr=0.5"])
-    with pytest.raises(UserError, match=r"optim\.lr is 0\.5 but the checkpoint was trained with 0\.01"):
+    with pytest.raises(UserError, match=r"lm_config\.yaml: optim\.lr 0\.01 -> 0\.5; resume with the run's settings"):
         train_lm(changed, out_dir, resume=True)
 
 

@@ -16,6 +16,15 @@ from unicode_mllm.model import LoraSettings, UniCodeMLLM, add_multimodal_tokens
 from unicode_mllm.visual_tokenizer import LanguageCodebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = [
+    pytest.mark.filterwarnings("error::FutureWarning"),
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` inside `PeftModel.__init__` (LoRA
+    # test): peft's code, not ours; the last filter wins, so this one is listed last.
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
 # 16 px through two downsamplings: a 4x4 grid, residual depth 2 -> reads 16 embeddings, writes 32 ids.
 ARCH = dict(image_size=16, ch=8, ch_mult=(1, 2, 2), z_channels=8, num_res_blocks=1)
 CODE_IDS = list(range(4, 100))  # ordinary ids of the fixture's text tokenizer (0-3 and 114-116 are special)

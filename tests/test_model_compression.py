@@ -29,6 +29,10 @@ from unicode_mllm.token_reduction import (
 )
 from unicode_mllm.training import MLLMTrainConfig, MLLMTrainer
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 POOL = CompressorConfig("pool2x", {"mode": "average"})
 MERGER = CompressorConfig("qwen2vl_merger")
 QUESTIONS = ["What colour is the circle?", "How many objects are there?", "Where is the red square?"]

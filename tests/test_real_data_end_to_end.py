@@ -15,6 +15,10 @@ from skimage import data as skdata
 
 from unicode_mllm.cli import main
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 
 def run(capsys, *args: str) -> tuple[int, str]:
     """Run the CLI; returns (exit code, stdout + stderr)."""

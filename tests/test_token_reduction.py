@@ -48,6 +48,10 @@ from unicode_mllm.token_reduction import (
 from unicode_mllm.token_reduction.mustdrop_merge import window_members
 from unicode_mllm.token_reduction.prefill import prefill_allowed
 
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 WIDTH = 32
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_tokenizer_training import tiny_cfg
 from unicode_mllm.config import config_to_dict
 
@@ -19,12 +21,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_run_keeps_codebooks_identical(tiny_lm_dir, tiny_shapes_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["native", "library"])
+def test_two_process_gloo_run_keeps_codebooks_identical(tiny_lm_dir, tiny_shapes_dir, tmp_path, backend):
     cfg = tiny_cfg(
         tiny_lm_dir,
         tiny_shapes_dir,
         tmp_path / "run",
-        **{"codebook.blend.schedule": "interval", "codebook.blend.every": 2},
+        **{"codebook.blend.schedule": "interval", "codebook.blend.every": 2, "codebook.backend": backend},
     )
     cfg_path, out_path = tmp_path / "cfg.json", tmp_path / "result.json"
     cfg_path.write_text(json.dumps(config_to_dict(cfg)))

@@ -125,7 +125,7 @@ def test_subspace_search_trains_saves_and_reloads(tiny_lm_dir, tiny_shapes_dir, 
 
 def test_search_dim_needs_the_native_backend(tiny_lm_dir, tiny_shapes_dir, tmp_path):
     with pytest.raises(ConfigError, match="needs codebook.backend='native'"):
-        tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"codebook.search_dim": 4})
+        tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"codebook.search_dim": 4, "codebook.backend": "library"})
 
 
 @pytest.mark.parametrize("mode", ["frozen", "separate", "dual"])
@@ -165,3 +165,13 @@ def test_trains_in_a_process_where_an_earlier_stage_used_bf16(tiny_lm_dir, tiny_
     trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"train.mixed_precision": "auto"}))
     assert trainer.accelerator.mixed_precision == "no"  # 'auto' on a CPU: fp32
     assert trainer.train_step(trainer.next_batch())["total"] > 0
+
+
+@pytest.mark.parametrize("backend", ["native", "library"])
+def test_both_quantizer_backends_train_and_native_is_the_default(tiny_lm_dir, tiny_shapes_dir, tmp_path, backend):
+    assert TokenizerTrainConfig().codebook.backend == "native"  # the faster one (BENCHMARKS.md) is the default
+    cfg = tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"train.steps": 4, "codebook.backend": backend})
+    trainer = TokenizerTrainer(cfg)
+    losses = [trainer.train_step(trainer.next_batch())["total"] for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    assert trainer.tokenizer.config.backend == backend

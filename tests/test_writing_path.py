@@ -3,6 +3,7 @@ model that memorised images redraws them code for code (the memorisation check o
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from unicode_mllm.data.image_io import pil_to_tensor
@@ -14,6 +15,10 @@ from unicode_mllm.model import UniCodeMLLM
 from unicode_mllm.training import MLLMTrainer
 
 from .test_mllm_training import make_config
+
+# transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
+# fail here, not surface in users' terminals.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 
 def test_cached_greedy_decoding_agrees_with_a_full_forward(tiny_mllm_dir):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,19 @@ from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.runtime.accelerator import stage_accelerator
-from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
+from unicode_mllm.runtime.checkpoint import (
+    CheckpointLayout,
+    CheckpointManager,
+    join_tensors,
+    split_tensors,
+    tensor_shapes,
+)
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_out_dir, check_splits
+from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_splits, start_run
+from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
@@ -137,6 +145,7 @@ class TokenizerTrainer:
         self.usage = UsageWindow(q.num_codes, self.tokenizer.code_shape[2], cfg.train.usage_window)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
+        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last checkpoint written or loaded
         self._batches: EpochBatches | None = None
         self._reader_skips: dict[str, Any] = {}  # reader skip counts of a resumed run, until the stream exists
 
@@ -282,9 +291,14 @@ class TokenizerTrainer:
     # ----- checkpoints ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
+        """Save this step's checkpoint, unless it is the one just saved or loaded (a step folder is never
+        written twice: the end of `fit` follows the loop's own save)."""
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
+            self._saved = (self.step, None)
             return None
         opt_tree, opt_tensors = split_tensors({"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()}, "optimizer")
         state = {
@@ -300,10 +314,25 @@ class TokenizerTrainer:
             "optimizer": opt_tensors,
             "usage": self.usage.state_dict(),  # the logged usage of a resumed run then equals the uninterrupted one
         }
-        return self.ckpt.save(self.step, tensors, state)
+        self._saved = (self.step, self.ckpt.save(self.step, tensors, state))
+        return self._saved[1]
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        """What a step folder of this run holds: resuming checks it whole and falls back past a damaged one."""
+        return CheckpointLayout(
+            tensors={
+                "model": tensor_shapes(self.tokenizer.state_dict()),
+                "discriminator": tensor_shapes(self.accelerator.unwrap_model(self.disc).state_dict()),
+                "optimizer": None,
+                "usage": None,
+            },
+            state=("optimizer", "scheduler", "data", "rng"),
+            optional=("usage",),  # older checkpoints
+        )
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        ckpt = self.ckpt.load(path)  # CPU: the optimizer keeps its step counters there (no GPU sync per step)
+        # CPU: the optimizer keeps its step counters there (no GPU sync per step)
+        ckpt = self.ckpt.load(path, layout=self.checkpoint_layout())
         self.tokenizer.load_state_dict(ckpt.tensors["model"])
         self.accelerator.unwrap_model(self.disc).load_state_dict(ckpt.tensors["discriminator"])
         optim = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
@@ -316,6 +345,7 @@ class TokenizerTrainer:
         else:
             log.warning("checkpoint %s has no usage window (older format): usage restarts counting", ckpt.path)
         self.step = ckpt.step
+        self._saved = (ckpt.step, ckpt.path)
         self.position = DataPosition(**ckpt.state["data"])
         self._reader_skips = ckpt.state.get("reader_skips", {})
         self._batches = None
@@ -332,12 +362,18 @@ class TokenizerTrainer:
 
     # ----- the run ---------------------------------------------------------------------------------
 
-    def fit(self, resume: bool | str = False) -> TokenizerTrainResult:
+    def fit(self, resume: bool | str = False, allow_changed: Sequence[str] = ()) -> TokenizerTrainResult:
+        """Train to `train.steps` under the run lock; `resume` (True or a step folder) continues the run in
+        out_dir, whose config.yaml the config must match but for `allow_changed` keys (`check_resume_config`)."""
+        with self.files.lock():
+            return self._fit(resume, allow_changed)
+
+    def _fit(self, resume: bool | str, allow_changed: Sequence[str]) -> TokenizerTrainResult:
         cfg, acc = self.cfg, self.accelerator
+        if resume or self.step == 0:  # a trainer that has stepped or loaded continues its own run
+            self.files.start(resume, allow_changed)
         if resume:
             self.load_checkpoint(None if resume is True else resume)
-        elif self.step == 0:  # a trainer that has stepped or loaded continues its own run
-            check_out_dir(self.out_dir, resume=False)
         d = cfg.data  # every split it reads must exist before step 1
         check_splits(d.shards, {"data.train_split": [d.train_split], "data.eval_splits": d.eval_splits})
         check_fixed_size(d.image, read_manifest(d.shards).image_size(), cfg.model.image_size)  # not a skip per sample
@@ -412,11 +448,18 @@ class TokenizerTrainer:
 
 
 def train_tokenizer(
-    cfg: TokenizerTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False
+    cfg: TokenizerTrainConfig,
+    out_dir: str | Path | None = None,
+    resume: bool | str = False,
+    allow_changed: Sequence[str] = (),
 ) -> TokenizerTrainResult:
     """Run stage 1 to `cfg.train.steps` (or `train.max_minutes`); returns where the tokenizer was saved.
 
-    Refuses (UserError) to overwrite a run in `out_dir` unless `resume`, and `resume=True` without a checkpoint.
+    Refuses (UserError) a folder another run is writing (the run lock), to overwrite a run in `out_dir` unless
+    `resume`, `resume=True` without a checkpoint, and a resume whose config differs from the run's config.yaml
+    in other keys than `allow_changed` and those that are safe to change (run_files.RESUME_MAY_CHANGE).
     """
-    check_out_dir(out_dir or cfg.train.out_dir, resume)  # before the models load
-    return TokenizerTrainer(cfg, out_dir).fit(resume=resume)
+    out = Path(out_dir or cfg.train.out_dir)
+    with RunLock(out):
+        start_run(out, resume, cfg, allow_changed, is_main=is_main_rank())  # before the models load
+        return TokenizerTrainer(cfg, out_dir).fit(resume=resume, allow_changed=allow_changed)

@@ -1,6 +1,7 @@
 """The `unicode-mllm` command line: parses options, builds configs and calls library functions.
 
-Errors print one line (`error: ...`) and exit non-zero; `--debug` shows the traceback instead.
+Errors print one line (`error: ...`) and exit non-zero; `--debug` shows the traceback instead. Environment
+problems (a full disk, a read-only output, a refused pickle) are user errors too: unicode_mllm/environment_errors.py.
 Heavy imports happen inside each command so `--help` stays fast.
 """
 
@@ -15,11 +16,13 @@ import typer
 
 from unicode_mllm.cli_checks import (
     check_at_least,
+    check_image_files,
     check_lpips_trunk,
     check_sampling,
     check_split_name,
     ensure_writable_output,
 )
+from unicode_mllm.environment_errors import environment_message
 from unicode_mllm.errors import UserError
 from unicode_mllm.runtime.model_folders import require_visual_tokenizer
 
@@ -97,7 +100,7 @@ def data_shapes(
 
 @data_app.command("from-folder")
 def data_from_folder(
-    folder: Path = typer.Argument(..., help="Folder of images (png, jpg, webp, bmp); sidecar .txt = caption."),
+    folder: Path = typer.Argument(..., help="Folder of images (png, jpg, webp, bmp, gif); sidecar .txt = caption."),
     out: Path = typer.Option(..., "--out", help="Output folder for shards and manifest."),
     split: str = typer.Option("train", "--split", help="Split name to write."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
@@ -267,13 +270,16 @@ def train_lm_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.steps=100."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: train.out_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    allow_changed: list[str] = typer.Option(
+        [], "--allow-changed", help="With --resume: accept this changed config key (e.g. optim.lr; repeatable)."
+    ),
 ) -> None:
     """Stage 0: train the tiny text tokenizer and LLaMA on the shapes world's text (embedded default)."""
     from unicode_mllm.config import load_config
     from unicode_mllm.lm import LMTrainConfig, train_lm
 
     cfg = load_config(LMTrainConfig, config, set_)
-    model_dir = train_lm(cfg, out_dir=out, resume=resume)
+    model_dir = train_lm(cfg, out_dir=out, resume=resume, allow_changed=allow_changed)
     typer.echo(f"language model saved to {model_dir} (load with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -286,6 +292,9 @@ def train_tokenizer_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.steps=100."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: train.out_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    allow_changed: list[str] = typer.Option(
+        [], "--allow-changed", help="With --resume: accept this changed config key (e.g. optim.lr; repeatable)."
+    ),
 ) -> None:
     """Stage 1: train the visual tokenizer whose codebook is the LLM's embedding table."""
     from tokenizer_training.config import TokenizerTrainConfig
@@ -293,7 +302,7 @@ def train_tokenizer_cmd(
     from unicode_mllm.config import load_config
 
     cfg = load_config(TokenizerTrainConfig, config, set_)
-    result = train_tokenizer(cfg, out_dir=out, resume=resume)
+    result = train_tokenizer(cfg, out_dir=out, resume=resume, allow_changed=allow_changed)
     m = result.metrics
     typer.echo(f"tokenizer saved to {result.final_dir} after {result.steps} steps")
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
@@ -305,13 +314,16 @@ def train_mllm_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.steps=100."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: train.out_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    allow_changed: list[str] = typer.Option(
+        [], "--allow-changed", help="With --resume: accept this changed config key (e.g. optim.lr; repeatable)."
+    ),
 ) -> None:
     """Stage 2: fine-tune the LLM to read and write images (VQA, captions, text-to-image, decompression)."""
     from unicode_mllm.config import load_config
     from unicode_mllm.training import MLLMTrainConfig, train_mllm
 
     cfg = load_config(MLLMTrainConfig, config, set_)
-    result = train_mllm(cfg, out_dir=out, resume=resume)
+    result = train_mllm(cfg, out_dir=out, resume=resume, allow_changed=allow_changed)
     typer.echo(f"model saved to {result.final_dir} after {result.steps} steps")
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items()))
 
@@ -444,13 +456,14 @@ def _pair_questions(images: list[Path], questions: list[str]) -> tuple[list[Path
         raise UserError('no question given; pass one, e.g. unicode-mllm ask --model DIR --image a.png "what is it?"')
     if not images:
         return [None] * len(questions), questions
+    if len(images) != len(questions) and 1 not in (len(images), len(questions)):
+        raise UserError(f"{len(images)} images but {len(questions)} questions; pass them in pairs, or one of either")
+    check_image_files(images, "--image")  # a folder or a bad file fails before the model loads
     if len(images) == len(questions):
         return list(images), questions
     if len(images) == 1:
         return [images[0]] * len(questions), questions
-    if len(questions) == 1:
-        return list(images), questions * len(images)
-    raise UserError(f"{len(images)} images but {len(questions)} questions; pass them in pairs, or one of either")
+    return list(images), questions * len(images)
 
 
 @app.command("ask")
@@ -1278,6 +1291,10 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
         if debug:
             raise
+        message = environment_message(e)  # a full disk, a read-only output, a refused pickle: the user's to fix
+        if message is not None:
+            typer.echo(f"error: {_one_line(message)}", err=True)
+            return 2
         typer.echo(
             f"error: internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for the traceback",
             err=True,

@@ -52,6 +52,18 @@ def ensure_writable_output(path: Path | None, option: str, *, folder: bool = Fal
         raise UserError(f"cannot write {option} {path}: {reason}; choose another {option}")
 
 
+def check_image_files(paths: list[Path], option: str) -> None:
+    """Decode each image given on the command line (each distinct file once) before any model loads: a folder, a
+    typo or a corrupt file is then one line naming the option and the path, and costs nothing."""
+    from unicode_mllm.data.image_io import load_image
+
+    for path in dict.fromkeys(paths):
+        try:
+            load_image(path)
+        except UserError as exn:
+            raise UserError(f"{option} {exn}") from None
+
+
 def check_lpips_trunk(trunk: str) -> None:
     """--lpips-trunk: auto, none and random are words; anything else must be a VGG16 weights file."""
     if trunk in ("auto", "none", "random"):

@@ -3,7 +3,9 @@
 Every config in the project is a (nested) dataclass. `load_config` reads a YAML file, applies
 dotted overrides, checks every key and type (including `Literal` choices and numeric ranges
 declared with `bounded`), then runs each dataclass's own `validate()` for cross-field checks.
-Any failure is a `ConfigError` whose one-line message names the file and the dotted key:
+Every float must be finite (NaN slips through range checks and trains a NaN model), and a key repeated in
+the YAML is refused (the later copy would silently replace the earlier one, section and all). Any failure
+is a `ConfigError` whose one-line message names the file and the dotted key:
 
     ConfigError: configs/tiny.yaml: unknown key 'quantizer.detph' (did you mean 'quantizer.depth'?)
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -40,6 +43,48 @@ def bounded(
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+class _NotFinite(ConfigError):
+    """A NaN or infinite float: reported as such, never as a type mismatch of a union's other members."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key written twice in one YAML mapping; the message names the dotted key and both lines."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated within any mapping: PyYAML keeps the last copy silently, so a
+    second `train:` section would replace the first one whole and reset its other keys to their defaults."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_duplicates(node, "", set())
+        return super().construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, prefix: str, visited: set[int]) -> None:
+        if id(node) in visited:  # an alias of a node already checked (or of its own parent)
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicates(item, f"{prefix}[{i}]", visited)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key '{dotted}' is written twice (lines {first} and {line}); keep one")
+            seen[key] = line
+            self._check_duplicates(value_node, dotted, visited)
 
 
 def _type_name(tp: Any) -> str:
@@ -80,6 +125,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key, source)
+            except _NotFinite:
+                raise
             except ConfigError as e:
                 errors.append(e)
         fail()
@@ -100,6 +147,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
+        _check_finite(value, key, source)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -130,6 +178,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     fail()
+
+
+def _check_finite(value: Any, key: str, source: str) -> None:
+    """NaN compares false with every bound, so range checks pass it; inf is never a meaningful setting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _NotFinite(f"{source}: key '{key}' must be a finite number, got {value!r}")
+
+
+def _check_finite_tree(value: Any, key: str, source: str) -> None:
+    """Finiteness of a value that did not pass `_coerce` (a default, or a dataclass instance passed in)."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite_tree(v, f"{key}[{i}]", source)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite_tree(v, f"{key}.{k}", source)
+    else:
+        _check_finite(value, key, source)
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], key: str, source: str) -> None:
@@ -175,9 +241,10 @@ def _from_dict(cls: type[T], data: Mapping[str, Any], source: str, prefix: str =
 
 
 def _validate_tree(cfg: Any, source: str, prefix: str = "") -> None:
-    """Range-check defaults too, then run `validate()` bottom-up on every nested dataclass."""
+    """Check finiteness and ranges of defaults too, then run `validate()` bottom-up on every nested dataclass."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        _check_finite_tree(value, prefix + f.name, source)
         _check_range(value, f.metadata, prefix + f.name, source)
         if dataclasses.is_dataclass(value):
             _validate_tree(value, source, prefix + f.name + ".")
@@ -200,7 +267,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+    except _DuplicateKey as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and _looks_like_float(value):
@@ -261,8 +330,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     """Read `path` (YAML; None for the dataclass defaults), apply overrides, validate.
 
     Raises:
-        ConfigError: unknown key, wrong type, out-of-range value or failed cross-field check;
-            the message names the file and the dotted key.
+        ConfigError: unknown key, wrong type, out-of-range or non-finite value, failed cross-field check, a key
+            written twice, a file that is not UTF-8; the message names the file and the dotted key.
     """
     data: dict[str, Any] = {}
     source = "config"
@@ -272,7 +341,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass an existing YAML file (see configs/)")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "save the config as UTF-8"
+            ) from None
+        try:
+            loaded = yaml.load(text, Loader=_StrictLoader)
+        except _DuplicateKey as e:
+            raise ConfigError(f"{source}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

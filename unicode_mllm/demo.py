@@ -36,6 +36,7 @@ from unicode_mllm.data.shapes_dataset import ShapesDatasetResult, analyser_accur
 from unicode_mllm.errors import UserError
 from unicode_mllm.report import Section, write_report
 from unicode_mllm.runtime.checkpoint import CheckpointManager
+from unicode_mllm.runtime.run_lock import RunLock
 
 if TYPE_CHECKING:  # the stages are imported where they run, so that importing the demo stays light
     from tokenizer_training.config import TokenizerTrainConfig
@@ -90,6 +91,15 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class StagePresets:
+    """The preset YAMLs (relative to configs/) whose settings a profile's overrides change."""
+
+    lm: str = LM_PRESET
+    tokenizer: str = TOKENIZER_PRESET
+    mllm: str = MLLM_PRESET
+
+
+@dataclass(frozen=True)
 class DemoProfile:
     data: DataSizes
     lm_overrides: tuple[str, ...]  # stage 0 has no time guard: its steps bound it
@@ -99,6 +109,7 @@ class DemoProfile:
     sampling: Sampling = field(default_factory=Sampling)
     total_minutes: float | None = None  # wall-clock budget of the whole run (None: the stages' own caps only)
     eval_reserve_minutes: float = 0.0  # kept free after stage 2 for the evaluation and the report
+    presets: StagePresets = field(default_factory=StagePresets)  # the tiny presets (the GPU kit's: small)
 
 
 PROFILES: dict[str, DemoProfile] = {
@@ -278,15 +289,16 @@ def load_stage_configs(profile: DemoProfile) -> tuple[LMTrainConfig, TokenizerTr
     from unicode_mllm.lm import LMTrainConfig
     from unicode_mllm.training import MLLMTrainConfig
 
-    mllm_cfg = load_config(MLLMTrainConfig, preset_path(MLLM_PRESET), profile.mllm_overrides)
-    lm_cfg = load_config(LMTrainConfig, preset_path(LM_PRESET), profile.lm_overrides)
+    presets = profile.presets
+    mllm_cfg = load_config(MLLMTrainConfig, preset_path(presets.mllm), profile.mllm_overrides)
+    lm_cfg = load_config(LMTrainConfig, preset_path(presets.lm), profile.lm_overrides)
     if lm_cfg.model.max_position_embeddings < mllm_cfg.data.max_length:
         lm_cfg = load_config(
             LMTrainConfig,
-            preset_path(LM_PRESET),
+            preset_path(presets.lm),
             [*profile.lm_overrides, f"model.max_position_embeddings={mllm_cfg.data.max_length}"],
         )
-    tokenizer_cfg = load_config(TokenizerTrainConfig, preset_path(TOKENIZER_PRESET), profile.tokenizer_overrides)
+    tokenizer_cfg = load_config(TokenizerTrainConfig, preset_path(presets.tokenizer), profile.tokenizer_overrides)
     return lm_cfg, tokenizer_cfg, mllm_cfg
 
 
@@ -545,11 +557,25 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def run_demo(out_dir: str | Path, quick: bool = False, profile_name: str | None = None) -> dict[str, Any]:
-    """Run every stage into `out_dir`; returns the metrics also written to report/metrics.json."""
-    out_dir = Path(out_dir)
-    name = profile_name or ("quick" if quick else "full")
-    profile = get_profile(name)
+def run_demo(
+    out_dir: str | Path, quick: bool = False, profile_name: str | None = None, profile: DemoProfile | None = None
+) -> dict[str, Any]:
+    """Run every stage into `out_dir`; returns the metrics also written to report/metrics.json.
+
+    profile: a caller's own profile (the GPU kit's `small`), reported as `profile_name`; None runs
+    PROFILES[profile_name] (default full, or quick).
+    Holds the run lock on `out_dir` throughout (a second demo into it is refused: it would rewrite the data
+    under the first one's stages), and each stage holds its own on its run folder."""
+    with RunLock(out_dir):
+        return _run_demo(Path(out_dir), quick, profile_name, profile)
+
+
+def _run_demo(out_dir: Path, quick: bool, profile_name: str | None, profile: DemoProfile | None) -> dict[str, Any]:
+    if profile is None:
+        name = profile_name or ("quick" if quick else "full")
+        profile = get_profile(name)
+    else:
+        name = profile_name or "custom"
     budget = TimeBudget(profile.total_minutes)
     lm_cfg, tokenizer_cfg, mllm_cfg = load_stage_configs(profile)
     if profile.total_minutes is not None and mllm_cfg.train.max_minutes is None:

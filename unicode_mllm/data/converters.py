@@ -3,7 +3,9 @@
 The converters (these two, and COCO captions / VQAv2 in `coco_vqa`) read every input, write the good
 samples through `shards.write_split`, and count the bad ones by reason in a `ConversionReport` (never a
 crash, never a silent drop). The report's counts are also stored in the manifest under
-`extra.conversion`, and the converter's settings under `generator_config`.
+`extra.conversion`, and the converter's settings under `generator_config`. An animated image (GIF, APNG,
+animated WebP) becomes a sample of its first frame and is counted as a warning, "animated image: first
+frame used" (`image_io.ANIMATED_IMAGE`), so the summary says how many there were.
 
 Sample metadata written (the writer adds `has_image`):
 
@@ -25,13 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
-from unicode_mllm.data.image_io import ImageDecodeError, encode_png, load_image
+from unicode_mllm.data.image_io import ANIMATED_IMAGE, ImageDecodeError, encode_png, frame_count, load_image
 from unicode_mllm.data.shards import SplitSummary, read_manifest, write_manifest, write_split
 from unicode_mllm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 ImageStorage = Literal["png", "original"]
 _KEEP_ORIGINAL = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}  # what "original" can store as-is
 HUMAN, GPT = "human", "gpt"
@@ -110,9 +112,18 @@ def _check_storage(image_storage: str) -> None:
         raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
 
 
-def _image_record(path: Path, name: str, storage: ImageStorage, expected_size: Any) -> tuple[Any, str, Any]:
-    """Decode (verify) an image; return (stored bytes, extension, decoded image). Raises ImageDecodeError."""
+def _image_record(
+    report: ConversionReport, path: Path, name: str, storage: ImageStorage, expected_size: Any
+) -> tuple[Any, str, Any]:
+    """Decode (verify) an image; return (stored bytes, extension, decoded image). Raises ImageDecodeError.
+
+    An animated file is stored as its first frame (PNG, even for "original": its own bytes hold every frame)
+    and counted in `report` as a warning."""
     img = load_image(path, expected_size=expected_size, name=name)
+    frames = frame_count(img)
+    if frames > 1:
+        report.warn(ANIMATED_IMAGE, name, f"{name}: animated image ({frames} frames): the first frame is used")
+        return encode_png(img), "png", img
     ext = _KEEP_ORIGINAL.get(path.suffix.lower())
     if storage == "original" and ext is not None:
         return path.read_bytes(), ext, img
@@ -136,7 +147,7 @@ def _read_image(
         report.skip("image outside root", name, message)
         return None
     try:
-        data, ext, _ = _image_record(root / image_rel, label, storage, expected_size)
+        data, ext, _ = _image_record(report, root / image_rel, label, storage, expected_size)
     except ImageDecodeError as exn:
         report.skip(exn.reason, name, str(exn))
         return None
@@ -197,13 +208,14 @@ def convert_image_folder(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConversionReport:
-    """Turn every image file (png/jpg/jpeg/webp/bmp) under `folder` into a sample of `split`.
+    """Turn every image file (png/jpg/jpeg/webp/bmp/gif) under `folder` into a sample of `split`.
 
     Files are taken in sorted path order; keys are their positions ("00000000", ...). The caption is
     the text of the sidecar `name.txt` next to `name.ext` (stripped) when `captions_from="sidecar"`
     and it exists; otherwise None. Every image is fully decoded first; `image_storage="png"` stores the
     decoded RGB pixels as PNG, "original" keeps png/jpg/jpeg bytes verbatim (others become PNG).
-    Unreadable images and caption files are skipped, counted by reason and named in the report.
+    Unreadable images and caption files are skipped, counted by reason and named in the report; an
+    animated image gives its first frame, counted as a warning.
 
     Returns the ConversionReport. Raises UserError when the folder is missing, holds no image files,
     or no image could be converted.
@@ -244,7 +256,7 @@ def convert_image_folder(
                     report.skip("unreadable caption", name, f"{sidecar}: caption is not UTF-8 text ({exn})")
                     continue
             try:
-                data, ext, img = _image_record(path, name, image_storage, expected_size)
+                data, ext, img = _image_record(report, path, name, image_storage, expected_size)
             except ImageDecodeError as exn:
                 report.skip(exn.reason, name, str(exn))
                 continue

@@ -3,11 +3,16 @@
 Every decoding problem a user can cause (a corrupt or truncated file, an unexpected size, a pixel mode
 with no safe conversion) raises `UserError` with one line that names the file and the problem, so the
 shard readers and converters can count it by reason instead of crashing on a PIL traceback.
+
+An animated image (GIF, APNG, animated WebP) is read as its first frame, as PIL, torchvision's PIL path and
+the usual dataset loaders read it; `frame_count(img)` tells the caller, so that a converter counts it as a
+warning ("animated image: first frame used") rather than using it without a word.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from os import PathLike
 from pathlib import Path
@@ -29,6 +34,11 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _UNSAFE_MODES = frozenset({"I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _ORIENTATION_TAG = 0x0112
+_FRAMES_INFO = "unicode_mllm.frames"  # set on a decoded animated image: how many frames the file held
+# Formats whose extra frames are an animation. A camera's MPO JPEG (a second, preview or depth, image) and a
+# multi-page TIFF are not: their first image is the picture.
+_ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
+ANIMATED_IMAGE = "animated image: first frame used"  # the warning reason converters count
 
 
 class ImageDecodeError(UserError):
@@ -74,9 +84,11 @@ def load_image(
         to 8 bit.
 
     Raises:
-        ImageDecodeError (a UserError) with reason "missing image" (no such file), "corrupt image"
+        ImageDecodeError (a UserError) with reason "missing image" (no such file, or a folder), "corrupt image"
         (unreadable, truncated, decompression bomb), "wrong image size" or "unsupported image mode"
         (32-bit int or float pixels, whose range is unknown).
+
+    An animated image gives its first frame; `frame_count` of the result is then above 1.
     """
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode {mode!r} is unknown; choose one of ['L', 'RGB']")
@@ -86,6 +98,11 @@ def load_image(
     else:
         label = name or str(path_or_bytes)
         source = Path(path_or_bytes)
+        if source.is_dir():
+            raise ImageDecodeError(
+                f"{label}: is a folder, not an image file; pass one image file, e.g. {_example_image(source)}",
+                "missing image",
+            )
         if not source.is_file():
             raise ImageDecodeError(f"{label}: image file not found; check the path", "missing image")
     try:
@@ -94,6 +111,7 @@ def load_image(
             # like the error it becomes above 2x, so a huge image is never half-trusted.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
+                frames = _count_frames(img)  # counting seeks back to frame 0, which load() then decodes
                 img.load()  # decode every pixel now: a truncated file fails here, not later in a worker
                 img = _apply_orientation(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
@@ -114,7 +132,35 @@ def load_image(
 
     img = _to_mode(img, mode, label)
     check_image_size(img, expected_size, label)
+    if frames > 1:
+        img.info[_FRAMES_INFO] = frames
     return img
+
+
+def _count_frames(img: Image.Image) -> int:
+    if img.format not in _ANIMATION_FORMATS:
+        return 1
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception as exn:  # a truncated later frame fails PIL's frame walk in many ways (IndexError, ...)
+        raise OSError(f"a frame after the first is unreadable ({type(exn).__name__})") from None
+
+
+def frame_count(img: Image.Image) -> int:
+    """How many frames the file of an image from `load_image` held (1 unless it was animated)."""
+    return int(img.info.get(_FRAMES_INFO, 1))
+
+
+def _example_image(folder: Path) -> str:
+    """An image file in `folder` to name in the message (a look at its first few hundred entries), or a pattern."""
+    suffixes = Image.registered_extensions()
+    try:
+        for entry in itertools.islice(folder.iterdir(), 500):
+            if entry.suffix.lower() in suffixes and entry.is_file():
+                return str(entry)
+    except OSError:  # an unreadable folder: the pattern still says what to pass
+        pass
+    return str(folder / "IMAGE.png")
 
 
 def check_image_size(img: Image.Image, expected_size: int | tuple[int, int] | None, label: str) -> None:

@@ -3,12 +3,15 @@
 Every image is centre-cropped to a square and resized (bicubic) to the tokenizer's size with
 `visual_tokenizer.reconstruct.fit_square`, the same preparation as `unicode-mllm reconstruct`; an image
 that already has that size is used as it is. Images that cannot be used are counted by reason in a
-`SkipCounts` (corrupt or missing files, undecodable shard samples, text-only shard samples, photos
-whose loader fails), never dropped silently.
+`SkipCounts` (corrupt or missing files, dangling symlinks and symlink loops, undecodable shard samples,
+text-only shard samples, photos whose loader fails), never dropped silently. An animated image is used by its
+first frame (`data.image_io.load_image`).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,10 @@ from unicode_mllm.evaluation.photos import PHOTO_NAMES, load_photos
 from unicode_mllm.evaluation.skips import SkipCounts
 from unicode_mllm.visual_tokenizer.reconstruct import fit_square
 
-IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 TEXT_ONLY = "text-only sample"
+SYMLINK_LOOP = "symlink loop"
+MISSING_IMAGE = "missing image"  # load_image's reason for a file that is not there
 PHOTO_UNAVAILABLE = "photo unavailable"
 
 ImageSetKind = Literal["shards", "folder", "photos"]
@@ -98,11 +103,20 @@ class ImageSet:
 
     def _iter_folder(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image, None]]:
         assert self.path is not None, "ImageSet.folder sets path"
-        files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+        # A link that leads nowhere (dangling, or round in a loop) is not a file, but it is listed and counted.
+        files = sorted(
+            p
+            for p in self.path.rglob("*")
+            if p.suffix.lower() in IMAGE_FILE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))
+        )
         if not files:
             raise UserError(f"image folder {self.path} holds no {'/'.join(IMAGE_FILE_SUFFIXES)} files")
         for path in files:
             name = str(path.relative_to(self.path))
+            broken = _broken_link(path)
+            if broken is not None:
+                skips.skip(broken[0], name, f"{name}: {broken[1]}; fix or remove the link")
+                continue
             try:
                 image = load_image(path, mode="RGB", name=name)
             except ImageDecodeError as exn:
@@ -116,3 +130,15 @@ class ImageSet:
             skips.skip(PHOTO_UNAVAILABLE, name, f"photo {name}: {why}")
         for photo in photos:
             yield photo.name, photo.image, None
+
+
+def _broken_link(path: Path) -> tuple[str, str] | None:
+    """(reason, what) for a symlink that leads to no file: round in a loop, or to a path that is not there."""
+    if not path.is_symlink() or path.exists():
+        return None
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return SYMLINK_LOOP, f"symlink loop ({path.name} -> {os.readlink(path)} -> ... leads back to itself)"
+    return MISSING_IMAGE, f"dangling symlink to {os.readlink(path)}"

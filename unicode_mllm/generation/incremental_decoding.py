@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unicode_mllm.kv_cache_args import cache_argument, output_cache
 from unicode_mllm.model.splice import position_ids_from_attention_mask
 
 
@@ -51,16 +52,18 @@ class IncrementalDecoder:
         self.lm = lm
         self.use_cache = use_cache
         self._logits_to_keep = _accepts_logits_to_keep(lm)
+        self._cache_argument = cache_argument(lm)  # "cache" (5.25) or "past_key_values" (5.0-5.18)
         self.attention_mask: Tensor | None = None  # (b, t + k) long
-        self.past_key_values: Any = None
+        self.cache: Any = None
         self.inputs_embeds: Tensor | None = None  # (b, t + k, c), kept only without the cache
 
     def _forward(self, **inputs: Any) -> Tensor:
         if self._logits_to_keep:
             inputs["logits_to_keep"] = 1  # only the last position's logits: (b, 1, V) instead of (b, t, V)
-        out = self.lm(use_cache=self.use_cache, past_key_values=self.past_key_values, **inputs)
+        inputs[self._cache_argument] = self.cache
+        out = self.lm(use_cache=self.use_cache, **inputs)
         if self.use_cache:
-            self.past_key_values = out.past_key_values
+            self.cache = output_cache(out)
         return out.logits[:, -1].float()  # (b, V): sampling and guidance in fp32 for a bf16 LM
 
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
@@ -71,7 +74,7 @@ class IncrementalDecoder:
             )
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("the prompt batch must be left-padded: every row's last slot must be a real token")
-        self.past_key_values = None
+        self.cache = None
         self.attention_mask = attention_mask.long()
         self.inputs_embeds = None if self.use_cache else inputs_embeds
         return self._forward(

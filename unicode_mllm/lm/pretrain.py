@@ -26,12 +26,13 @@ is a pure function of (seed, epoch)), so a resumed run logs the same losses as a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,23 @@ from unicode_mllm.lm.corpus import build_corpus, encode_corpus
 from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
 from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
+    CheckpointLayout,
     CheckpointManager,
     atomic_write_json,
     atomic_write_text,
     join_tensors,
+    replace_dir,
     split_tensors,
+    tensor_shapes,
+    write_errors_as_user_errors,
 )
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import StopOnInterrupt, check_out_dir
+from unicode_mllm.runtime.run_files import StopOnInterrupt, start_run
+from unicode_mllm.runtime.run_lock import RunLock
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
-from unicode_mllm.viz import plot_curves, read_jsonl
+from unicode_mllm.viz import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +78,6 @@ LOG_FILENAME = "log.jsonl"
 CURVE_FILENAME = "loss_curve.png"
 METRICS_FILENAME = "metrics.json"
 CONFIG_FILENAME = "lm_config.yaml"
-
-# Config keys a resumed run may change: none of them changes what the next step computes.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "train.device",
-        "train.log_every",
-        "train.eval_every",
-        "train.eval_batches",
-        "train.ckpt_every",
-        "train.keep_last",
-        "train.out_dir",
-    }
-)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -251,24 +244,15 @@ def evaluate(model: torch.nn.Module, windows: Tensor, batch_size: int, max_batch
 # ------------------------------------------------------------------------------------------ train
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-def _check_resume_config(saved: dict[str, Any], cfg: LMTrainConfig, where: Path) -> None:
-    """Refuse to resume with a setting that changes the numbers (exact resume would silently break)."""
-    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
-    for key in sorted(set(old) | set(new)):
-        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
-            raise UserError(
-                f"cannot resume {where}: {key} is {new.get(key)!r} but the checkpoint was trained with "
-                f"{old.get(key)!r}; resume with the same value or train into a fresh out_dir"
-            )
+def _logged_rows(path: Path, step: int) -> list[dict[str, Any]]:
+    """The log's rows up to `step`; a line cut by a crash or a full disk is dropped, not fatal to the resume."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            row = json.loads(line)
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(row)
+    return rows
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -279,26 +263,33 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
 def _save_final(
     model: LlamaForCausalLM, text_tokenizer: PreTrainedTokenizerBase, cfg: LMTrainConfig, final: Path
 ) -> None:
-    """Write the `save_pretrained` folder beside `final`, then swap it into place."""
+    """Write the `save_pretrained` folder beside `final`, then swap it into place (never half a folder)."""
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    text_tokenizer.save_pretrained(tmp)
-    atomic_write_text(tmp / CONFIG_FILENAME, dump_config(cfg))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with write_errors_as_user_errors(f"the final model {final}", "free space and rerun with --resume"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        text_tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / CONFIG_FILENAME, dump_config(cfg))
+        replace_dir(tmp, final)
 
 
-def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool = False) -> Path:
+def train_lm(
+    cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool = False, allow_changed: Sequence[str] = ()
+) -> Path:
     """Run stage 0 into `out_dir` (default `cfg.train.out_dir`); return the `save_pretrained` folder.
 
     With `resume`, continue from the latest usable checkpoint in `out_dir/checkpoints`. Raises UserError
-    when `resume` is true and there is none, when `out_dir` already holds checkpoints or a model and
-    `resume` is false, when a resumed config changes a setting that affects the numbers, or when the
-    corpus is too small for one batch or one held-out window.
+    when another run is writing `out_dir` (the run lock), when `resume` is true and there is none, when
+    `out_dir` already holds checkpoints or a model and `resume` is false, when a resumed config differs from
+    the run's lm_config.yaml in other keys than `allow_changed` and those safe to change
+    (run_files.RESUME_MAY_CHANGE), or when the corpus is too small for one batch or one held-out window.
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.train.out_dir)
+    with RunLock(out_dir):  # the main process's, for the whole run
+        return _train_lm(cfg, out_dir, resume, allow_changed)
+
+
+def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Sequence[str]) -> Path:
     cfg = replace(cfg, train=replace(cfg.train, out_dir=out_dir))  # the resolved config names where it went
     tcfg = cfg.train
     device = select_device(tcfg.device)
@@ -307,25 +298,25 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     )
     is_main = accelerator.is_main_process
 
-    check_out_dir(out_dir, resume, final_dirname=MODEL_DIRNAME)  # the same refusals as stages 1 and 2
+    # The same refusals, config check and clean-up as stages 1 and 2.
+    start_run(
+        out_dir, resume, cfg, allow_changed, is_main=is_main, config_name=CONFIG_FILENAME, final_dirname=MODEL_DIRNAME
+    )
     manager = CheckpointManager(out_dir / CHECKPOINT_DIRNAME, keep_last=tcfg.keep_last)
-    checkpoint = manager.load() if resume else None
-    if checkpoint is not None:
-        _check_resume_config(checkpoint.state["config"], cfg, out_dir)
-        log.info("resuming %s from %s", out_dir, checkpoint.path.name)
 
     started = time.perf_counter()
     train_docs = build_corpus(cfg.corpus, "train", show_progress=is_main)
     val_docs = build_corpus(cfg.corpus, "val")
     tokenizer_dir = out_dir / TEXT_TOKENIZER_DIRNAME
-    if checkpoint is not None:
+    if resume:
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         check_text_tokenizer(text_tokenizer)
     else:
         text_tokenizer = train_text_tokenizer(train_docs, cfg.text_tokenizer)
         if is_main:
             text_tokenizer.save_pretrained(tokenizer_dir)
-            atomic_write_text(out_dir / CONFIG_FILENAME, dump_config(cfg))
+    if is_main:  # on resume too: the settings a resume was allowed to change are the run's from now on
+        atomic_write_text(out_dir / CONFIG_FILENAME, dump_config(cfg))
     # Word splits only in the training stream: held-out loss is measured on the canonical encoding.
     train_ids = encode_corpus(train_docs, text_tokenizer, cfg.corpus.split_word_rate, seed=tcfg.seed)
     val_ids = encode_corpus(val_docs, text_tokenizer)
@@ -343,7 +334,14 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     seed_everything(tcfg.seed)
     model = build_model(cfg.model, text_tokenizer)
     num_parameters = sum(p.numel() for p in model.parameters())
-    if checkpoint is not None:
+    checkpoint = None
+    if resume:  # checked whole against this model; a damaged newest checkpoint falls back to an older one
+        layout = CheckpointLayout(
+            tensors={"model": tensor_shapes(model.state_dict()), "optimizer": None},
+            state=("optimizer", "scheduler", "rng", "data", "elapsed_s"),
+        )
+        checkpoint = manager.load(layout=layout)
+        log.info("resuming %s from %s", out_dir, checkpoint.path.name)
         model.load_state_dict(checkpoint.tensors["model"])
     optimizer = build_optimizer(model, cfg.optim)
     # The scheduler stays out of `prepare`: accelerate steps a prepared scheduler once per process, and
@@ -362,9 +360,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
         position = DataPosition(**state["data"])
         step, elapsed_before = checkpoint.step, float(state["elapsed_s"])
         restore_rng_state(state["rng"])
-        rows = [
-            r for r in (read_jsonl(log_path) if log_path.is_file() else []) if r["step"] <= step
-        ]  # drop what the lost run logged after
+        rows = _logged_rows(log_path, step)  # drop what the lost run logged after
     else:
         rows = []
     if is_main:
@@ -373,7 +369,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
     global_batch = tcfg.batch_size * accelerator.num_processes
     rank_slice = slice(accelerator.process_index * tcfg.batch_size, (accelerator.process_index + 1) * tcfg.batch_size)
     grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf  # inf: measure, never clip
-    losses: list[float] = []
+    # The running window of the logged loss: resumed from the checkpoint, so the first row after a resume still
+    # averages every step since the last row, not only those since the resume.
+    losses: list[float] = list(checkpoint.state.get("loss_window", [])) if checkpoint is not None else []
     last_train_loss = next((r["train/loss"] for r in reversed(rows) if "train/loss" in r), None)
     val_loss = next((r["val/loss"] for r in reversed(rows) if "val/loss" in r), None)
     loop_started = time.perf_counter()
@@ -384,7 +382,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
         while step < tcfg.steps:
             if interrupt.requested:  # single process only (StopOnInterrupt): this is the main process
                 elapsed = elapsed_before + time.perf_counter() - started
-                saved = _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed)
+                saved = _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses)
                 interrupt.stop(step, saved)
             windows, position = data.next_batch(position, global_batch)
             loss = lm_loss(model, windows[rank_slice].to(accelerator.device))
@@ -415,7 +413,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool
             if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
                 elapsed = elapsed_before + time.perf_counter() - started
                 if is_main:
-                    _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed)
+                    _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses)
                 accelerator.wait_for_everyone()
             progress.update(task, completed=step, stats=f"loss {last_train_loss or float('nan'):.3f} lr {lr:.1e}")
 
@@ -461,6 +459,7 @@ def _save_checkpoint(
     position: DataPosition,
     cfg: LMTrainConfig,
     elapsed_s: float,
+    loss_window: list[float] | None = None,
 ) -> Path:
     optimizer_tree, optimizer_tensors = split_tensors(optimizer.state_dict())
     return manager.save(
@@ -473,5 +472,6 @@ def _save_checkpoint(
             "data": asdict(position),
             "config": config_to_dict(cfg),
             "elapsed_s": elapsed_s,
+            "loss_window": list(loss_window or []),  # losses since the last logged row
         },
     )

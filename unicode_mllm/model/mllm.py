@@ -499,10 +499,15 @@ class UniCodeMLLM(nn.Module):
         self.lm = self.lm.merge_and_unload()
 
     def save_lora_adapter(self, path: str | Path) -> None:
-        """Save only the adapters (peft format); reload them with `load_lora_adapter` on the same base."""
+        """Save only the adapters (peft format); reload them with `load_lora_adapter` on the same base.
+
+        When the embedding table trains beside the adapters (stage 2's `lora.train_embeddings`: the codebook the
+        LLM reads images through), its rows go into the adapter file too (peft's `save_embedding_layers`), so
+        the folder holds everything the run changed."""
         if not self.has_lora:
             raise UserError("no LoRA adapters to save; call enable_lora first")
-        self.lm.save_pretrained(str(path))
+        embeddings_trained = bool(self.lm.get_input_embeddings().weight.requires_grad)
+        self.lm.save_pretrained(str(path), save_embedding_layers=embeddings_trained)
 
     def load_lora_adapter(self, path: str | Path, is_trainable: bool = False) -> None:
         """Attach adapters saved by `save_lora_adapter` to this (base) model."""

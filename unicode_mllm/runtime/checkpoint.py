@@ -8,6 +8,9 @@ Layout of a run directory:
 A checkpoint is first written to a temporary sibling directory, every file fsynced, then the
 directory is renamed into place and `latest.json` is replaced atomically. A crash at any point
 leaves the previous checkpoint and pointer intact. Single files use the same write-fsync-rename.
+state.json lists every tensor file with its size and key count, so loading checks a step folder as a
+whole and falls back past a damaged one. Temporary folders carry their writer's pid and host, so the
+next save removes those of writers that died (a run that holds the run lock removes all of them).
 
 Nested state (optimizer, scheduler, RNG, data position) is flattened by `split_tensors`: tensors
 go to safetensors under dotted keys, the rest becomes JSON with `{"__tensor__": key}` stubs.
@@ -16,18 +19,23 @@ go to safetensors under dotted keys, the rest becomes JSON with `{"__tensor__": 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from unicode_mllm.errors import UserError
@@ -35,6 +43,18 @@ from unicode_mllm.errors import UserError
 log = logging.getLogger(__name__)
 
 TENSOR_STUB = "__tensor__"
+FILES_KEY = "__files__"  # in state.json: {group: {"bytes": size, "keys": count}} of the folder's tensor files
+STEP_DIR = re.compile(r"step-(\d+)")
+
+# Test hook: "ACTION@POINT[:STEP]" (comma-separated) makes a save misbehave at POINT of the step STEP (any step
+# without one). ACTION: kill (SIGKILL this process), enospc (raise a disk-full OSError), sleep=SECONDS. POINT:
+# write (after the first tensor file), rename (every file written, before the folder is renamed into place),
+# pointer (renamed, latest.json not yet updated), saved (the save complete). tests/test_fault_injection.py.
+FAULT_ENV = "UNICODE_MLLM_CHECKPOINT_FAULT"
+FAULT_POINTS = ("write", "rename", "pointer", "saved")
+
+# Write errors the user can fix (space, quota, permissions): a one-line UserError instead of a traceback.
+USER_FIXABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 def _process_umask() -> int:
@@ -89,6 +109,93 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def inject_fault(point: str, step: int, path: Path) -> None:
+    """The FAULT_ENV test hook at `point` of the save of `step` (a no-op unless the variable is set)."""
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        action, _, where = spec.partition("@")
+        at, _, at_step = where.partition(":")
+        if at != point or (at_step and int(at_step) != step):
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        elif action.startswith("sleep="):
+            time.sleep(float(action.removeprefix("sleep=")))
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def writer_tag() -> str:
+    """`pid@host` of this process, put into temporary names so that a later writer can tell a dead one's."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the temporary entry `name` was made by a process of this host that no longer runs."""
+    match = re.search(r"\.(\d+)@([A-Za-z0-9-]+)\.", name)
+    if match is None or match[2] != _host():
+        return False  # another host's writer (or an untagged entry) may still be alive: only the run lock knows
+    pid = int(match[1])
+    if pid == os.getpid():
+        return True  # ours, left by a save that failed: this process writes one checkpoint at a time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_temp_entries(folder: Path, only_dead_writers: bool) -> list[Path]:
+    """Delete the `.*.tmp` files and folders in `folder` that interrupted writes left; return them.
+
+    `only_dead_writers`: only entries whose tagged writer is known dead; otherwise all of them, which only a
+    caller that holds the folder's run lock (so no other writer is alive) may ask for.
+    """
+    removed = []
+    for entry in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        if only_dead_writers and not _writer_is_dead(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("removed %d leftover temporary entries of interrupted writes in %s", len(removed), folder)
+    return removed
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final`. An existing `final` is renamed aside first and deleted after,
+    so a crash at any moment leaves one of the two whole, never a half-deleted folder."""
+    trash = None
+    if final.exists():
+        trash = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def write_errors_as_user_errors(what: str, fix: str):
+    """OSErrors the user can fix (disk full, quota, read-only, permissions) while writing `what` become a
+    one-line UserError ending with `fix`; others stay what they are."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in USER_FIXABLE_ERRNOS:
+            raise
+        raise UserError(f"could not write {what} ({e.strerror or e}); {fix}") from e
 
 
 def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,6 +273,41 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What a trainer needs from a step folder, checked before anything of it is used.
+
+    tensors: group -> {key: shape} that its file must hold exactly (a model's state dict), or None when any
+    keys do (the optimizer's, whose stubs in the state are checked instead). optional: groups an older format
+    may lack. state: top-level state.json keys. A state entry named like a group may hold tensor stubs
+    (`split_tensors`): each must name a key of that group.
+    """
+
+    tensors: Mapping[str, Mapping[str, tuple[int, ...]] | None]
+    state: Collection[str] = ()
+    optional: Collection[str] = field(default_factory=tuple)
+
+
+def tensor_shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """{key: shape}: a `CheckpointLayout` group for a state dict."""
+    return {key: tuple(t.shape) for key, t in tensors.items()}
+
+
+def _stubs(tree: Any) -> list[str]:
+    if isinstance(tree, Mapping):
+        if TENSOR_STUB in tree:
+            return [tree[TENSOR_STUB]]
+        return [key for value in tree.values() for key in _stubs(value)]
+    if isinstance(tree, list):
+        return [key for value in tree for key in _stubs(value)]
+    return []
+
+
+def _step_of(path: Path) -> int | None:
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match[1]) if match else None
+
+
 class CheckpointManager:
     """Writes `step-N` checkpoint directories atomically, keeps the last `keep_last`, finds the latest."""
 
@@ -180,38 +322,55 @@ class CheckpointManager:
         return self.root / "latest.json"
 
     def save(self, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any]) -> Path:
-        """Write `{group}.safetensors` for each tensor group plus `state.json`; return the directory."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write `{group}.safetensors` for each tensor group plus `state.json`; return the directory.
+
+        A disk-full or permission error is a one-line UserError: the previous checkpoint stays the latest.
+        """
         name = f"step-{step:08d}"
         final = self.root / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.root))
-        try:
-            os.chmod(tmp, DIR_MODE)
-            for group, group_tensors in tensors.items():
-                save_tensors(tmp / f"{group}.safetensors", group_tensors)
-            atomic_write_json(tmp / "state.json", {"step": step, **state})
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.root)
-        atomic_write_json(self.pointer, {"name": name, "step": step})
-        self._prune(keep=name)
+        fix = f"free space in {self.root} (or fix its permissions) and rerun with --resume"
+        with write_errors_as_user_errors(f"checkpoint {final}", fix):
+            self.root.mkdir(parents=True, exist_ok=True)
+            remove_temp_entries(self.root, only_dead_writers=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{writer_tag()}.", suffix=".tmp", dir=self.root))
+            try:
+                os.chmod(tmp, DIR_MODE)
+                files = {}
+                for group, group_tensors in tensors.items():
+                    saved = save_tensors(tmp / f"{group}.safetensors", group_tensors)
+                    files[group] = {"bytes": saved.stat().st_size, "keys": len(group_tensors)}
+                    inject_fault("write", step, saved)
+                atomic_write_json(tmp / "state.json", {"step": step, **state, FILES_KEY: files})
+                _fsync_dir(tmp)
+                inject_fault("rename", step, tmp)
+                replace_dir(tmp, final)  # re-saving a step (after resuming from an older one) swaps whole folders
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            inject_fault("pointer", step, final)
+            atomic_write_json(self.pointer, {"name": name, "step": step})
+        self._prune(step)
+        inject_fault("saved", step, final)
         return final
 
-    def _prune(self, keep: str) -> None:
-        # Temporary folders start with "." and never match "step-*".
-        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+    def _prune(self, saved_step: int) -> None:
+        """Keep the newest `keep_last` folders up to `saved_step`. Newer ones belong to a run that was resumed
+        from an older checkpoint (or are damaged): this run rewrites those steps, so they go too."""
+        done = self.step_dirs()
+        newer = [p for p in done if _step_of(p) > saved_step]  # type: ignore[operator]
+        older = [p for p in done if p not in newer]
+        for old in newer + older[self.keep_last :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete every temporary entry of interrupted saves. Only for the holder of the run lock (no other
+        writer alive); `save` itself removes those of dead writers only."""
+        return remove_temp_entries(self.root, only_dead_writers=False)
 
     def step_dirs(self) -> list[Path]:
         """Every `step-N` folder, newest first (temporary `.step-*` folders never match)."""
-        return sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        found = [p for p in self.root.glob("step-*") if p.is_dir() and _step_of(p) is not None]
+        return sorted(found, key=_step_of, reverse=True)  # type: ignore[arg-type]
 
     def exists(self) -> bool:
         """Whether a fresh run would overwrite checkpoints here (a pointer or any step folder, damaged or not)."""
@@ -252,18 +411,21 @@ class CheckpointManager:
         candidates = self.candidates()
         return candidates[0] if candidates else None
 
-    def load(self, path: str | Path | None = None, device: str | torch.device = "cpu") -> Checkpoint:
-        """Load a checkpoint folder; by default the latest, falling back to an older one (with a warning) when
-        the latest is damaged, so a crash that spoiled one checkpoint costs only the steps since the one before."""
+    def load(
+        self, path: str | Path | None = None, device: str | torch.device = "cpu", layout: CheckpointLayout | None = None
+    ) -> Checkpoint:
+        """Load a checkpoint folder, checked whole (`check_dir`); by default the latest, falling back to an older
+        one (with a warning naming the damaged folder and why) when the latest is damaged, so a crash that spoiled
+        one checkpoint costs only the steps since the one before. Every stage resumes through here."""
         if path is not None:
-            return self._load_dir(Path(path), device)
+            return self._load_dir(Path(path), device, layout)
         candidates = self.candidates()
         if not candidates:
             raise self.no_checkpoint_error()
         errors = []
         for candidate in candidates:
             try:
-                checkpoint = self._load_dir(candidate, device)
+                checkpoint = self._load_dir(candidate, device, layout)
             except UserError as e:
                 errors.append(str(e))
                 continue
@@ -275,13 +437,69 @@ class CheckpointManager:
             "to start over"
         )
 
-    def _load_dir(self, path: Path, device: str | torch.device) -> Checkpoint:
+    def check_dir(self, path: Path, layout: CheckpointLayout | None = None) -> dict[str, Any]:
+        """The folder's state, after checking it whole without reading any tensor data: state.json, every
+        tensor file it lists (present, of the size written), and `layout`'s groups, keys, shapes and state keys.
+        Raises a one-line UserError naming the folder or file and what is wrong."""
         state_file = path / "state.json"
         if not state_file.is_file():
             raise UserError(f"checkpoint {path} has no state.json; it is not a checkpoint folder")
         state = _read_state(state_file)
+        files = state.get(FILES_KEY, {})  # absent in checkpoints of older versions: their files are not listed
+        for group, written in files.items():
+            file = path / f"{group}.safetensors"
+            if not file.is_file():
+                raise UserError(f"checkpoint file {file} is missing (its folder is incomplete)")
+            size = file.stat().st_size
+            if size != written["bytes"]:
+                raise UserError(f"checkpoint file {file} is damaged ({size} bytes, {written['bytes']} were written)")
+        if layout is None:
+            return state
+        for group, expected in layout.tensors.items():
+            file = path / f"{group}.safetensors"
+            if not file.is_file():
+                if group in layout.optional:
+                    continue
+                raise UserError(f"checkpoint file {file} is missing (its folder is incomplete)")
+            shapes = _header_shapes(file)
+            if expected is not None and shapes != dict(expected):
+                raise UserError(
+                    f"checkpoint file {file} does not fit this model ({_shape_difference(shapes, expected)})"
+                )
+            if group in state:
+                missing = sorted(set(_stubs(state[group])) - set(shapes))
+                if missing:
+                    raise UserError(f"checkpoint file {file} is damaged (lacks {len(missing)} keys, e.g. {missing[0]})")
+        absent = [key for key in layout.state if key not in state]
+        if absent:
+            raise UserError(f"checkpoint file {state_file} is damaged (no {', '.join(absent)})")
+        return state
+
+    def _load_dir(self, path: Path, device: str | torch.device, layout: CheckpointLayout | None = None) -> Checkpoint:
+        state = self.check_dir(path, layout)
         tensors = {p.stem: load_tensors(p, device) for p in sorted(path.glob("*.safetensors"))}
+        state.pop(FILES_KEY, None)
         return Checkpoint(path=path, step=int(state["step"]), tensors=tensors, state=state)
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} from a safetensors header (no tensor data is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint file {path} is damaged ({e})") from None
+
+
+def _shape_difference(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing:
+        return f"{len(missing)} keys missing, e.g. {missing[0]}"
+    if extra:
+        return f"{len(extra)} unexpected keys, e.g. {extra[0]}"
+    key = next(k for k in sorted(expected) if tuple(found[k]) != tuple(expected[k]))
+    return f"{key} has shape {list(found[key])}, the model {list(expected[key])}"
 
 
 def _read_state(path: Path) -> dict[str, Any]:

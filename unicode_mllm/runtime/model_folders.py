@@ -10,13 +10,18 @@ Passing one kind where another is expected, a damaged file, or a path that does 
 randomly initialised model, an `internal error`, or a minute of Hugging Face hub retries. The `require_*`
 functions check a folder up front and raise a one-line UserError that says what the folder is and what to pass.
 They return the folder, or None for a hub id ("org/name" that is not a local path), which may go to the hub:
-wrap the loading call in `hub_errors(name, what, folder)`.
+wrap the loading call in `hub_errors(name, what, folder)`, which also keeps transformers' many-line load report
+off the terminal (it goes to the debug log; a one-line warning says that something differed).
+
+A config.json whose sizes do not fit the weights (`check_weight_shapes`) is refused before loading, naming the
+first tensor whose shape differs: transformers printed its load report and then failed, or ran on random weights.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,8 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from unicode_mllm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MLLM_CONFIG = "unicode_mllm.json"
 HF_CONFIG = "config.json"
@@ -83,14 +90,53 @@ def _not_a_folder(path: Path, what: str, note: str) -> str:
 def hub_errors(name: str | Path, what: str, folder: Path | None = None) -> Iterator[None]:
     """Turn the hub's OSError (unknown repo, no network) for a hub id into one line; a no-op when `folder`
     (what a `require_*` function returned) is a checked local folder."""
-    if folder is not None:
-        yield
-        return
+    with load_report_to_debug(str(name)):
+        if folder is not None:
+            yield
+            return
+        try:
+            yield
+        except OSError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{what} {name} is not a local folder and not reachable on the hub: {reason}") from None
+
+
+# transformers logs its load report (a table of every missing, unexpected or resized tensor: often 60-120 lines)
+# as one warning of this logger.
+_HF_LOAD_LOGGER = "transformers.modeling_utils"
+_REPORT_MARK = "LOAD REPORT"
+_REPORT_STATUSES = ("MISSING", "UNEXPECTED", "MISMATCH")
+
+
+class _LoadReportToDebug(logging.Filter):
+    """Drops transformers' load report from its warning stream and logs it at DEBUG here, with one warning line."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.source = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if _REPORT_MARK not in text:
+            return True
+        rows = [line for line in text.splitlines() if "|" in line]
+        counts = {s: sum(1 for row in rows if s in row) for s in _REPORT_STATUSES}
+        found = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) or "see the report"
+        log.warning("%s: the weights differ from the model (%s); --log-level DEBUG shows which", self.source, found)
+        log.debug("%s", text)
+        return False
+
+
+@contextmanager
+def load_report_to_debug(name: str) -> Iterator[None]:
+    """While loading `name`, transformers' load report goes to the debug log instead of the terminal."""
+    hf_logger = logging.getLogger(_HF_LOAD_LOGGER)
+    report_filter = _LoadReportToDebug(name)
+    hf_logger.addFilter(report_filter)
     try:
         yield
-    except OSError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {name} is not a local folder and not reachable on the hub: {reason}") from None
+    finally:
+        hf_logger.removeFilter(report_filter)
 
 
 # ----- files ------------------------------------------------------------------------------------
@@ -133,6 +179,43 @@ def check_weights(folder: Path) -> None:
         raise UserError(f"{folder} holds no weights (model.safetensors); re-copy or re-save the model")
     for path in safetensors:
         check_safetensors(path)
+
+
+def check_weight_shapes(folder: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Every tensor of the safetensors files that the model built from config.json also has (`expected`: name ->
+    shape) has that shape; only the headers are read. UserError naming the first tensor that differs."""
+    stored: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()  # safe_open is not iterable
+            for key in names:
+                stored[key] = (tuple(f.get_slice(key).get_shape()), path.name)
+    for key, shape in expected.items():
+        if key in stored and stored[key][0] != tuple(shape):
+            saved, file = stored[key]
+            raise UserError(
+                f"{folder}: {HF_CONFIG} does not fit the weights: tensor {key} is {list(saved)} in {file} but "
+                f"{HF_CONFIG} needs {list(shape)}; restore the {HF_CONFIG} saved with these weights"
+            )
+
+
+def language_model_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of the causal LM that config.json describes, built on the meta device (no memory, no
+    weights); {} for a config this transformers cannot build (loading it reports that) or a quantized one
+    (its tensors are stored packed, in other shapes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        if getattr(config, "quantization_config", None):
+            return {}
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an unknown or custom architecture: from_pretrained says what is wrong
+        log.debug("no shape check for %s: %s", folder, e)
+        return {}
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
 def check_text_tokenizer(folder: Path) -> None:
@@ -231,6 +314,7 @@ def require_language_model(name_or_path: str | Path, text_tokenizer: bool = True
         if (folder / name).is_file():
             read_json_object(folder / name)
     check_weights(folder)
+    check_weight_shapes(folder, language_model_shapes(folder))
     if text_tokenizer:
         check_text_tokenizer(folder)
     return folder

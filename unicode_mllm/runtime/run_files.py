@@ -1,7 +1,9 @@
 """The files a training run writes into its out_dir, shared by the stage-1 and stage-2 trainers.
 
+    out_dir/.lock                 the run lock (run_lock.py), while a run is writing here
     out_dir/checkpoints/          `CheckpointManager` folders (step-N/, latest.json)
-    out_dir/config.yaml           the resolved config, written when the run starts (and again on resume)
+    out_dir/config.yaml           the resolved config, written when the run starts (and again on resume);
+                                  a resume must match it (`check_resume_config`)
     out_dir/metrics.jsonl         one JSON object per line: training logs and evaluations, by step
     out_dir/curves.png            panels of metrics.jsonl (`plot`)
     out_dir/final_metrics.json    the run's last numbers
@@ -20,14 +22,24 @@ import logging
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from unicode_mllm.config import dump_config
 from unicode_mllm.data.shards import MANIFEST_NAME, read_manifest
 from unicode_mllm.errors import UserError
-from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_text, refuse_to_overwrite
+from unicode_mllm.runtime.checkpoint import (
+    CheckpointManager,
+    atomic_write_text,
+    refuse_to_overwrite,
+    remove_temp_entries,
+    replace_dir,
+    write_errors_as_user_errors,
+)
+from unicode_mllm.runtime.run_lock import RunLock
 from unicode_mllm.viz import plot_curves, read_jsonl
 
 if TYPE_CHECKING:
@@ -44,6 +56,84 @@ FINAL_DIRNAME = "final"
 FINAL_CONFIG_FILENAME = "train_config.yaml"
 
 
+# Settings a resumed run may change without --allow-changed: they decide how long the run goes, what it logs,
+# evaluates and keeps, where it is and how many threads it uses, never which samples a step sees or what it
+# computes from them (the LR schedule's length is restored from the checkpoint, so train.steps only moves the
+# end). Deliberately not here: data.num_workers, because the shards are split between the DataLoader workers,
+# so another worker count gives another sample order and the saved position (batches taken) would point
+# elsewhere in the epoch; train.device and mixed_precision, which change the numbers.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.steps",
+        "train.max_minutes",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.ckpt_every",
+        "train.keep_checkpoints",
+        "train.keep_last",  # stage 0's name for keep_checkpoints
+        "train.num_threads",
+        "train.out_dir",  # where the run is, which --out or a moved folder may change
+    }
+)
+_ABSENT = object()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _short(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_config(saved: str | Path, cfg: Any, allow_changed: Iterable[str] = ()) -> None:
+    """Refuse (one-line UserError listing each changed key as old -> new) to resume a run whose config differs
+    from the one it saved in `saved` (its config.yaml), except the keys in RESUME_MAY_CHANGE and those in
+    `allow_changed` (a key, or a section such as `optim`). Every stage checks this way; a missing file is a
+    warning (nothing to compare with)."""
+    saved = Path(saved)
+    allow = tuple(allow_changed)
+    new = _flatten(yaml.safe_load(dump_config(cfg)))  # the same YAML round trip as the saved file's
+    for key in allow:
+        if not any(k == key or k.startswith(key + ".") for k in new):
+            raise UserError(f"--allow-changed {key}: this config has no such key (keys look like optim.lr)")
+    if not saved.is_file():
+        log.warning("%s is missing, so the resumed settings cannot be compared with the run's", saved)
+        return
+    try:
+        old = _flatten(yaml.safe_load(saved.read_text()))
+    except yaml.YAMLError as e:
+        raise UserError(f"{saved} is damaged ({type(e).__name__}); restore it to resume that run") from None
+    changed = [
+        key
+        for key in sorted(set(old) | set(new))
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+        and key not in RESUME_MAY_CHANGE
+        and not any(key == a or key.startswith(a + ".") for a in allow)
+    ]
+    if changed:
+        listed = ", ".join(f"{k} {_short(old.get(k, _ABSENT))} -> {_short(new.get(k, _ABSENT))}" for k in changed)
+        raise UserError(
+            f"cannot resume {saved.parent} with other settings than its {saved.name}: {listed}; resume with the "
+            f"run's settings, pass --allow-changed KEY for each change you mean, or train into another --out"
+        )
+
+
+def remove_leftovers(out_dir: str | Path) -> None:
+    """Delete the temporary files and folders that interrupted writes left in out_dir and its checkpoints
+    (a killed save, a killed final-model swap). Only under the run lock: no other writer is alive."""
+    out_dir = Path(out_dir)
+    remove_temp_entries(out_dir, only_dead_writers=False)
+    CheckpointManager(out_dir / CHECKPOINTS_DIRNAME).remove_leftovers()
+
+
 def check_out_dir(out_dir: str | Path, resume: bool | str, final_dirname: str = FINAL_DIRNAME) -> None:
     """Before anything loads: a fresh run must not overwrite another run, and `resume=True` needs a checkpoint.
 
@@ -55,6 +145,27 @@ def check_out_dir(out_dir: str | Path, resume: bool | str, final_dirname: str = 
         refuse_to_overwrite(out_dir, checkpoints, out_dir / final_dirname)
     elif resume is True and not checkpoints.exists():
         raise checkpoints.no_checkpoint_error()
+
+
+def start_run(
+    out_dir: str | Path,
+    resume: bool | str,
+    cfg: Any,
+    allow_changed: Iterable[str] = (),
+    *,
+    is_main: bool = True,
+    config_name: str = CONFIG_FILENAME,
+    final_dirname: str = FINAL_DIRNAME,
+) -> None:
+    """What every stage does first, under its run lock, before anything loads: refuse to overwrite a run or to
+    resume without a checkpoint (`check_out_dir`), refuse a resume with changed settings (`check_resume_config`
+    against out_dir/`config_name`), and remove what interrupted writes left (main process)."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, resume, final_dirname)
+    if is_main:
+        if resume:
+            check_resume_config(out_dir / config_name, cfg, allow_changed)
+        remove_leftovers(out_dir)
 
 
 def check_splits(data_dir: str | Path, splits_by_key: Mapping[str, Sequence[str]]) -> None:
@@ -114,6 +225,14 @@ class RunFiles:
     def metrics_path(self) -> Path:
         return self.out_dir / METRICS_FILENAME
 
+    def lock(self) -> RunLock:
+        """The run lock on out_dir, taken by the main process only."""
+        return RunLock(self.out_dir, enabled=self.accelerator.is_main_process)
+
+    def start(self, resume: bool | str, allow_changed: Iterable[str] = ()) -> None:
+        """`start_run` for this run's folder and config."""
+        start_run(self.out_dir, resume, self.cfg, allow_changed, is_main=self.accelerator.is_main_process)
+
     def write_config(self) -> None:
         """Create out_dir and write config.yaml."""
         if self.accelerator.is_main_process:
@@ -161,9 +280,9 @@ class RunFiles:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             tmp = self.out_dir / f".{FINAL_DIRNAME}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save(tmp)
-            atomic_write_text(tmp / FINAL_CONFIG_FILENAME, dump_config(self.cfg))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            with write_errors_as_user_errors(f"the final model {final}", "free space and rerun with --resume"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                save(tmp)
+                atomic_write_text(tmp / FINAL_CONFIG_FILENAME, dump_config(self.cfg))
+                replace_dir(tmp, final)  # a crash leaves the old or the new folder, never half of one
         return final

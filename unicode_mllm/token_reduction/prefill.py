@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from unicode_mllm.kv_cache_args import cache_argument
 from unicode_mllm.token_reduction.config import TokenReductionConfig
 from unicode_mllm.token_reduction.guard import GenerationMode, check_reduction_allowed
 from unicode_mllm.token_reduction.image_tokens import compact_rows, gather_rows
@@ -52,6 +53,7 @@ class DecoderParts:
     lm_head: nn.Module
     embed_tokens: nn.Module
     attn_implementation: str
+    cache_argument: str  # the decoder layers' KV-cache keyword, see `kv_cache_args.py`
 
 
 def decoder_parts(lm: Any) -> DecoderParts:
@@ -83,6 +85,7 @@ def decoder_parts(lm: Any) -> DecoderParts:
         lm_head=base.get_output_embeddings(),
         embed_tokens=base.get_input_embeddings(),
         attn_implementation=impl,
+        cache_argument=cache_argument(decoder.layers[0]),
     )
 
 
@@ -123,9 +126,9 @@ def run_cached_layer(
         hidden,
         attention_mask=attention_mask_for(allowed, parts.attn_implementation, hidden.dtype),
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         position_embeddings=position_embeddings,
+        **{parts.cache_argument: cache},
     )
     cache.add_rows(layer_idx, valid, source)
     return hidden

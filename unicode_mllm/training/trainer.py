@@ -21,6 +21,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,19 @@ from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
 from unicode_mllm.runtime.accelerator import stage_accelerator
-from unicode_mllm.runtime.checkpoint import CheckpointManager, join_tensors, split_tensors
+from unicode_mllm.runtime.checkpoint import (
+    CheckpointLayout,
+    CheckpointManager,
+    join_tensors,
+    split_tensors,
+    tensor_shapes,
+)
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_out_dir
+from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, start_run
+from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
@@ -91,9 +99,7 @@ def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
         reading=m.reading,
         template=m.template,
         compressor=m.compressor.to_compressor_config(),
-        # fp32 master weights whatever the checkpoint stores (transformers loads 'auto': fp16 for many 7B
-        # LMs, where AdamW's eps underflows and untouched embedding rows turn NaN); bf16 comes from autocast.
-        dtype=torch.float32,
+        dtype=frozen_weights_dtype(cfg),
     )
     if m.lora.enabled:
         targets = m.lora.target_modules
@@ -103,9 +109,22 @@ def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
         )
         if m.lora.train_embeddings:
             model.lm.get_input_embeddings().weight.requires_grad_(True)
+        for parameter in model.trainable_parameters():  # adapters and embeddings train in fp32 over a bf16 base
+            parameter.data = parameter.data.float()
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model.lm)
     return model
+
+
+def frozen_weights_dtype(cfg: MLLMTrainConfig) -> torch.dtype:
+    """The dtype the LM is loaded in. Full fine-tuning: fp32 master weights whatever the checkpoint stores
+    (transformers loads 'auto': fp16 for many 7B LMs, where AdamW's eps underflows and untouched embedding rows
+    turn NaN), bf16 coming from autocast. LoRA in bf16: the frozen base in bf16 (7B x 2 bytes = 14 GB a GPU
+    instead of 28), while the adapters and the trainable embeddings stay fp32 (`build_model`)."""
+    if not cfg.model.lora.enabled:
+        return torch.float32
+    precision = accelerate_precision(cfg.train.mixed_precision, select_device(cfg.train.device))
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def enable_activation_checkpointing(lm: torch.nn.Module) -> None:
@@ -163,6 +182,7 @@ class MLLMTrainer:
         self.draws = 0  # micro-batches drawn so far (SourceMixture's position)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
+        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last checkpoint written or loaded
         self._batches: SourceMixture | None = None
         self._reader_skips: dict[str, dict[str, Any]] = {}  # per source, of a resumed run, until the streams exist
         self._eval_samples: list[EvalSample] | None = None
@@ -350,9 +370,14 @@ class MLLMTrainer:
         return {n: p.detach() for n, p in self.mllm.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> Path | None:
+        """Save this step's checkpoint, unless it is the one just saved or loaded (a step folder is never
+        written twice: the end of `fit` follows the loop's own save)."""
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
+            self._saved = (self.step, None)
             return None
         opt_tree, opt_tensors = split_tensors(self.optimizer.state_dict(), "optimizer")
         state = {
@@ -363,23 +388,29 @@ class MLLMTrainer:
             "reader_skips": self.reader_skips_state(),
             "rng": capture_rng_state(),
         }
-        return self.ckpt.save(self.step, {"trainable": self._trainable_state(), "optimizer": opt_tensors}, state)
+        tensors = {"trainable": self._trainable_state(), "optimizer": opt_tensors}
+        self._saved = (self.step, self.ckpt.save(self.step, tensors, state))
+        return self._saved[1]
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        """What a step folder of this run holds (the trainable weights of this config exactly): resuming checks
+        it whole and falls back past a damaged one."""
+        return CheckpointLayout(
+            tensors={"trainable": tensor_shapes(self._trainable_state()), "optimizer": None},
+            state=("optimizer", "scheduler", "data", "rng"),
+        )
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        ckpt = self.ckpt.load(path)  # CPU: the optimizer keeps its step counters there (no GPU sync per step)
-        trainable = dict(self.mllm.named_parameters())
-        saved = ckpt.tensors["trainable"]
-        missing = sorted(n for n, p in trainable.items() if p.requires_grad and n not in saved)
-        if missing:
-            raise UserError(
-                f"{ckpt.path}: checkpoint lacks trainable weights {missing[:3]}; was it written by this config?"
-            )
+        # CPU: the optimizer keeps its step counters there (no GPU sync per step)
+        ckpt = self.ckpt.load(path, layout=self.checkpoint_layout())
+        parameters = dict(self.mllm.named_parameters())
         with torch.no_grad():
-            for name, tensor in saved.items():
-                trainable[name].copy_(tensor)
+            for name, tensor in ckpt.tensors["trainable"].items():
+                parameters[name].copy_(tensor)
         self.optimizer.load_state_dict(join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {})))
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         self.step = ckpt.step
+        self._saved = (ckpt.step, ckpt.path)
         self._load_data_state(ckpt.state, ckpt.path)
         self._batches = None
         restore_rng_state(ckpt.state["rng"])
@@ -423,12 +454,18 @@ class MLLMTrainer:
 
     # ----- the run ------------------------------------------------------------------------------------
 
-    def fit(self, resume: bool | str = False) -> MLLMTrainResult:
+    def fit(self, resume: bool | str = False, allow_changed: Sequence[str] = ()) -> MLLMTrainResult:
+        """Train to `train.steps` under the run lock; `resume` (True or a step folder) continues the run in
+        out_dir, whose config.yaml the config must match but for `allow_changed` keys (`check_resume_config`)."""
+        with self.files.lock():
+            return self._fit(resume, allow_changed)
+
+    def _fit(self, resume: bool | str, allow_changed: Sequence[str]) -> MLLMTrainResult:
         cfg, acc = self.cfg, self.accelerator
+        if resume or self.step == 0:  # a trainer that has stepped or loaded continues its own run
+            self.files.start(resume, allow_changed)
         if resume:
             self.load_checkpoint(None if resume is True else resume)
-        elif self.step == 0:  # a trainer that has stepped or loaded continues its own run
-            check_out_dir(self.out_dir, resume=False)
         image_size = self.mllm.visual_tokenizer.config.image_size
         check_sources(self.sources.values(), cfg.eval.splits, cfg.data.image, image_size)  # before step 1
         self.files.write_config()
@@ -520,10 +557,19 @@ class MLLMTrainer:
         return self.files.save_final(save)
 
 
-def train_mllm(cfg: MLLMTrainConfig, out_dir: str | Path | None = None, resume: bool | str = False) -> MLLMTrainResult:
+def train_mllm(
+    cfg: MLLMTrainConfig,
+    out_dir: str | Path | None = None,
+    resume: bool | str = False,
+    allow_changed: Sequence[str] = (),
+) -> MLLMTrainResult:
     """Run stage 2 to `cfg.train.steps` (or `train.max_minutes`); returns where the model was saved.
 
-    Refuses (UserError) to overwrite a run in `out_dir` unless `resume`, and `resume=True` without a checkpoint.
+    Refuses (UserError) a folder another run is writing (the run lock), to overwrite a run in `out_dir` unless
+    `resume`, `resume=True` without a checkpoint, and a resume whose config differs from the run's config.yaml
+    in other keys than `allow_changed` and those that are safe to change (run_files.RESUME_MAY_CHANGE).
     """
-    check_out_dir(out_dir or cfg.train.out_dir, resume)  # before the models load
-    return MLLMTrainer(cfg, out_dir).fit(resume=resume)
+    out = Path(out_dir or cfg.train.out_dir)
+    with RunLock(out):
+        start_run(out, resume, cfg, allow_changed, is_main=is_main_rank())  # before the models load
+        return MLLMTrainer(cfg, out_dir).fit(resume=resume, allow_changed=allow_changed)

@@ -5,6 +5,10 @@ centre crop for photos of other sizes; `unicode_mllm.data.image_policy`), stored
 (the one its codes describe) with its metadata, and gains `visual_token_ids` (h*w*d LLM token ids in
 raster order, depth-first per position) and `code_shape` [h, w, d], so stage 2 trains without running
 the tokenizer. Text-only samples (no image) are copied unchanged; a batch may mix both.
+
+Samples the reader skips (a corrupt image, an image of another size under the exact policy, a broken shard)
+are counted per split by reason in the output manifest's `extra.tokenize` (`skipped`, `broken_shards`), as the
+converters count theirs under `extra.conversion`: the data keeps its own record of what was left out.
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ def extract_codes(
     if unknown:
         raise UserError(f"splits {unknown} are not in {shards}; available: {sorted(manifest.splits)}")
     summaries = {}
+    skipped: dict[str, dict[str, int]] = {}
+    broken_shards: dict[str, list[str]] = {}
     size = tokenizer.config.image_size
     policy = (image_policy or ImagePolicy()).for_eval()  # never a random crop: codes must be reproducible
     fixed = manifest.image_size()
@@ -107,6 +113,8 @@ def extract_codes(
             overwrite=overwrite,
             total=manifest.split(split).num_samples,
         )
+        skipped[split] = dict(report.skipped)
+        broken_shards[split] = list(report.broken_shards)
     write_manifest(
         out_dir,
         summaries.values(),
@@ -118,5 +126,6 @@ def extract_codes(
             "source": str(shards),
             "source_generator": manifest.generator_config,
         },
+        extra={"tokenize": {"skipped": skipped, "broken_shards": broken_shards}},
     )
     return summaries

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from unicode_mllm.errors import ConfigError, UserError
-from unicode_mllm.runtime.model_folders import VISUAL_TOKENIZER, hub_errors, require_visual_tokenizer
+from unicode_mllm.runtime.model_folders import (
+    HF_CONFIG,
+    VISUAL_TOKENIZER,
+    check_weight_shapes,
+    hub_errors,
+    require_visual_tokenizer,
+)
 from unicode_mllm.visual_tokenizer.autoencoder import Decoder, Encoder
 from unicode_mllm.visual_tokenizer.language_codebook import LanguageCodebook
 from unicode_mllm.visual_tokenizer.quantizer import QuantizerSettings
@@ -343,6 +349,8 @@ class VisualTokenizer(PreTrainedModel):
         folder = require_visual_tokenizer(pretrained_model_name_or_path)
         if folder is not None and kwargs.get("config") is None:
             kwargs["config"] = _checked_config(folder)
+        if folder is not None:
+            _check_fits_weights(folder, kwargs["config"])
         with hub_errors(pretrained_model_name_or_path, VISUAL_TOKENIZER, folder):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
@@ -390,6 +398,37 @@ def _checked_config(folder: Path) -> VisualTokenizerConfig:
     except (ConfigError, TypeError, ValueError) as e:  # only the file's values reach this code
         raise UserError(f"{folder / 'config.json'}: {e}; re-save the tokenizer or fix the value") from None
     return config
+
+
+# train-tokenizer saves the resolved training config beside the weights (runtime/run_files.FINAL_CONFIG_FILENAME).
+_TRAIN_CONFIG = "train_config.yaml"
+
+
+def _check_fits_weights(folder: Path, config: VisualTokenizerConfig) -> None:
+    """config.json's sizes fit the weights: every tensor's shape (headers only, against a model built on the meta
+    device), and the image size, which no tensor records (the convolutions take any size; a 32 px tokenizer
+    run at 64 px reconstructs at ~12 dB), against the training config saved with the weights when present."""
+    with torch.device("meta"):
+        shapes = {key: tuple(t.shape) for key, t in VisualTokenizer(config).state_dict().items()}
+    check_weight_shapes(folder, shapes)
+    trained = _trained_image_size(folder / _TRAIN_CONFIG)
+    if trained is not None and trained != config.image_size:
+        raise UserError(
+            f"{folder}: {HF_CONFIG} has image_size {config.image_size} but the weights were trained at {trained} "
+            f"({_TRAIN_CONFIG}: model.image_size); restore image_size {trained} in {HF_CONFIG}"
+        )
+
+
+def _trained_image_size(path: Path) -> int | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # a damaged record is no evidence either way
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    size = model.get("image_size") if isinstance(model, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _is_shared_codebook_copy(key: str) -> bool:
