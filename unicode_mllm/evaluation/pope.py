@@ -26,7 +26,7 @@ from typing import Any
 
 from unicode_mllm.data.image_io import ImageDecodeError
 from unicode_mllm.errors import UserError
-from unicode_mllm.evaluation.item_batches import run_in_batches
+from unicode_mllm.evaluation.item_batches import ask_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
 from unicode_mllm.evaluation.vqa import BAD_JSON, BAD_RECORD, MAX_MISTAKES, AnswerFn, ImageCache, markdown_table
 from unicode_mllm.generation.question_files import read_utf8_lines
@@ -212,17 +212,9 @@ def eval_pope(
         raise ValueError(f"batch_size and limit must be >= 1 (got {batch_size}, {limit})")
     result = PopeResult(source=source, skips=skips)
 
-    def run(batch: list[PopeItem]) -> None:
-        answers = answer_fn([it.image for it in batch], [it.question for it in batch])
-        if not isinstance(answers, list) or len(answers) != len(batch):
-            got = len(answers) if isinstance(answers, list) else type(answers).__name__
-            raise ValueError(f"answer_fn must return a list of {len(batch)} answers (one per question), got {got}")
-        for item, answer in zip(batch, answers, strict=True):
-            if not isinstance(answer, str):
-                raise ValueError(f"answer_fn returned a {type(answer).__name__} for {item.source}; answers are str")
-            result.add(item, answer)
-
-    run_in_batches(items, run, batch_size=batch_size, limit=limit, description="answering POPE questions")
+    ask_in_batches(
+        answer_fn, items, result.add, batch_size=batch_size, limit=limit, description="answering POPE questions"
+    )
     if not result.num_questions:
         raise UserError(f"no POPE questions to evaluate in {source}; {skips.summary()}")
     return result

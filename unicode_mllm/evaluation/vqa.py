@@ -42,7 +42,7 @@ from PIL import Image
 from unicode_mllm.data.image_io import ImageDecodeError, load_image
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.answers import is_correct
-from unicode_mllm.evaluation.item_batches import run_in_batches
+from unicode_mllm.evaluation.item_batches import ask_in_batches
 from unicode_mllm.evaluation.skips import MAX_NAMES_PER_REASON, SkipCounts
 from unicode_mllm.evaluation.vqav2_metric import VQAv2Scores, official_round, vqav2_accuracy
 from unicode_mllm.generation.question_files import read_utf8_lines
@@ -256,17 +256,7 @@ def eval_vqa(
     metric_for((), metric)  # ValueError for an unknown name, before any question is asked
     result = VQAResult(source=dict(source or {}), metric=metric, skips=skips if skips is not None else SkipCounts())
 
-    def run(batch: list[VQAItem]) -> None:
-        predictions = answer_fn([it.image for it in batch], [it.question for it in batch])
-        if not isinstance(predictions, list) or len(predictions) != len(batch):
-            got = len(predictions) if isinstance(predictions, list) else type(predictions).__name__
-            raise ValueError(f"answer_fn must return a list of {len(batch)} answers (one per question), got {got}")
-        for item, prediction in zip(batch, predictions, strict=True):
-            if not isinstance(prediction, str):
-                raise ValueError(f"answer_fn returned a {type(prediction).__name__} for {item.source}; answers are str")
-            result.add(item, prediction)
-
-    run_in_batches(items, run, batch_size=batch_size, limit=limit, description="answering questions")
+    ask_in_batches(answer_fn, items, result.add, batch_size=batch_size, limit=limit, description="answering questions")
     if not result.num_questions:
         raise UserError(f"no questions to evaluate in {result.source}; {result.skips.summary()}")
     return result
