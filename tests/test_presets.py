@@ -43,5 +43,8 @@ def test_accelerate_configs_parse_with_accelerate(name):
     from accelerate.commands.config.config_args import ClusterConfig
 
     config = ClusterConfig.from_yaml_file(str(CONFIGS / "accelerate" / name))
-    assert config.num_processes >= 1 and config.mixed_precision == "bf16"
-    assert config.distributed_type in ("MULTI_GPU", "NO")  # the trainers refuse DeepSpeed and FSDP
+    assert config.num_processes >= 1 and config.mixed_precision == ("no" if config.use_cpu else "bf16")
+    assert config.distributed_type in ("MULTI_GPU", "NO", "FSDP")  # the trainers refuse DeepSpeed
+    if config.distributed_type == "FSDP":  # stage 2's FSDP2 settings (tests/test_fsdp.py runs the CPU one)
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"

@@ -69,8 +69,28 @@ def test_sharded_strategies_are_refused_in_one_line(monkeypatch):
             return DistributedType.DEEPSPEED
 
     monkeypatch.setattr(module, "Accelerator", ShardedAccelerator)
-    with pytest.raises(UserError, match=r"^train-mllm: accelerate is set up for DEEPSPEED, .*ddp_bf16\.yaml"):
-        module.stage_accelerator("train-mllm", cpu=True)
+    with pytest.raises(
+        UserError, match=r"^train-mllm: accelerate is set up for DeepSpeed, .*fsdp2\.yaml.*ddp_bf16\.yaml"
+    ):
+        module.stage_accelerator("train-mllm", fsdp=True, cpu=True)
+
+
+def test_fsdp_is_refused_in_one_line_where_a_stage_does_not_support_it(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    import unicode_mllm.runtime.accelerator as module
+
+    class FSDPAccelerator(module.Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    monkeypatch.setattr(module, "Accelerator", FSDPAccelerator)
+    with pytest.raises(UserError, match=r"^train-tokenizer: accelerate is set up for FSDP, .*codebook EMA.*DDP"):
+        module.stage_accelerator("train-tokenizer", no_fsdp_reason=": its codebook EMA statistics are all-reduced, DDP")
+    with pytest.raises(UserError, match=r"^demo: accelerate is set up for FSDP, .*ddp_bf16\.yaml"):
+        module.stage_accelerator("demo", cpu=True)
+    assert module.stage_accelerator("train-mllm", fsdp=True, cpu=True).distributed_type == DistributedType.FSDP
 
 
 def test_cuda_rng_states_of_another_gpu_count_are_skipped_with_a_warning(monkeypatch, caplog):

@@ -48,6 +48,7 @@ from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_splits, start_run
 from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.runtime.trackers import accelerator_kwargs
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
@@ -61,16 +62,18 @@ class TokenizerTrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _accelerator(cfg: TokenizerTrainConfig) -> Accelerator:
+def _accelerator(cfg: TokenizerTrainConfig, out_dir: Path) -> Accelerator:
     device = cfg.train.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device='cuda' but CUDA is not available here; use train.device=auto or cpu")
     return stage_accelerator(
         "train-tokenizer",
+        no_fsdp_reason=": its codebook EMA statistics are all-reduced across whole replicas, so stage 1 runs under DDP",
         cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
         mixed_precision=accelerate_precision(cfg.train.mixed_precision, select_device(device)),
         # The codebook lives in buffers that the quantizer all-reduces itself; DDP must not re-send them.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        **accelerator_kwargs(cfg.train, out_dir),  # train.log_with's tracker (runtime/trackers.py)
     )
 
 
@@ -124,7 +127,7 @@ class TokenizerTrainer:
         self.out_dir = Path(out_dir or cfg.train.out_dir)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.accelerator = _accelerator(cfg)
+        self.accelerator = _accelerator(cfg, self.out_dir)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         sync = should_sync_codebook()  # after the process group exists (QUANTIZER.md)
         model, language = build_tokenizer(cfg, sync)
@@ -396,8 +399,10 @@ class TokenizerTrainer:
                     logs["seconds"] = round(time.perf_counter() - started, 2)
                     self._log(logs)
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    last_eval = self.evaluate(self.out_dir / "samples" / f"recon-{step:07d}.png")
+                    grid = self.out_dir / "samples" / f"recon-{step:07d}.png"
+                    last_eval = self.evaluate(grid)
                     self._log({"step": step, **last_eval})
+                    self.files.log_image("reconstructions", grid, step)
                 if step % cfg.train.ckpt_every == 0:
                     self.save_checkpoint()
                 dist = logs.get("rel_distance")
@@ -425,6 +430,7 @@ class TokenizerTrainer:
         self.files.write_final_metrics(metrics)
         if acc.is_main_process:
             self.plot()
+        self.files.finish("tokenizer", final_dir)  # the model card and the trackers' end
         log.info("stage 1 data: %s", metrics["data"])
         return TokenizerTrainResult(final_dir, self.step, metrics)
 

@@ -27,7 +27,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.generation.constrained_span import image_span_constraint
 from unicode_mllm.generation.guidance import check_cfg_scale, mix_guidance
-from unicode_mllm.generation.incremental_decoding import evaluation_mode, model_device
+from unicode_mllm.generation.incremental_decoding import CACHE_KINDS, evaluation_mode, model_device
 from unicode_mllm.generation.prompts import (
     check_fits,
     check_prompt_text,
@@ -111,6 +111,7 @@ def generate_image_sequences(
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_cache: bool = True,
+    cache_kind: str = "auto",
 ) -> tuple[Tensor, int | None, list[int] | None]:
     """Decode one image span per prompt.
 
@@ -119,6 +120,8 @@ def generate_image_sequences(
     use_cfg: run the unconditional rows; None means `cfg_scale != 1` (scale 1 needs no second branch,
         and gives the same tokens with it: `guidance.py`).
     batch_size: images (conditional rows) per forward; with guidance a forward holds twice as many rows.
+    cache_kind: "auto" (a KV cache preallocated for prompt + span when the LM supports transformers'
+        `StaticCache`, else the growing `DynamicCache`), "static" or "dynamic"; the tokens are the same.
 
     Returns (sequences (n, h*w*d + 1) int64 on the CPU: codes then `</img>`, the request seed, the row
     seeds), seeds None when greedy. Raises UserError for a prompt that does not end with `<img>` or does
@@ -128,6 +131,8 @@ def generate_image_sequences(
     use_cfg = cfg_scale != 1.0 if use_cfg is None else use_cfg
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if cache_kind not in CACHE_KINDS:
+        raise UserError(f"cache_kind must be one of {list(CACHE_KINDS)}, got {cache_kind!r}")
     if not prompts:
         return torch.zeros(0, model.num_write_tokens + 1, dtype=torch.long), None, None
     ids = model.token_ids
@@ -156,7 +161,10 @@ def generate_image_sequences(
             rows = chunk + [uncond] * b if uncond is not None else chunk  # cond rows first, then theirs
             # No token reduction here, whatever model.token_reduction says: a turn that writes an image reads
             # every token of its context (token_reduction/guard.py).
-            decoder, logits = prefill_prompts(model, rows, use_cache=use_cache)  # logits (rows, V)
+            # span - 1 steps follow the prefill (the last code needs none): the static cache holds prompt + span - 1.
+            decoder, logits = prefill_prompts(
+                model, rows, use_cache=use_cache, max_new_tokens=span - 1, cache_kind=cache_kind
+            )  # logits (rows, V)
             constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=False)
             state = constraint.initial_state(b, inside=True, device=device)
             uniforms = None if seeds is None else uniform_draws(seeds[start : start + b], span)  # (b, n), CPU
@@ -189,6 +197,7 @@ def generate_images(
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_cfg: bool | None = None,
     use_cache: bool = True,
+    cache_kind: str = "auto",
     decode: bool = True,
     depth_temperatures: Sequence[float] | None = None,
 ) -> ImageGeneration:
@@ -196,7 +205,8 @@ def generate_images(
 
     Sampling: temperature 1.0 samples the model's own distribution over codes; temperature 0 (greedy)
     is allowed but tends to give flat images. depth_temperatures: one temperature per code depth of a
-    position (d values), replacing `temperature`. decode: also decode the ids to pixels.
+    position (d values), replacing `temperature`. decode: also decode the ids to pixels. cache_kind: the KV
+    cache ("auto", "static", "dynamic"; `generate_image_sequences`).
     Raises UserError for an empty prompt, a prompt too long for the LM, or bad settings.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -221,6 +231,7 @@ def generate_images(
         seed=seed,
         batch_size=batch_size,
         use_cache=use_cache,
+        cache_kind=cache_kind,
     )
     token_ids = sequence_to_grid(sequences[:, :-1], model.code_shape)  # (n, h, w, d)
     return ImageGeneration(

@@ -19,6 +19,7 @@ from unicode_mllm.config import bounded
 from unicode_mllm.data.shapes import ShapesConfig
 from unicode_mllm.errors import ConfigError
 from unicode_mllm.runtime.devices import DeviceChoice
+from unicode_mllm.runtime.trackers import TrackerChoice
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
@@ -126,6 +127,8 @@ class LMLoopConfig:
     ckpt_every: int = bounded(500, min=1, help="checkpoint every N steps (and always at the end)")
     keep_last: int = bounded(2, min=1, help="checkpoints kept on disk")
     out_dir: Path = Path("runs/lm/tiny")
+    log_with: TrackerChoice = "none"  # experiment tracker: none | tensorboard | wandb | aim (extras of the same name)
+    log_dir: str | None = None  # the tracker's folder (None: out_dir/trackers)
 
 
 @dataclass(frozen=True)

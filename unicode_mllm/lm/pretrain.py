@@ -49,7 +49,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig
 from unicode_mllm.lm.corpus import build_corpus, encode_corpus
 from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
-from unicode_mllm.runtime.accelerator import stage_accelerator
+from unicode_mllm.runtime.accelerator import is_fsdp, stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
     CheckpointLayout,
     CheckpointManager,
@@ -63,10 +63,13 @@ from unicode_mllm.runtime.checkpoint import (
 )
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
+from unicode_mllm.runtime.model_card import write_model_card
 from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.run_files import StopOnInterrupt, start_run
 from unicode_mllm.runtime.run_lock import RunLock
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.runtime.sharded import gather_optimizer_state, gather_tensors, load_full_optimizer_state
+from unicode_mllm.runtime.trackers import accelerator_kwargs, end_trackers, log_row, start_trackers
 from unicode_mllm.viz import plot_curves
 
 log = logging.getLogger(__name__)
@@ -294,7 +297,11 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
     tcfg = cfg.train
     device = select_device(tcfg.device)
     accelerator = stage_accelerator(
-        "train-lm", cpu=device.type == "cpu", mixed_precision=accelerate_precision(tcfg.mixed_precision, device)
+        "train-lm",
+        fsdp=True,  # checkpoints and the final model gathered to full tensors (runtime/sharded.py)
+        cpu=device.type == "cpu",
+        mixed_precision=accelerate_precision(tcfg.mixed_precision, device),
+        **accelerator_kwargs(tcfg, out_dir),  # train.log_with's tracker (runtime/trackers.py)
     )
     is_main = accelerator.is_main_process
 
@@ -303,6 +310,7 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
         out_dir, resume, cfg, allow_changed, is_main=is_main, config_name=CONFIG_FILENAME, final_dirname=MODEL_DIRNAME
     )
     manager = CheckpointManager(out_dir / CHECKPOINT_DIRNAME, keep_last=tcfg.keep_last)
+    start_trackers(accelerator, cfg)
 
     started = time.perf_counter()
     train_docs = build_corpus(cfg.corpus, "train", show_progress=is_main)
@@ -349,13 +357,14 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    sharded = is_fsdp(accelerator)
 
     step, position, elapsed_before = 0, DataPosition(), 0.0
     log_path = out_dir / LOG_FILENAME
     if checkpoint is not None:
         state = checkpoint.state
         # After prepare, so torch moves the AdamW moments onto the parameters' device.
-        optimizer.load_state_dict(join_tensors(state["optimizer"], checkpoint.tensors["optimizer"]))
+        load_full_optimizer_state(optimizer, join_tensors(state["optimizer"], checkpoint.tensors["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         position = DataPosition(**state["data"])
         step, elapsed_before = checkpoint.step, float(state["elapsed_s"])
@@ -382,7 +391,9 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
         while step < tcfg.steps:
             if interrupt.requested:  # single process only (StopOnInterrupt): this is the main process
                 elapsed = elapsed_before + time.perf_counter() - started
-                saved = _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses)
+                saved = _save_checkpoint(
+                    manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses, main=True
+                )
                 interrupt.stop(step, saved)
             windows, position = data.next_batch(position, global_batch)
             loss = lm_loss(model, windows[rank_slice].to(accelerator.device))
@@ -409,17 +420,25 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
                 row["elapsed_s"] = round(elapsed_before + time.perf_counter() - started, 3)
                 if is_main:
                     _append_jsonl(log_path, row)
+                log_row(accelerator, row)  # the tracker's curves at metrics.jsonl's steps
                 rows.append(row)
             if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
                 elapsed = elapsed_before + time.perf_counter() - started
-                if is_main:
-                    _save_checkpoint(manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses)
+                if is_main or sharded:  # under FSDP every rank takes part in gathering the full tensors
+                    _save_checkpoint(
+                        manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses, main=is_main
+                    )
                 accelerator.wait_for_everyone()
             progress.update(task, completed=step, stats=f"loss {last_train_loss or float('nan'):.3f} lr {lr:.1e}")
 
     steps_run = step - (checkpoint.step if checkpoint is not None else 0)
     final = out_dir / MODEL_DIRNAME
+    full = accelerator.get_state_dict(model) if sharded else None  # FSDP: a collective, the whole model on rank 0
     if is_main:
+        if full is not None:  # saved from a whole copy rebuilt on the main process
+            with torch.random.fork_rng():
+                raw_model = build_model(cfg.model, text_tokenizer)
+            raw_model.load_state_dict(full)
         _save_final(raw_model, text_tokenizer, cfg, final)
         plot_curves(
             rows,
@@ -445,7 +464,9 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
             "model_dir": str(final),
         }
         atomic_write_json(out_dir / METRICS_FILENAME, metrics)
+        write_model_card(final, "lm", cfg, out_dir / METRICS_FILENAME, data_section="corpus")
         log.info("stage 0: held-out loss %.4f (ppl %.3f); model in %s", val_loss, math.exp(val_loss), final)
+    end_trackers(accelerator)
     accelerator.wait_for_everyone()
     return final
 
@@ -460,11 +481,18 @@ def _save_checkpoint(
     cfg: LMTrainConfig,
     elapsed_s: float,
     loss_window: list[float] | None = None,
-) -> Path:
-    optimizer_tree, optimizer_tensors = split_tensors(optimizer.state_dict())
+    main: bool = True,
+) -> Path | None:
+    """On the main process; under FSDP on every rank (the full tensors are gathered to the main process, which
+    alone writes: None elsewhere). The same files whoever wrote them."""
+    model_state = gather_tensors(model.state_dict().items(), main)
+    optimizer_state = gather_optimizer_state(optimizer, main)
+    if not main:
+        return None
+    optimizer_tree, optimizer_tensors = split_tensors(optimizer_state)
     return manager.save(
         step,
-        {"model": model.state_dict(), "optimizer": optimizer_tensors},
+        {"model": model_state, "optimizer": optimizer_tensors},
         {
             "optimizer": optimizer_tree,
             "scheduler": scheduler.state_dict(),

@@ -27,9 +27,15 @@ Saved layout (`save_pretrained`):
 
     unicode_mllm.json        reading mode, code shape, special token ids, template, where the tokenizer is,
                              the compressor (name + options) and the token-reduction config
+    config.json              the Hugging Face entry (`hf_auto.UniCodeMLLMHFConfig`: model_type "unicode_mllm",
+                             auto_map, the name of unicode_mllm.json): `transformers.AutoModel.from_pretrained`
+                             loads the folder after `import unicode_mllm` (or with trust_remote_code=True)
+    modeling_unicode_mllm.py the loader file auto_map names (imports the installed package; hf_auto.py)
     lm/                      the LM and the text tokenizer (AutoModelForCausalLM / AutoTokenizer load it)
     visual_tokenizer/        a copy of the visual tokenizer (unless saved by reference)
     compressor.safetensors   the compressor's weights (only when it has parameters)
+
+Folders saved before config.json existed (unicode_mllm.json only) load as before with `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from unicode_mllm.compression import CompressorConfig
 from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.hf_auto import UniCodeMLLMHFConfig, auto_map, write_auto_file
 from unicode_mllm.model.special_tokens import MultimodalTokenIds, add_multimodal_tokens
 from unicode_mllm.model.splice import SplicedInputs, splice_image_embeddings
 from unicode_mllm.runtime.model_folders import (
@@ -70,6 +77,23 @@ CONFIG_NAME = MLLM_CONFIG
 LM_DIR = "lm"
 VISUAL_TOKENIZER_DIR = "visual_tokenizer"
 COMPRESSOR_WEIGHTS = "compressor.safetensors"
+HF_CONFIG_NAME = "config.json"
+# What transformers' Auto classes pass on to a registered model's from_pretrained besides the folder.
+_AUTO_KWARGS = (
+    "config",
+    "trust_remote_code",
+    "adapter_kwargs",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "proxies",
+    "subfolder",
+    "code_revision",
+    "_from_auto",
+    "_commit_hash",
+)
 FORMAT_VERSION = 1  # compressor and token_reduction are optional keys: older files load with identity / off
 
 
@@ -547,6 +571,8 @@ class UniCodeMLLM(nn.Module):
         elif weights.exists():
             weights.unlink()  # a stale file from an earlier save would contradict the config
         (path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        UniCodeMLLMHFConfig(mllm_config=CONFIG_NAME, auto_map=auto_map("mllm")).to_json_file(path / HF_CONFIG_NAME)
+        write_auto_file(path)
 
     @classmethod
     def from_components(
@@ -582,11 +608,16 @@ class UniCodeMLLM(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **lm_kwargs: Any) -> UniCodeMLLM:
-        """Load what `save_pretrained` wrote. lm_kwargs go to `AutoModelForCausalLM.from_pretrained`.
+    def from_pretrained(cls, path: str | Path, *model_args: Any, **lm_kwargs: Any) -> UniCodeMLLM:
+        """Load what `save_pretrained` wrote. lm_kwargs go to `AutoModelForCausalLM.from_pretrained`, less the
+        ones `transformers.AutoModel.from_pretrained` adds (its config, hub settings: the folder is local).
 
         Raises UserError when the folder is not a saved UniCodeMLLM or its parts disagree with the config.
         """
+        if model_args:
+            raise TypeError(f"UniCodeMLLM.from_pretrained takes the folder only, got extra {model_args!r}")
+        for key in _AUTO_KWARGS:
+            lm_kwargs.pop(key, None)
         path = require_mllm(path)  # names the folder's kind when it is a tokenizer, an LM or no model at all
         config_file = path / CONFIG_NAME
         config = UniCodeMLLMConfig.from_dict(read_json_object(config_file), source=str(config_file))

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from unicode_mllm.errors import UserError
 
-# Sharded strategies: each rank holds a slice of the parameters and optimizer state. The trainers save
-# checkpoints and the final model from the main process's full tensors, which these strategies do not have.
-SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+_CPU_FSDP = {"set": False}  # whether stage_accelerator turned FSDP on for a CPU launch in this process
 
 
-def stage_accelerator(stage: str, **kwargs: Any) -> Accelerator:
+def fsdp_requested() -> bool:
+    """Whether the launch asks for FSDP (`accelerate launch` with `distributed_type: FSDP` sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def stage_accelerator(stage: str, *, fsdp: bool = False, no_fsdp_reason: str = "", **kwargs: Any) -> Accelerator:
     """`Accelerator(**kwargs)` after clearing the settings an earlier stage of this process left behind.
 
     accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed
@@ -23,16 +27,44 @@ def stage_accelerator(stage: str, **kwargs: Any) -> Accelerator:
     stages resolve 'auto' to bf16 while the tokenizer preset trains in fp32, so each stage starts from a
     clean state. The process group (PartialState) of a distributed launch is kept.
 
-    Raises UserError under DeepSpeed or FSDP (`stage` names the trainer in the message): single process and
-    DDP are what the checkpoints support.
+    fsdp: the trainer gathers and loads full state dicts through FSDP's collectives (stages 0 and 2); FSDP is then
+    used as the accelerate config says (FSDP2 with `fsdp_version: 2`). accelerate 1.16 turns FSDP on only for
+    GPU-like devices; on a CPU (gloo) launch that asks for it the plugin is applied here, which is what the
+    CPU tests run. Raises UserError (`stage` names the trainer) under DeepSpeed, and under FSDP for a
+    trainer that does not support it.
     """
+    if _CPU_FSDP["set"]:  # an earlier stage of this process ran FSDP on CPU: the process group is plain gloo again
+        PartialState().distributed_type = DistributedType.MULTI_CPU
+        _CPU_FSDP["set"] = False
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     accelerator = Accelerator(**kwargs)
-    if accelerator.distributed_type in SHARDED:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UserError(
-            f"{stage}: accelerate is set up for {accelerator.distributed_type.value}, whose sharded weights and "
-            "optimizer state this trainer's checkpoints do not gather; launch with "
-            "configs/accelerate/ddp_bf16.yaml (or a single process)"
+            f"{stage}: accelerate is set up for DeepSpeed, whose ZeRO-sharded weights and optimizer state this "
+            "trainer's checkpoints do not gather; launch with configs/accelerate/fsdp2.yaml (stage 2), "
+            "configs/accelerate/ddp_bf16.yaml or a single process"
+        )
+    if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        if fsdp:
+            # On the process state too: accelerate copies it into AcceleratorState whenever one is constructed.
+            PartialState().distributed_type = DistributedType.FSDP
+            _CPU_FSDP["set"] = True
+            state = AcceleratorState()
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # its settings from the launch's FSDP_* variables
+            if accelerator.mixed_precision != "no":  # as accelerate does for GPUs
+                state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+        else:
+            accelerator.state.distributed_type = DistributedType.FSDP  # refused just below
+    if accelerator.distributed_type == DistributedType.FSDP and not fsdp:
+        raise UserError(
+            f"{stage}: accelerate is set up for FSDP, which this stage does not run under (only stages 0 and 2, "
+            f"train-lm and train-mllm, do){no_fsdp_reason}; launch with configs/accelerate/ddp_bf16.yaml "
+            "(or a single process)"
         )
     return accelerator
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP

@@ -8,7 +8,9 @@
     out_dir/curves.png            panels of metrics.jsonl (`plot`)
     out_dir/final_metrics.json    the run's last numbers
     out_dir/final/                the `save_pretrained` folder, swapped in whole (never half-written);
-                                  it also holds train_config.yaml
+                                  it also holds train_config.yaml and, once the run ends, its model card
+                                  README.md (`finish`, runtime/model_card.py)
+    out_dir/trackers/             the experiment tracker's files with train.log_with (default train.log_dir)
 
 Only the main process writes; the others call the same methods and return (`save_final` waits for
 every process first, so the weights it saves are the ones all ranks agree on).
@@ -39,7 +41,9 @@ from unicode_mllm.runtime.checkpoint import (
     replace_dir,
     write_errors_as_user_errors,
 )
+from unicode_mllm.runtime.model_card import write_model_card
 from unicode_mllm.runtime.run_lock import RunLock
+from unicode_mllm.runtime.trackers import end_trackers, log_image, log_row, start_trackers
 from unicode_mllm.viz import plot_curves, read_jsonl
 
 if TYPE_CHECKING:
@@ -73,6 +77,8 @@ RESUME_MAY_CHANGE = frozenset(
         "train.keep_checkpoints",
         "train.keep_last",  # stage 0's name for keep_checkpoints
         "train.num_threads",
+        "train.log_with",  # where the curves also go (experiment trackers), never what is trained
+        "train.log_dir",
         "train.out_dir",  # where the run is, which --out or a moved folder may change
     }
 )
@@ -230,8 +236,9 @@ class RunFiles:
         return RunLock(self.out_dir, enabled=self.accelerator.is_main_process)
 
     def start(self, resume: bool | str, allow_changed: Iterable[str] = ()) -> None:
-        """`start_run` for this run's folder and config."""
+        """`start_run` for this run's folder and config, then the experiment trackers (train.log_with)."""
         start_run(self.out_dir, resume, self.cfg, allow_changed, is_main=self.accelerator.is_main_process)
+        start_trackers(self.accelerator, self.cfg)
 
     def write_config(self) -> None:
         """Create out_dir and write config.yaml."""
@@ -253,12 +260,25 @@ class RunFiles:
         atomic_write_text(self.metrics_path, "".join(kept))
 
     def log(self, row: Mapping[str, Any]) -> None:
-        """Append one JSON row to metrics.jsonl."""
+        """Append one JSON row to metrics.jsonl, and its numbers to the experiment trackers at its step."""
+        log_row(self.accelerator, row)  # no-op without trackers; accelerate logs from the main process only
         if not self.accelerator.is_main_process:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        """An image the run wrote (a reconstruction grid) to the experiment trackers; no-op without them."""
+        if path.is_file():
+            log_image(self.accelerator, name, path, step)
+
+    def finish(self, stage: str, final: Path) -> None:
+        """The end of a run: the model card final/README.md (from config and final_metrics.json) and the
+        trackers finished. stage: 'tokenizer' or 'mllm' (model_card.py)."""
+        if self.accelerator.is_main_process and final.is_dir():
+            write_model_card(final, stage, self.cfg, self.out_dir / FINAL_METRICS_FILENAME)
+        end_trackers(self.accelerator)
 
     def plot(self, panels: dict[str, Sequence[str]], log_scale: Sequence[str] = ()) -> Path | None:
         """curves.png from metrics.jsonl (`viz.plot_curves` panels: title -> metric keys); None before any log."""

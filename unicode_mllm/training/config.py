@@ -19,6 +19,7 @@ from unicode_mllm.config import bounded
 from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.errors import ConfigError
 from unicode_mllm.runtime.devices import DeviceChoice
+from unicode_mllm.runtime.trackers import TrackerChoice
 
 
 @dataclass
@@ -171,6 +172,8 @@ class MLLMLoopConfig:
     keep_checkpoints: int = bounded(2, min=1)
     max_minutes: float | None = bounded(None, min=0.0, help="stop (and save) after this wall time")
     num_threads: int | None = bounded(None, min=1, help="torch intra-op threads (None: torch's default)")
+    log_with: TrackerChoice = "none"  # experiment tracker: none | tensorboard | wandb | aim (extras of the same name)
+    log_dir: str | None = None  # the tracker's folder (None: out_dir/trackers)
 
 
 @dataclass

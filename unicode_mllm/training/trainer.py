@@ -38,7 +38,7 @@ from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
-from unicode_mllm.runtime.accelerator import stage_accelerator
+from unicode_mllm.runtime.accelerator import is_fsdp, stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
     CheckpointLayout,
     CheckpointManager,
@@ -53,6 +53,8 @@ from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, start_run
 from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.runtime.sharded import gather_optimizer_state, gather_tensors, load_full_optimizer_state, shard_like
+from unicode_mllm.runtime.trackers import accelerator_kwargs
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
 from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, SourceMixture, length_chunks
@@ -71,14 +73,29 @@ class MLLMTrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _accelerator(cfg: MLLMTrainConfig) -> Accelerator:
+def _accelerator(cfg: MLLMTrainConfig, out_dir: Path) -> Accelerator:
     device = select_device(cfg.train.device)  # UserError for cuda/mps that is not there
     precision = accelerate_precision(cfg.train.mixed_precision, device)
     # A compressor's weights get no gradient in a pass without images (text-to-image chunks): DDP must expect that.
     unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.compressor.name != "identity")
     return stage_accelerator(
-        "train-mllm", cpu=device.type == "cpu", mixed_precision=precision, kwargs_handlers=[unused]
+        "train-mllm",
+        fsdp=True,
+        cpu=device.type == "cpu",
+        mixed_precision=precision,
+        kwargs_handlers=[unused],
+        **accelerator_kwargs(cfg.train, out_dir),  # train.log_with's tracker (runtime/trackers.py)
     )
+
+
+def prepare_fsdp(accelerator: Accelerator, model: UniCodeMLLM) -> None:
+    """Before `prepare` under FSDP: the frozen visual tokenizer stays whole on every rank (it encodes images
+    outside the model's forward), and a transformer-based wrap shards the LM's decoder layers by the LM's own
+    `_no_split_modules` unless the accelerate config names the classes."""
+    plugin = accelerator.state.fsdp_plugin
+    plugin.ignored_modules = [model.visual_tokenizer]
+    if getattr(model, "_no_split_modules", None) is None:
+        model._no_split_modules = list(getattr(model.lm, "_no_split_modules", None) or [])
 
 
 def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
@@ -145,13 +162,15 @@ class MLLMTrainer:
         self.out_dir = Path(out_dir or cfg.train.out_dir)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.accelerator = _accelerator(cfg)
+        self.accelerator = _accelerator(cfg, self.out_dir)
         seed_everything(cfg.train.seed)
         model = build_model(cfg)
         o = cfg.optim
         optimizer = adamw_decaying_matrices(model.parameters(), o.lr, o.betas, o.weight_decay)
         warmup = round(o.warmup_ratio * cfg.train.steps)
         self.scheduler = LambdaLR(optimizer, WarmupCosine(warmup, cfg.train.steps, o.min_lr_ratio))
+        if is_fsdp(self.accelerator):
+            prepare_fsdp(self.accelerator, model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         d = cfg.data
         self.skips = SkipCounter(strict=False, max_skip_fraction=d.max_skip_fraction)
@@ -367,7 +386,17 @@ class MLLMTrainer:
     # ----- checkpoints ------------------------------------------------------------------------------
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights (under FSDP each rank's shards, whose `.shape` is the full shape)."""
         return {n: p.detach() for n, p in self.mllm.named_parameters() if p.requires_grad}
+
+    def _gathered_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Under FSDP, collectively (every rank calls it, in the same order: each `full_tensor()` is one
+        all-gather): the full trainable weights and the full optimizer state, on CPU on the main process ({} on
+        the others). The optimizer state keeps `optimizer.state_dict()`'s layout (parameter ids), so a checkpoint
+        is the same whether one process, DDP or FSDP wrote it, and each resumes from the others'."""
+        main = self.accelerator.is_main_process
+        trainable = gather_tensors(((n, p) for n, p in self.mllm.named_parameters() if p.requires_grad), main)
+        return trainable, gather_optimizer_state(self.optimizer, main)
 
     def save_checkpoint(self) -> Path | None:
         """Save this step's checkpoint, unless it is the one just saved or loaded (a step folder is never
@@ -376,10 +405,14 @@ class MLLMTrainer:
             return self._saved[1]
         acc = self.accelerator
         acc.wait_for_everyone()
+        if is_fsdp(acc):
+            trainable, optimizer_state = self._gathered_state()
+        elif acc.is_main_process:
+            trainable, optimizer_state = self._trainable_state(), self.optimizer.state_dict()
         if not acc.is_main_process:
             self._saved = (self.step, None)
             return None
-        opt_tree, opt_tensors = split_tensors(self.optimizer.state_dict(), "optimizer")
+        opt_tree, opt_tensors = split_tensors(optimizer_state, "optimizer")
         state = {
             "optimizer": opt_tree,
             "scheduler": self.scheduler.state_dict(),
@@ -388,7 +421,7 @@ class MLLMTrainer:
             "reader_skips": self.reader_skips_state(),
             "rng": capture_rng_state(),
         }
-        tensors = {"trainable": self._trainable_state(), "optimizer": opt_tensors}
+        tensors = {"trainable": trainable, "optimizer": opt_tensors}
         self._saved = (self.step, self.ckpt.save(self.step, tensors, state))
         return self._saved[1]
 
@@ -403,11 +436,15 @@ class MLLMTrainer:
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         # CPU: the optimizer keeps its step counters there (no GPU sync per step)
         ckpt = self.ckpt.load(path, layout=self.checkpoint_layout())
-        parameters = dict(self.mllm.named_parameters())
-        with torch.no_grad():
-            for name, tensor in ckpt.tensors["trainable"].items():
-                parameters[name].copy_(tensor)
-        self.optimizer.load_state_dict(join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {})))
+        optimizer_state = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
+        if is_fsdp(self.accelerator):
+            self._load_sharded(ckpt.tensors["trainable"], optimizer_state)
+        else:
+            parameters = dict(self.mllm.named_parameters())
+            with torch.no_grad():
+                for name, tensor in ckpt.tensors["trainable"].items():
+                    parameters[name].copy_(tensor)
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         self.step = ckpt.step
         self._saved = (ckpt.step, ckpt.path)
@@ -415,6 +452,15 @@ class MLLMTrainer:
         self._batches = None
         restore_rng_state(ckpt.state["rng"])
         log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
+
+    def _load_sharded(self, trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        """Under FSDP, on every rank (each read the same full checkpoint): each sharded parameter and its
+        optimizer moments keep this rank's slice of the full tensors, cut as FSDP cut the parameter."""
+        parameters = dict(self.mllm.named_parameters())
+        with torch.no_grad():
+            for name, tensor in trainable.items():
+                parameters[name].copy_(shard_like(tensor, parameters[name]))
+        load_full_optimizer_state(self.optimizer, optimizer_state)
 
     def _load_data_state(self, state: dict[str, Any], where: Path) -> None:
         data, reader = state["data"], state.get("reader_skips", {})
@@ -521,6 +567,7 @@ class MLLMTrainer:
         self.files.write_final_metrics(metrics)
         if acc.is_main_process:
             self.plot()
+        self.files.finish("mllm", final_dir)  # the model card and the trackers' end
         log.info("stage 2 data: shard reader %s; sample builder %s", self.reader_summary(), self.skips.summary())
         return MLLMTrainResult(final_dir, self.step, metrics)
 
@@ -545,8 +592,14 @@ class MLLMTrainer:
         """`save_pretrained` into out_dir/final via a temporary folder; LoRA adapters are also kept apart
         (out_dir/final_lora) and merged into the saved LM."""
 
+        full = self.accelerator.get_state_dict(self.model) if is_fsdp(self.accelerator) else None  # collective
+
         def save(tmp: Path) -> None:
             model = self.mllm
+            if full is not None:  # FSDP: the main process saves a whole copy of the model from the gathered tensors
+                with torch.random.fork_rng():
+                    model = build_model(self.cfg)
+                model.load_state_dict(full)
             if model.has_lora:
                 adapter = self.out_dir / "final_lora"
                 shutil.rmtree(adapter, ignore_errors=True)

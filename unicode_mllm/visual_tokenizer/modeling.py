@@ -2,7 +2,9 @@
 
 Codes are rows of the unified codebook; `code_to_token_id` (kept in the config) maps them to LLM
 vocabulary ids, which are the interface to the LLM. `save_pretrained` writes `config.json` (with the
-id map) and `model.safetensors`; `from_pretrained` rebuilds the same model.
+id map, model_type and auto_map), `model.safetensors` and the loader file `modeling_unicode_mllm.py`;
+`from_pretrained` rebuilds the same model. `VisualTokenizerConfig` is defined in `unicode_mllm/hf_auto.py`
+(importable from here too), which registers both with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import ClassVar
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.hf_auto import VisualTokenizerConfig, auto_map, write_auto_file
 from unicode_mllm.runtime.model_folders import (
     HF_CONFIG,
     VISUAL_TOKENIZER,
@@ -28,121 +31,7 @@ from unicode_mllm.runtime.model_folders import (
 )
 from unicode_mllm.visual_tokenizer.autoencoder import Decoder, Encoder
 from unicode_mllm.visual_tokenizer.language_codebook import LanguageCodebook
-from unicode_mllm.visual_tokenizer.quantizer import QuantizerSettings
-from unicode_mllm.visual_tokenizer.stacking import STACK_BUILDERS, build_stack
-
-
-class VisualTokenizerConfig(PretrainedConfig):
-    """Everything that rebuilds the architecture, plus the code -> LLM token id map."""
-
-    model_type = "unicode_visual_tokenizer"
-
-    def __init__(
-        self,
-        image_size: int = 64,
-        ch: int = 64,
-        ch_mult: tuple[int, ...] | list[int] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attn_resolutions: tuple[int, ...] | list[int] = (),
-        z_channels: int = 64,
-        dropout: float = 0.0,
-        stacking: str = "rq",
-        depth: int | None = 2,
-        llm_width: int = 64,
-        num_codes: int = 256,
-        code_to_token_id: list[int] | None = None,
-        llm_vocab_size: int | None = None,
-        llm_name_or_path: str = "",
-        codebook_mode: str = "language_driven",
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        commitment_weight: float = 0.25,
-        norm_matching: str = "running_ratio",
-        feature_norm_decay: float = 0.99,
-        backend: str = "library",
-        search_dim: int | None = None,
-        **kwargs,
-    ):
-        self.image_size = image_size
-        self.ch = ch
-        self.ch_mult = list(ch_mult)
-        self.num_res_blocks = num_res_blocks
-        self.attn_resolutions = list(attn_resolutions)
-        self.z_channels = z_channels
-        self.dropout = dropout
-        self.stacking = stacking
-        self.depth = depth
-        self.llm_width = llm_width
-        self.num_codes = num_codes
-        self.code_to_token_id = list(code_to_token_id) if code_to_token_id is not None else list(range(num_codes))
-        self.llm_vocab_size = llm_vocab_size if llm_vocab_size is not None else max(self.code_to_token_id) + 1
-        self.llm_name_or_path = llm_name_or_path
-        self.codebook_mode = codebook_mode
-        self.decay = decay
-        self.eps = eps
-        self.commitment_weight = commitment_weight
-        self.norm_matching = norm_matching
-        self.feature_norm_decay = feature_norm_decay
-        self.backend = backend  # 'library' (vector-quantize-pytorch) or 'native'; buffers differ in keys
-        self.search_dim = search_dim  # native only: code search in C_L's leading principal directions
-        super().__init__(**kwargs)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    def check(self) -> None:
-        """Type and cross-field checks; ConfigError names the keys and values."""
-        self._check_types()
-        if self.stacking not in STACK_BUILDERS:
-            raise ConfigError(f"stacking {self.stacking!r} is unknown; choose one of {sorted(STACK_BUILDERS)}")
-        f = self.downsample_factor
-        if self.image_size % f:
-            raise ConfigError(f"image_size {self.image_size} must be divisible by the downsampling factor {f}")
-        if self.stacking == "hq" and (self.image_size // f) % 2:
-            raise ConfigError(f"stacking 'hq' needs an even latent grid; image_size {self.image_size} / {f} is odd")
-        if len(self.code_to_token_id) != self.num_codes:
-            raise ConfigError(
-                f"code_to_token_id has {len(self.code_to_token_id)} ids but num_codes is {self.num_codes}"
-            )
-        if len(set(self.code_to_token_id)) != self.num_codes:
-            raise ConfigError("code_to_token_id has repeated token ids; each code needs its own LLM token id")
-
-    def _check_types(self) -> None:
-        # A hand-edited config.json ({"image_size": "big"}) otherwise fails deep inside the model as a TypeError.
-        for key, kinds in _FIELD_TYPES.items():
-            value = getattr(self, key)
-            bad = [v for v in value if not _is_type(v, kinds)] if isinstance(value, list) else [value]
-            if bad and not _is_type(bad[0], kinds):
-                raise ConfigError(f"{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-
-    def quantizer_settings(self) -> QuantizerSettings:
-        return QuantizerSettings(
-            codebook_mode=self.codebook_mode,
-            decay=self.decay,
-            eps=self.eps,
-            commitment_weight=self.commitment_weight,
-            norm_matching=self.norm_matching,
-            feature_norm_decay=self.feature_norm_decay,
-            backend=self.backend,
-            search_dim=self.search_dim,
-        )
-
-
-# Allowed types per field; list fields are checked item by item, None only where the field is optional.
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(
-        ("image_size", "ch", "num_res_blocks", "z_channels", "llm_width", "num_codes", "llm_vocab_size"), (int,)
-    ),
-    **dict.fromkeys(("ch_mult", "attn_resolutions", "code_to_token_id"), (int,)),
-    **dict.fromkeys(("depth", "search_dim"), (int, type(None))),
-    **dict.fromkeys(("dropout", "decay", "eps", "commitment_weight", "feature_norm_decay"), (float, int)),
-    **dict.fromkeys(("stacking", "codebook_mode", "norm_matching", "backend", "llm_name_or_path"), (str,)),
-}
-
-
-def _is_type(value: object, kinds: tuple[type, ...]) -> bool:
-    return isinstance(value, kinds) and not isinstance(value, bool)
+from unicode_mllm.visual_tokenizer.stacking import build_stack
 
 
 @dataclass
@@ -337,10 +226,13 @@ class VisualTokenizer(PreTrainedModel):
         return digest.hexdigest()[:16]
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """HF save, minus the duplicate keys of the shared codebook (safetensors refuses shared tensors)."""
+        """HF save, minus the duplicate keys of the shared codebook (safetensors refuses shared tensors); config.json
+        carries `auto_map` and the folder the loader file it names (hf_auto.py: trust_remote_code=True)."""
         if "state_dict" not in kwargs:
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not _is_shared_codebook_copy(k)}
+        self.config.auto_map = auto_map("visual_tokenizer")
         super().save_pretrained(save_directory, **kwargs)
+        write_auto_file(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> VisualTokenizer:
@@ -435,5 +327,5 @@ def _is_shared_codebook_copy(key: str) -> bool:
     return re.search(VisualTokenizer._keys_to_ignore_on_load_missing[0], key) is not None
 
 
-AutoConfig.register(VisualTokenizerConfig.model_type, VisualTokenizerConfig)
-AutoModel.register(VisualTokenizerConfig, VisualTokenizer)
+# hf_auto registers the config and a stand-in that imports this module; the real class replaces the stand-in.
+AutoModel.register(VisualTokenizerConfig, VisualTokenizer, exist_ok=True)

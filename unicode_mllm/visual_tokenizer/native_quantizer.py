@@ -28,8 +28,12 @@ copied. What is kept, and checked against the library by tests/test_native_quant
 What is different, on purpose:
 
 - cost: distances are computed `chunk_size` rows at a time (one (chunk, v) fp32 tensor alive, not
-  (N, v)), then `argmin`; statistics come from `bincount` and `index_add_` (O(N * c) instead of the
-  library's one-hot matmul, O(N * v * c)); `embed` is gathered, not multiplied out;
+  (N, v)), then `argmin`; with `code_chunk_size` the codebook is split too (a running minimum over
+  blocks of codes: one (chunk, code_chunk) tensor alive); with `search_dtype="bf16"` (the default "auto"
+  on CUDA) the x.e matmul reads bf16 inputs and accumulates in fp32, which can change a code where two
+  are nearly equally near (`search_agreement` measures it); statistics come from `bincount` and
+  `index_add_` (O(N * c) instead of the library's one-hot matmul, O(N * v * c)); `embed` is gathered,
+  not multiplied out;
 - the D layers' statistics are folded into one update, `old * decay**D + sum_k (1 - decay) *
   decay**(D - 1 - k) * new_k`, which is the library's sequential per-layer `lerp` written out: equal
   up to float rounding, and one all-reduce per step instead of two per layer;
@@ -58,7 +62,7 @@ What is different, on purpose:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.distributed as dist
@@ -115,34 +119,130 @@ def principal_basis(codebook: Tensor, k: int) -> Tensor:
     return vh[:k].T.contiguous()
 
 
+SearchDtype = Literal["fp32", "bf16", "auto"]
+SEARCH_DTYPES: tuple[str, ...] = get_args(SearchDtype)
+
+
+def resolve_search_dtype(search_dtype: str, device: torch.device | str) -> str:
+    """The search dtype to run on `device`: "fp32" | "bf16" | "auto" -> "fp32" or "bf16".
+
+    auto: bf16 on CUDA (tensor cores, fp32 accumulation and fp32 output through `mm(out_dtype=float32)`),
+    fp32 elsewhere: the CPU has no fp32-output bf16 matmul, so a CPU bf16 search rounds every dot product
+    to bf16 (BENCHMARKS.md, "Codebook search": measured faster on this machine's CPU, but less exact).
+    Raises ValueError for another name.
+    """
+    if search_dtype not in SEARCH_DTYPES:
+        raise ValueError(f"search_dtype must be one of {list(SEARCH_DTYPES)}; got {search_dtype!r}")
+    if search_dtype == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return search_dtype
+
+
+def _low_precision_scores(rows: Tensor, codebook_t: Tensor) -> Tensor:
+    """(m, c) fp32 rows, (c, v) bf16 codebook -> (m, v) fp32 dot products of the bf16-rounded inputs.
+
+    CUDA: bf16 tensor-core matmul with fp32 accumulation and fp32 output. Elsewhere: bf16 matmul (the
+    backend accumulates in fp32) whose output is rounded to bf16, then widened.
+    """
+    low = rows.to(torch.bfloat16)
+    if rows.device.type == "cuda":
+        try:
+            return torch.mm(low, codebook_t, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # a build or card without the fp32-output kernel
+            pass
+    return torch.mm(low, codebook_t).float()
+
+
 def nearest_codes(
-    x: Tensor, codebook: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE, codebook_sq_norm: Tensor | None = None
+    x: Tensor,
+    codebook: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    codebook_sq_norm: Tensor | None = None,
+    search_dtype: str = "fp32",
+    code_chunk_size: int | None = None,
 ) -> Tensor:
     """Index of the nearest codebook row (Euclidean) for each row of x, `chunk_size` rows at a time.
 
-    x: (m, c) fp32. codebook: (v, c) fp32. codebook_sq_norm: optional (v,) ||e||^2, reused across
-    calls. Returns (m,) int64. Only one (chunk_size, v) distance tensor is alive at a time.
-    Raises ValueError for a chunk_size below 1.
+    x: (m, c) fp32. codebook: (v, c) fp32 (or bf16 already, for a bf16 search: converted once per call
+    otherwise). codebook_sq_norm: optional (v,) ||e||^2 (of the fp32 rows), reused across calls.
+    search_dtype: "fp32" (exact, the library's codes) or "bf16" (the x.e matmul on bf16 inputs; norms, the
+    sum and the argmin stay fp32; codes can differ from fp32's where two codes are nearly equally near:
+    `search_agreement` measures how often), "auto" (`resolve_search_dtype` on x's device).
+    code_chunk_size: also split the codebook into blocks of this many rows, keeping a running minimum,
+    so at most a (chunk_size, code_chunk_size) distance tensor is alive (None: whole rows of v).
+    Returns (m,) int64; ties go to the first index either way. Raises ValueError for a chunk size below 1
+    or an unknown search_dtype.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if code_chunk_size is not None and code_chunk_size < 1:
+        raise ValueError(f"code_chunk_size must be >= 1 or None; got {code_chunk_size}")
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected x (m, c) and codebook (v, c); got {tuple(x.shape)} and {tuple(codebook.shape)}")
+    low = resolve_search_dtype(search_dtype, x.device) == "bf16"
     if codebook_sq_norm is None:
-        codebook_sq_norm = squared_norms(codebook)
+        codebook_sq_norm = squared_norms(codebook.float())
+    v = codebook.shape[0]
+    block = v if code_chunk_size is None else min(code_chunk_size, v)
     codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    codebook_t = codebook.t()
+    codebook_t = (codebook.to(torch.bfloat16) if low else codebook).t()  # (c, v)
     for start in range(0, x.shape[0], chunk_size):
         rows = x[start : start + chunk_size]  # (m_chunk, c)
-        # ||x||^2 + ||e||^2, then -2 x.e added in place by the matmul: one (m_chunk, v) tensor.
-        dist_chunk = squared_norms(rows)[:, None] + codebook_sq_norm  # (m_chunk, v)
-        dist_chunk.addmm_(rows, codebook_t, alpha=-2.0)
-        # The library's cdist clamps at 1e-8 and takes the square root before its argmax; sqrt maps
-        # some distinct squared distances to one float, and the first index then wins. Doing the
-        # same keeps the codes of both backends identical (O(m_chunk * v), not O(m_chunk * v * c)).
-        dist_chunk.clamp_min_(1e-8).sqrt_()
-        codes[start : start + chunk_size] = dist_chunk.argmin(dim=-1)
+        row_sq_norm = squared_norms(rows)[:, None]  # (m_chunk, 1)
+        best = best_index = None
+        for first in range(0, v, block):
+            last = min(first + block, v)
+            if low:
+                dist_chunk = _low_precision_scores(rows, codebook_t[:, first:last])  # (m_chunk, block)
+                dist_chunk.mul_(-2.0).add_(row_sq_norm).add_(codebook_sq_norm[first:last])
+            else:
+                # ||x||^2 + ||e||^2, then -2 x.e added in place by the matmul: one (m_chunk, block) tensor.
+                dist_chunk = row_sq_norm + codebook_sq_norm[first:last]  # (m_chunk, block)
+                dist_chunk.addmm_(rows, codebook_t[:, first:last], alpha=-2.0)
+            # The library's cdist clamps at 1e-8 and takes the square root before its argmax; sqrt maps
+            # some distinct squared distances to one float, and the first index then wins. Doing the
+            # same keeps the codes of both backends identical (O(m_chunk * v), not O(m_chunk * v * c)).
+            dist_chunk.clamp_min_(1e-8).sqrt_()
+            index = dist_chunk.argmin(dim=-1)  # the first index on ties, as before
+            if last == v and first == 0:
+                best_index = index
+                break
+            value = dist_chunk.gather(1, index[:, None])[:, 0]
+            if best is None:
+                best, best_index = value, index
+            else:  # strictly smaller only: an equal distance in a later block keeps the earlier (first) index
+                better = value < best
+                best = torch.where(better, value, best)
+                best_index = torch.where(better, index + first, best_index)
+        codes[start : start + chunk_size] = best_index
     return codes
+
+
+def search_agreement(
+    x: Tensor,
+    codebook: Tensor,
+    *,
+    search_dtype: str = "bf16",
+    sample: int | None = 4096,
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> float:
+    """The fraction in [0, 1] of rows of x whose code under `search_dtype` equals the fp32 code.
+
+    x: (m, c); codebook: (v, c). sample: rows drawn (without replacement, seeded) when m is larger; None
+    uses every row. An empty x agrees trivially (1.0).
+    """
+    if x.shape[0] == 0:
+        return 1.0
+    if sample is not None and x.shape[0] > sample:
+        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:sample]
+        x = x[pick.to(x.device)]
+    x, codebook = x.float(), codebook.float()
+    sq_norm = squared_norms(codebook)
+    exact = nearest_codes(x, codebook, chunk_size=chunk_size, codebook_sq_norm=sq_norm)
+    other = nearest_codes(x, codebook, chunk_size=chunk_size, codebook_sq_norm=sq_norm, search_dtype=search_dtype)
+    return float((exact == other).float().mean())
 
 
 class NativeResidualQuantizer(nn.Module):
@@ -164,6 +264,9 @@ class NativeResidualQuantizer(nn.Module):
         chunk_size: rows per distance chunk.
         search_dim: search in the span of the codebook's `search_dim` principal directions (buffer
             `search_basis`, refreshed by `set_search_basis`); None searches the full width.
+        search_dtype: "fp32", "bf16" or "auto" (bf16 on CUDA, fp32 elsewhere): the dtype of the distance
+            matmul (`nearest_codes`); resolved per call from the input's device.
+        code_chunk_size: codebook rows per distance block (None: all v); bounds memory at chunk_size x it.
     """
 
     def __init__(
@@ -178,6 +281,8 @@ class NativeResidualQuantizer(nn.Module):
         sync_codebook: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         search_dim: int | None = None,
+        search_dtype: str = "fp32",
+        code_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if dim < 1 or depth < 1 or codebook_size < 2:
@@ -198,6 +303,10 @@ class NativeResidualQuantizer(nn.Module):
                 f"search_dim must lie in [1, {min(dim, codebook_size)}] (codebook width {dim}, "
                 f"{codebook_size} codes) or be unset; got {search_dim}"
             )
+        if search_dtype not in SEARCH_DTYPES:
+            raise ConfigError(f"search_dtype must be one of {list(SEARCH_DTYPES)}; got {search_dtype!r}")
+        if code_chunk_size is not None and code_chunk_size < 1:
+            raise ConfigError(f"native quantizer code_chunk_size must be >= 1 or unset; got {code_chunk_size}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.depth = depth
@@ -207,6 +316,8 @@ class NativeResidualQuantizer(nn.Module):
         self.sync_codebook = sync_codebook
         self.chunk_size = chunk_size
         self.search_dim = search_dim
+        self.search_dtype = search_dtype
+        self.code_chunk_size = code_chunk_size
 
         # The library's initial codebook: Kaiming-uniform over the (1, v, c) tensor (fan_in = v * c).
         embed = torch.empty(1, codebook_size, dim)
@@ -232,7 +343,7 @@ class NativeResidualQuantizer(nn.Module):
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, depth={self.depth}, decay={self.decay}, "
             f"eps={self.eps}, sync_codebook={self.sync_codebook}, chunk_size={self.chunk_size}, "
-            f"search_dim={self.search_dim}"
+            f"search_dim={self.search_dim}, search_dtype={self.search_dtype}, code_chunk_size={self.code_chunk_size}"
         )
 
     def forward(self, x: Tensor, freeze_codebook: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -264,6 +375,9 @@ class NativeResidualQuantizer(nn.Module):
             project = self.search_basis  # (c, k)
             search_rows = embed @ project  # (v, k): the codebook as the search sees it
         sq_norm = squared_norms(search_rows)  # (v,)
+        search_dtype = resolve_search_dtype(self.search_dtype, flat.device)
+        if search_dtype == "bf16":
+            search_rows = search_rows.to(torch.bfloat16)  # once per call, not once per layer
         num_codes, depth, decay = self.codebook_size, self.depth, self.decay
         if update:
             total_decay = decay**depth
@@ -281,7 +395,14 @@ class NativeResidualQuantizer(nn.Module):
         all_codes, partial_sums = [], []
         for k in range(depth):
             query = residual if project is None else residual @ project  # (m, c) or (m, k)
-            codes = nearest_codes(query, search_rows, chunk_size=self.chunk_size, codebook_sq_norm=sq_norm)  # (m,)
+            codes = nearest_codes(
+                query,
+                search_rows,
+                chunk_size=self.chunk_size,
+                codebook_sq_norm=sq_norm,
+                search_dtype=search_dtype,
+                code_chunk_size=self.code_chunk_size,
+            )  # (m,)
             quantized = F.embedding(codes, embed)  # (m, c), a gather
             if update:
                 # Layer k's statistics are decayed by the d - 1 - k layers after it (library: lerp per layer).
@@ -310,10 +431,14 @@ class NativeResidualQuantizer(nn.Module):
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "SEARCH_DTYPES",
     "NativeResidualQuantizer",
+    "SearchDtype",
     "SharedCodebookState",
     "nearest_codes",
     "principal_basis",
+    "resolve_search_dtype",
+    "search_agreement",
     "smoothed_cluster_size",
     "squared_norms",
 ]

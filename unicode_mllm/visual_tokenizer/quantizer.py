@@ -81,7 +81,9 @@ from unicode_mllm.config import bounded
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.visual_tokenizer.native_quantizer import (
     DEFAULT_CHUNK_SIZE,
+    SEARCH_DTYPES,
     NativeResidualQuantizer,
+    SearchDtype,
     SharedCodebookState,
 )
 
@@ -144,6 +146,10 @@ class QuantizerSettings:
     search_dim: int | None = bounded(
         None, min=1, help="native backend: nearest-code search in C_L's leading principal directions (None: full width)"
     )
+    search_dtype: SearchDtype = "auto"  # native backend: distance matmul dtype; auto = bf16 on CUDA, fp32 on CPU
+    native_code_chunk_size: int | None = bounded(
+        None, min=1, help="native backend: codebook rows per distance block (None: all; memory rows x this fp32)"
+    )
 
     def validate(self) -> None:
         """Raises ConfigError naming the bad key and its value."""
@@ -173,6 +179,19 @@ class QuantizerSettings:
             )
         if self.native_chunk_size < 1:
             raise ConfigError(f"quantizer.native_chunk_size must be >= 1 (e.g. 2048); got {self.native_chunk_size}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ConfigError(
+                f"quantizer.search_dtype {self.search_dtype!r} is unknown; choose one of {list(SEARCH_DTYPES)}"
+            )
+        if self.search_dtype == "bf16" and self.backend != "native":
+            raise ConfigError(
+                "quantizer.search_dtype='bf16' needs backend 'native' (vector-quantize-pytorch searches in the "
+                "input dtype); set the backend to 'native' or use 'auto'"
+            )
+        if self.native_code_chunk_size is not None and self.native_code_chunk_size < 1:
+            raise ConfigError(
+                f"quantizer.native_code_chunk_size must be >= 1 (e.g. 8192) or unset; got {self.native_code_chunk_size}"
+            )
         if self.search_dim is not None:
             if self.search_dim < 1:
                 raise ConfigError(f"quantizer.search_dim must be >= 1 (e.g. 8) or unset; got {self.search_dim}")
@@ -430,6 +449,8 @@ class StackedQuantizer(nn.Module):
             sync_codebook=sync_codebook,
             chunk_size=settings.native_chunk_size,
             search_dim=settings.search_dim,
+            search_dtype=settings.search_dtype,
+            code_chunk_size=settings.native_code_chunk_size,
         )
 
     # ----- codebook state ---------------------------------------------------------------------
