@@ -1,11 +1,12 @@
 """Run by tests/test_fsdp.py under torch.distributed.run (2 CPU processes, gloo): stage 2 as the launch says
 (FSDP2 when ACCELERATE_USE_FSDP=true, DDP otherwise).
 
-    fsdp_mllm_worker.py CFG_JSON OUT_JSON [--kill-after STEP] [--resume]
+    fsdp_mllm_worker.py CFG_JSON OUT_JSON [--kill-after STEP] [--resume] [--dump-samples]
 
 --kill-after: every rank SIGKILLs itself right after the checkpoint of that step (a kill -9 mid-run).
 Rank 0 writes OUT_JSON: the logged losses, the distributed type, and (in out_dir) logits.pt, the
-in-memory model's logits on the first eval sample with the inputs that made them.
+in-memory model's logits on the first eval sample with the inputs that made them. --dump-samples: every rank
+saves the samples of each of its steps to out_dir/samples_rank{R}.pt (for the one-process comparison).
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.trainer import MLLMTrainer
 
 
-def main(cfg_path: str, out_path: str, kill_after: int | None, resume: bool) -> None:
+def main(cfg_path: str, out_path: str, kill_after: int | None, resume: bool, dump_samples: bool = False) -> None:
     cfg = config_from_dict(MLLMTrainConfig, json.loads(Path(cfg_path).read_text()))
     trainer = MLLMTrainer(cfg)
+    steps: list = []
+    if dump_samples:
+        draw = trainer.next_samples
+
+        def recorded():
+            steps.append(draw())
+            return steps[-1]
+
+        trainer.next_samples = recorded
     if kill_after is not None:
         save = trainer.save_checkpoint
 
@@ -39,6 +49,8 @@ def main(cfg_path: str, out_path: str, kill_after: int | None, resume: bool) -> 
 
         trainer.save_checkpoint = save_then_die
     result = trainer.fit(resume=resume)
+    if dump_samples:
+        torch.save(steps, Path(cfg.train.out_dir) / f"samples_rank{trainer.accelerator.process_index}.pt")
     batch = trainer.collator([trainer.eval_samples()[0].sample])
     inputs = {k: batch[k] for k in MODEL_INPUTS if k != "labels"}
     trainer.model.eval()
@@ -63,4 +75,4 @@ def main(cfg_path: str, out_path: str, kill_after: int | None, resume: bool) -> 
 if __name__ == "__main__":
     args = sys.argv[1:]
     kill = int(args[args.index("--kill-after") + 1]) if "--kill-after" in args else None
-    main(args[0], args[1], kill, "--resume" in args)
+    main(args[0], args[1], kill, "--resume" in args, "--dump-samples" in args)

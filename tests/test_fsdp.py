@@ -2,11 +2,11 @@
 processes (gloo): the losses and weights of a DDP run of the same ranks, a kill -9 that resumes to the same weights
 bit for bit, and an exported model that gives the in-memory model's logits.
 
-What is compared: FSDP and DDP each read half the records per rank and normalise the loss per rank the same way,
-so the same launch under DDP is the reference (a single process reading both halves normalises over the whole
-batch, a different loss by design). FSDP vs DDP agree within float tolerance (reduce-scatter and all-reduce add in
-different orders); an FSDP run stopped and resumed equals the uninterrupted one exactly (same reductions, same
-data position and RNG)."""
+What is compared: each rank reads half the records; the loss of a step is normalised over the labelled tokens of
+every rank's samples (`MLLMTrainer.loss_scales` all-reduces the counts), so one process training on the union of
+the two ranks' samples of each step gives the same losses and weights within float tolerance; FSDP vs DDP agree
+likewise (reduce-scatter and all-reduce add in different orders); an FSDP run stopped and resumed equals the
+uninterrupted one exactly (same reductions, same data position and RNG)."""
 
 from __future__ import annotations
 
@@ -73,9 +73,10 @@ def test_fsdp2_matches_ddp_resumes_after_kill_and_exports(
             tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_shapes_dir, tmp_path / run, train={"steps": 4, "ckpt_every": 2}
         )
 
-    rc, fsdp, err = launch(cfg("fsdp"), tmp_path, "fsdp", fsdp=True)
+    rc, fsdp, err = launch(cfg("fsdp"), tmp_path, "fsdp", fsdp=True, extra=("--dump-samples",))
     assert rc == 0, err
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp2"] and fsdp["world_size"] == 2
+    assert_one_process_matches(cfg("single"), tmp_path / "fsdp", fsdp["losses"], Path(fsdp["final_dir"]))
     rc, ddp, err = launch(cfg("ddp"), tmp_path, "ddp", fsdp=False)
     assert rc == 0, err
     assert ddp["distributed_type"] == "MULTI_CPU"
@@ -100,6 +101,24 @@ def test_fsdp2_matches_ddp_resumes_after_kill_and_exports(
         assert torch.equal(a[key], c[key]), key  # bit-identical
 
     assert_export_gives_logits(tmp_path / "fsdp", fsdp["final_dir"])
+
+
+def assert_one_process_matches(cfg, run_dir: Path, losses: list[float], final_dir: Path) -> None:
+    """One process trained on the union of both ranks' samples of every step: the 2-process losses and weights."""
+    from unicode_mllm.training.trainer import MLLMTrainer
+
+    ranks = [torch.load(run_dir / f"samples_rank{r}.pt", weights_only=False) for r in range(2)]
+    steps = iter([a + b for a, b in zip(*ranks, strict=True)])
+    single = MLLMTrainer(cfg)
+    single.next_samples = lambda: next(steps)
+    one = [single.train_step()["loss"] for _ in range(len(losses))]
+    torch.testing.assert_close(torch.tensor(one), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    trained = {n.removeprefix("lm."): p for n, p in single.mllm.named_parameters() if p.requires_grad}
+    saved = {k: v for p in sorted((final_dir / "lm").glob("*.safetensors")) for k, v in load_file(p).items()}
+    compared = [k for k in saved if k in trained]
+    assert compared, (sorted(saved)[:3], sorted(trained)[:3])
+    for key in compared:
+        torch.testing.assert_close(trained[key], saved[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def assert_export_gives_logits(run_dir: Path, final_dir: str) -> None:

@@ -298,19 +298,34 @@ class MLLMTrainer:
         `tokens`: the mean over every labelled token of the step. `tasks`: the weighted mean over the
         tasks present of each task's token mean (text_to_image_uncond counts as text_to_image), so
         the 256 code targets of an image do not drown the two answer tokens of a question.
+
+        Over several processes the counts are those of the whole step (all-reduced), and the factors are
+        multiplied by the number of processes, which DDP and FSDP divide the summed gradients by: the step's
+        gradient is that of one process training on every rank's samples, whatever each rank's token count.
         """
         tokens = {id(s): int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples}
-        if self.cfg.data.loss_weighting == "tokens":
-            total = max(1, sum(tokens.values()))
-            return {key: 1.0 / total for key in tokens}
-        weights = self.cfg.data.loss_weights.as_dict()
         task_of = {id(s): s.task.removesuffix("_uncond") for s in samples}
-        per_task: dict[str, int] = defaultdict(int)
-        for key, n in tokens.items():
-            per_task[task_of[key]] += n
+        names = sorted(set(TRAIN_TASKS) - {"text_to_image_uncond"})
+        local = [sum(n for key, n in tokens.items() if task_of[key] == task) for task in names]
+        per_task = dict(zip(names, self._step_totals(local), strict=True))  # task -> labelled tokens of the step
+        ranks = self.accelerator.num_processes
+        if self.cfg.data.loss_weighting == "tokens":
+            total = max(1, sum(per_task.values()))
+            return {key: ranks / total for key in tokens}
+        weights = self.cfg.data.loss_weights.as_dict()
         present = {t: n for t, n in per_task.items() if n > 0}
         norm = sum(weights[t] for t in present) or 1.0
-        return {key: weights[task_of[key]] / (norm * present[task_of[key]]) if tokens[key] else 0.0 for key in tokens}
+        return {
+            key: ranks * weights[task_of[key]] / (norm * present[task_of[key]]) if tokens[key] else 0.0
+            for key in tokens
+        }
+
+    def _step_totals(self, counts: list[int]) -> list[int]:
+        """`counts` summed over every process (itself in a single process)."""
+        if self.accelerator.num_processes == 1:
+            return counts
+        summed = self.accelerator.reduce(torch.tensor(counts, device=self.accelerator.device), "sum")
+        return [int(n) for n in summed.tolist()]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum` sample groups; returns the step's logs.
