@@ -86,7 +86,13 @@ def build_tokenizer(cfg: TokenizerTrainConfig, sync_codebook: bool) -> tuple[Vis
     language = LanguageCodebook.from_pretrained(
         cfg.codebook.llm, policy=cfg.codebook.policy, min_norm=cfg.codebook.min_norm, max_codes=cfg.codebook.max_codes
     )
-    m = cfg.model
+    kwargs = {**tokenizer_kwargs(cfg), "sync_codebook": sync_codebook}
+    return VisualTokenizer.from_language_codebook(language, **kwargs), language
+
+
+def tokenizer_kwargs(cfg: TokenizerTrainConfig) -> dict[str, Any]:
+    """`VisualTokenizer.from_language_codebook`'s settings from a stage-1 config (the model's shape and codebook)."""
+    m, c = cfg.model, cfg.codebook
     kwargs: dict[str, Any] = dict(
         image_size=m.image_size,
         ch=m.ch,
@@ -97,18 +103,17 @@ def build_tokenizer(cfg: TokenizerTrainConfig, sync_codebook: bool) -> tuple[Vis
         dropout=m.dropout,
         stacking=m.stacking,
         depth=m.depth if m.stacking == "rq" else None,
-        llm_name_or_path=str(cfg.codebook.llm),
-        codebook_mode=cfg.codebook.mode,
-        decay=cfg.codebook.decay,
-        commitment_weight=cfg.codebook.commitment_weight,
-        norm_matching=cfg.codebook.norm_matching,
-        backend=cfg.codebook.backend,
-        search_dim=cfg.codebook.search_dim,
-        sync_codebook=sync_codebook,
+        llm_name_or_path=str(c.llm),
+        codebook_mode=c.mode,
+        decay=c.decay,
+        commitment_weight=c.commitment_weight,
+        norm_matching=c.norm_matching,
+        backend=c.backend,
+        search_dim=c.search_dim,
     )
-    if cfg.codebook.mode == "separate":
-        kwargs["num_codes"] = cfg.codebook.separate_num_codes
-    return VisualTokenizer.from_language_codebook(language, **kwargs), language
+    if c.mode == "separate":
+        kwargs["num_codes"] = c.separate_num_codes
+    return kwargs
 
 
 def _lr_scheduler(

@@ -18,7 +18,6 @@ an empty answer), so a model that does not answer yes/no shows up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,7 @@ from unicode_mllm.data.image_io import ImageDecodeError
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.item_batches import ask_in_batches
 from unicode_mllm.evaluation.skips import SkipCounts
-from unicode_mllm.evaluation.vqa import BAD_JSON, BAD_RECORD, MAX_MISTAKES, AnswerFn, ImageCache, markdown_table
-from unicode_mllm.generation.question_files import read_utf8_lines
+from unicode_mllm.evaluation.vqa import BAD_RECORD, MAX_MISTAKES, AnswerFn, ImageCache, json_lines, markdown_table
 
 NO_WORDS = frozenset({"No", "no", "not"})  # evaluate.py's test, case as written there
 YES_WORDS = frozenset({"Yes", "yes"})  # only for counting unparseable answers
@@ -160,15 +158,7 @@ def pope_items(questions: str | Path, images: str | Path, skips: SkipCounts) -> 
     if not root.is_dir():
         raise UserError(f"--images {root}: no such image folder; pass the folder of the POPE images (e.g. val2014/)")
     records = []
-    for number, line in enumerate(read_utf8_lines(path), start=1):  # UserError naming a line that is not UTF-8
-        if not line.strip():
-            continue
-        name = f"{path.name}:line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exn:
-            skips.skip(BAD_JSON, name, f"{name}: not valid JSON ({exn.msg})")
-            continue
+    for name, record in json_lines(path, skips):
         if not (
             isinstance(record, dict)
             and all(isinstance(record.get(k), str) and record[k] for k in ("image", "text"))

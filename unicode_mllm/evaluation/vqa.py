@@ -342,6 +342,19 @@ class ImageCache:
         return self.image
 
 
+def json_lines(path: Path, skips: SkipCounts) -> Iterator[tuple[str, Any]]:
+    """(name "file:line N", parsed JSON) of every non-blank line of a JSON-lines file; a line that is not JSON is a
+    counted "bad json" skip. UserError names a line that is not UTF-8."""
+    for number, line in enumerate(read_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        name = f"{path.name}:line {number}"
+        try:
+            yield name, json.loads(line)
+        except json.JSONDecodeError as exn:
+            skips.skip(BAD_JSON, name, f"{name}: not valid JSON ({exn.msg})")
+
+
 def jsonl_vqa_items(path: str | Path, skips: SkipCounts, image_root: str | Path | None = None) -> Iterator[VQAItem]:
     """The questions of a JSONL file (see the module docstring). Raises UserError when the file is missing."""
     path = Path(path)
@@ -349,15 +362,7 @@ def jsonl_vqa_items(path: str | Path, skips: SkipCounts, image_root: str | Path 
         raise UserError(f"VQA file {path} not found; pass a JSONL file of image/question/answers lines")
     root = Path(image_root) if image_root is not None else path.parent
     images = ImageCache()
-    for number, line in enumerate(read_utf8_lines(path), start=1):  # UserError naming a line that is not UTF-8
-        if not line.strip():
-            continue
-        name = f"{path.name}:line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exn:
-            skips.skip(BAD_JSON, name, f"{name}: not valid JSON ({exn.msg})")
-            continue
+    for name, record in json_lines(path, skips):
         problem = _record_problem(record)
         if problem:
             skips.skip(BAD_RECORD, name, f"{name}: {problem}")
