@@ -193,7 +193,6 @@ class MLLMTrainer:
             name: TaskMixture(source.tasks.as_dict(), cfg_drop_rate=d.cfg_drop_rate, seed=cfg.train.seed)
             for name, source in self.sources.items()
         }
-        self.mixture = next(iter(self.mixtures.values()))  # the first source's (the only one's, usually)
         check_sequence_lengths(self.builder, self.mllm, d, self.mixtures.values())
         self.record_token_ids = RecordTokenIds(self.mllm.visual_tokenizer, d.token_ids, self.accelerator.device)
         self.step = 0
@@ -211,11 +210,6 @@ class MLLMTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     # ----- data -------------------------------------------------------------------------------------
-
-    @property
-    def position(self) -> DataPosition:
-        """The only (or first) source's data position."""
-        return next(iter(self.positions.values()))
 
     def _dataset(self, shards: str, split: str, shuffle: bool) -> StreamingDataset:
         state = self.accelerator.state
