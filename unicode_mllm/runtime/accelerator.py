@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import torch.distributed as dist
-
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
