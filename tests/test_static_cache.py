@@ -208,3 +208,27 @@ def test_an_unknown_cache_kind_is_one_user_error(model):
 
     with pytest.raises(UserError, match="cache_kind must be one of"):
         generate_images(model, PROMPTS[:1], cache_kind="paged", decode=False)
+
+
+@pytest.mark.parametrize(("temperature", "seed"), [(0.0, None), (1.0, 4)], ids=["greedy", "sampled"])
+def test_static_cache_answers_equal_dynamic_cache_answers(model, cache_types, temperature, seed):
+    """Answers (the VQA / chat path) on the preallocated cache: the same tokens as on the growing one."""
+    from PIL import Image
+
+    from unicode_mllm.generation.answering import generate_answers, question_prompts
+
+    pixels = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=pixels) * 255).byte().numpy())
+    questions = ["what shape is at the top left?", "how many shapes are there?", "draw a red circle"]
+    prompts = question_prompts(model, [image, image, None], questions)
+    settings = dict(max_new_tokens=24, temperature=temperature, top_k=50, seed=seed, allow_images=True)
+    static = generate_answers(model, prompts, cache_kind="static", **settings)
+    dynamic = generate_answers(model, prompts, cache_kind="dynamic", **settings)
+    auto = generate_answers(model, prompts, batch_size=2, **settings)
+    assert cache_types == ["StaticCache", "DynamicCache", "StaticCache", "StaticCache"]
+    assert (
+        [a.token_ids.tolist() for a in static]
+        == [a.token_ids.tolist() for a in dynamic]
+        == [a.token_ids.tolist() for a in auto]
+    )
+    assert [a.text for a in static] == [a.text for a in dynamic]

@@ -33,7 +33,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.generation.constrained_span import OUTSIDE, image_span_constraint
 from unicode_mllm.generation.image_inputs import ImageInput, images_to_token_ids
-from unicode_mllm.generation.incremental_decoding import evaluation_mode, model_device
+from unicode_mllm.generation.incremental_decoding import CACHE_KINDS, evaluation_mode, model_device
 from unicode_mllm.generation.prompts import (
     check_fits,
     check_prompt_text,
@@ -131,6 +131,7 @@ def _decode_batch(
     seeds: Sequence[int] | None,
     allow_images: bool,
     use_cache: bool,
+    cache_kind: str,
     logits_processor: LogitsProcessor | None,
     stop_strings: Sequence[str],
 ) -> Iterator[tuple[int, str] | list[Answer]]:
@@ -140,7 +141,10 @@ def _decode_batch(
     b, steps = len(prompts), max(budgets)
     # A reply that may write an image must read every token of its context: reduction off then.
     reduction = reduction_for_mode(model.token_reduction, "image" if allow_images else "text")
-    decoder, logits = prefill_prompts(model, prompts, use_cache=use_cache, reduction=reduction)  # logits (b, V)
+    # steps - 1 decoder steps follow the prefill at most (the last token needs none): a static cache holds them.
+    decoder, logits = prefill_prompts(
+        model, prompts, use_cache=use_cache, reduction=reduction, max_new_tokens=steps - 1, cache_kind=cache_kind
+    )  # logits (b, V)
     constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=allow_images)
     state = constraint.initial_state(b, inside=False, device=device)
     uniforms = None if seeds is None else uniform_draws(seeds, steps)  # (b, steps) on the CPU
@@ -221,6 +225,7 @@ def _iter_answers(
     batch_size: int = DEFAULT_BATCH_SIZE,
     allow_images: bool = False,
     use_cache: bool = True,
+    cache_kind: str = "auto",
     logits_processor: LogitsProcessor | None = None,
     stop_strings: Sequence[str] | None = None,
     first_index: int = 0,
@@ -234,6 +239,8 @@ def _iter_answers(
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if cache_kind not in CACHE_KINDS:
+        raise UserError(f"cache_kind must be one of {list(CACHE_KINDS)}, got {cache_kind!r}")
     sampling = SamplingSettings(temperature, top_k, top_p)
     limit = max_positions(model.lm)
     budgets = []
@@ -256,6 +263,7 @@ def _iter_answers(
                 seeds=seeds,
                 allow_images=allow_images,
                 use_cache=use_cache,
+                cache_kind=cache_kind,
                 logits_processor=logits_processor,
                 stop_strings=stops,
             ):
@@ -276,7 +284,9 @@ def generate_answers(
     """Built prompts -> one Answer each. `stream(index, piece)` receives text as it is decoded.
 
     settings: max_new_tokens, temperature (0 = greedy, the default), top_k, top_p, seed, batch_size,
-    allow_images, use_cache, logits_processor, stop_strings (None = the template's), first_index.
+    allow_images, use_cache, cache_kind ("auto": a KV cache preallocated for prompt + max_new_tokens where the LM
+    supports transformers' StaticCache, "static" or "dynamic"; the same tokens), logits_processor, stop_strings (None
+    = the template's), first_index.
     Raises UserError for a prompt longer than the LM's positions and for bad settings.
     """
     answers: list[Answer] = []
