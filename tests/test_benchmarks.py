@@ -23,3 +23,17 @@ def test_stage2_step_benchmark_reports_one_row(capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["tokens_per_s"] > 0 and row["steps_timed"] == 2 and row["peak_memory_mib"] > 0
     assert 0 < row["trainable_m"] < row["parameters_m"]  # adapters and embeddings train, the base does not
+
+
+def test_tokenizer_peer_benchmark_matches_vq16_parameters(tmp_path, capsys):
+    """VQ-16 rebuilt at its published 72M; the `equal` row within 2% of it (at 64 px); a ratio for every row."""
+    bench = load("bench_tokenizer_peer")
+    out = tmp_path / "peer.json"
+    args = ["--rows", "vq16", "equal_bf16", "--table", "64", "4096", "--batch", "1", "--repeats", "1"]
+    args += ["--image-size", "64"]  # the comparison is at 256 px (71.7M vs 71.9M); at 64 px attention moves: 70.7M
+    assert bench.main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    params = result["parameters_m"]
+    assert abs(params["vq16"] - 72) < 0.5 and abs(params["equal_bf16"] / params["vq16"] - 1) < 0.02
+    assert set(result["ratio_to_vq16"]) == {"vq16", "equal_bf16"} and result["ratio_to_vq16"]["vq16"] == 1.0
+    assert "| equal_bf16 |" in capsys.readouterr().out
