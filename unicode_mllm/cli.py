@@ -677,6 +677,24 @@ def chat_cmd(
     )
 
 
+@app.command("serve")
+def serve_cmd(
+    model: Path = typer.Option(..., "--model", help="A saved UniCodeMLLM folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+) -> None:
+    """Web demo in the browser (gradio: the demo extra): Ask, Draw, Reconstruct and Chat tabs."""
+    from unicode_mllm.web_demo import check_port_free, require_gradio, serve
+
+    require_gradio()  # a missing extra or a taken port fail before the model loads
+    check_port_free(host, port)
+    mllm = _load_inference_model(model, device, dtype)
+    typer.echo(f"serving {model} on http://{host}:{port} (Ctrl+C stops)")
+    serve(mllm, host, port)
+
+
 # ---------------------------------------------------------------------------------------- entry
 
 
