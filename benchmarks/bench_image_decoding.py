@@ -9,6 +9,8 @@ ones) and the project rows mix the two halves' logits (guidance.py).
     static:  `IncrementalDecoder(cache_kind="static")`: transformers' StaticCache sized prompt + span
              and a preallocated attention mask (no per-step concatenation);
     dynamic: `IncrementalDecoder(cache_kind="dynamic")`: the growing DynamicCache (the decoding before);
+    compiled: (with `--compile`) static, every step through `torch.compile` (`compile_step=True`; the warm-up round
+             compiles);
     hf:      `lm.generate(do_sample=True, top_k=50, min_new_tokens=max_new_tokens=span)` on the same ids
              (with --cfg: on the 2 x batch rows, unmixed: the same forwards, HF's CFG processor would
              run a second forward per step instead).
@@ -78,7 +80,8 @@ def build_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> tuple[t
 def project_decode(lm, kind: str, ids, mask, span: int, cfg: bool, uniforms) -> torch.Tensor:
     b = ids.shape[0] // (2 if cfg else 1)
     sampling = SamplingSettings(1.0, top_k=TOP_K)
-    decoder = IncrementalDecoder(lm, cache_kind=kind)
+    compiled = kind == "compiled"
+    decoder = IncrementalDecoder(lm, cache_kind="static" if compiled else kind, compile_step=compiled)
     chosen = torch.empty(b, span, dtype=torch.long, device=ids.device)
     logits = decoder.prefill(lm.get_input_embeddings()(ids), mask, max_new_tokens=span - 1)
     for step in range(span):
@@ -106,7 +109,9 @@ def hf_decode(lm, ids, mask, span: int) -> torch.Tensor:
     return out[:, ids.shape[1] :].cpu()
 
 
-def run_case(lm, device, batch: int, cfg: bool, span: int, prompt_len: int, repeats: int) -> dict:
+def run_case(
+    lm, device, batch: int, cfg: bool, span: int, prompt_len: int, repeats: int, compile_step: bool = False
+) -> dict:
     vocab = lm.config.vocab_size
     ids, mask = build_prompts(batch, prompt_len, vocab, seed=1)
     if cfg:
@@ -119,11 +124,14 @@ def run_case(lm, device, batch: int, cfg: bool, span: int, prompt_len: int, repe
         "dynamic": lambda: project_decode(lm, "dynamic", ids, mask, span, cfg, uniforms),
         "hf": lambda: hf_decode(lm, ids, mask, span),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in IMPLEMENTATIONS}
+    names = IMPLEMENTATIONS + (("compiled",) if compile_step else ())
+    if compile_step:
+        calls["compiled"] = lambda: project_decode(lm, "compiled", ids, mask, span, cfg, uniforms)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     tokens: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for round_ in range(repeats + 1):  # round 0 warms up
-            for name in IMPLEMENTATIONS:
+            for name in names:
                 start = time.perf_counter()
                 tokens[name] = calls[name]()
                 if device.type == "cuda":
@@ -141,11 +149,20 @@ def run_case(lm, device, batch: int, cfg: bool, span: int, prompt_len: int, repe
         "rows_per_forward": ids.shape[0],
         "span": span,
         "prompt_len": prompt_len,
-        **{f"{name}_tokens_per_s": round(rate[name], 1) for name in IMPLEMENTATIONS},
+        **{f"{name}_tokens_per_s": round(rate[name], 1) for name in names},
         "static_over_dynamic": paired("static", "dynamic"),
         "static_over_hf": paired("static", "hf"),
         "dynamic_over_hf": paired("dynamic", "hf"),
         "static_equals_dynamic_tokens": bool(torch.equal(tokens["static"], tokens["dynamic"])),
+        **(
+            {
+                "compiled_over_static": paired("compiled", "static"),
+                "compiled_over_hf": paired("compiled", "hf"),
+                "compiled_equals_static_tokens": bool(torch.equal(tokens["compiled"], tokens["static"])),
+            }
+            if compile_step
+            else {}
+        ),
         "repeats": repeats,
     }
 
@@ -160,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a small shared CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time compiled steps (compile_step=True)")
     return parser
 
 
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         lm = build_lm(shape, device)
         for batch in args.batches:
             for cfg in cfgs:
-                row = run_case(lm, device, batch, cfg, args.span, args.prompt_len, args.repeats)
+                row = run_case(lm, device, batch, cfg, args.span, args.prompt_len, args.repeats, args.compile)
                 print(json.dumps({"shape": shape, **row}), flush=True)
     return 0
 

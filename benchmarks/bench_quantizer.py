@@ -1,7 +1,7 @@
 """Side by side: one quantizer training step of the library backend, the native backend and raw ResidualVQ.
 
 Exception to the one-adapter rule: this script imports `vector_quantize_pytorch` directly, because the
-raw `ResidualVQ` is the peer being compared (configured as shared/design/QUANTIZER.md says: shared
+raw `ResidualVQ` is the peer being compared (configured as `StackedQuantizer._build_library_rvq` does: shared
 codebook, decay 0.99, eps 1e-5, commitment weight 0.25, no rotation trick, no dead-code expiry, no
 k-means init, dim == codebook_dim, the project's own projections around it and one straight-through
 wrap in codebook space). Everything else goes through `StackedQuantizer`.
@@ -33,7 +33,7 @@ jobs on the same cores, every parallel op waits for a descheduled thread (measur
 
 Usage (CPU, the defaults: N=256 tokens, D=4, sizes 512x64 and 32000x4096; about 3 minutes on 1 thread):
     python benchmarks/bench_quantizer.py --threads 1
-On a GPU, at the token count of QUANTIZER.md (not run yet at the time of writing):
+On a GPU, at LLM scale (8192 tokens; not run yet at the time of writing):
     python benchmarks/bench_quantizer.py --device cuda --tokens 8192 --warmup 3 --repeats 10
 """
 

@@ -20,8 +20,18 @@ Reported: the median and min wall time of a step after warm-up, tokens per secon
 peak memory of the step: on CUDA torch.cuda.max_memory_allocated() (weights, optimizer state and
 activations: the number that decides whether the preset fits), on CPU the peak RSS of the process.
 
+`--compare-packing CONFIG` measures instead the real stage-2 step of a preset (`MLLMTrainer.train_step`: sample
+building, image splice, forward, backward, AdamW) with `data.packing` off and on: two trainers of the same seed
+(so the same samples every step), their steps interleaved in one process so that a shared machine's load hits
+both alike. Stages 0 and 1 are stand-ins trained for one step (`--work` keeps them): the step's cost does not
+depend on trained weights, and sample lengths only on the text tokenizer (trained in full by stage 0) and the code
+shape. Reported per mode: real (unpadded) and padded tokens summed over the timed steps, padded/real, forward
+passes, median step time and real tokens/s; then the ratios packed/unpacked.
+
 Usage:
     python benchmarks/bench_stage2_step.py --size tiny --batch 8 --seq-len 640 --threads 1     # CPU preset
+    python benchmarks/bench_stage2_step.py --compare-packing configs/mllm/tiny.yaml --threads 2 \
+        --warmup 2 --steps 20                                                                  # packing on/off
     python benchmarks/bench_stage2_step.py --size 7b --lora --activation-checkpointing \\
         --batch 16 --seq-len 1024 --device cuda                                                 # 7B preset, per GPU
 """
@@ -30,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -163,6 +175,81 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def build_stand_ins(work: Path) -> tuple[Path, Path, Path]:
+    """Shapes shards and one-step stage-0/stage-1 runs of the tiny presets under `work` (reused when there):
+    (shards, LM folder, visual tokenizer folder)."""
+    from tokenizer_training.config import TokenizerTrainConfig
+    from tokenizer_training.trainer import train_tokenizer
+    from unicode_mllm.config import load_config
+    from unicode_mllm.data.shapes import ShapesConfig
+    from unicode_mllm.data.shapes_dataset import write_shapes_dataset
+    from unicode_mllm.lm import LMTrainConfig, train_lm
+
+    shards, lm_dir, vt_dir = work / "shapes32", work / "lm" / "model", work / "tokenizer" / "final"
+    if not (shards / "manifest.json").is_file():
+        write_shapes_dataset(ShapesConfig(image_size=32), shards, {"train": 512, "val": 16, "heldout": 16})
+    if not lm_dir.is_dir():
+        steps = [
+            "train.steps=1",
+            "optim.warmup_steps=0",
+            "train.eval_every=1",
+            "train.ckpt_every=1",
+            "train.device=cpu",
+        ]
+        lm_dir = Path(train_lm(load_config(LMTrainConfig, "configs/lm/tiny.yaml", steps), out_dir=work / "lm"))
+    if not vt_dir.is_dir():
+        overrides = [f"codebook.llm={lm_dir}", f"data.shards={shards}", "train.steps=1", "optim.warmup_steps=0"]
+        overrides += ["train.eval_every=1", "train.ckpt_every=1", "train.device=cpu", "codebook.blend.ramp_steps=1"]
+        cfg = load_config(TokenizerTrainConfig, "configs/tokenizer/tiny.yaml", overrides)
+        vt_dir = Path(train_tokenizer(cfg, out_dir=work / "tokenizer").final_dir)
+    return shards, lm_dir, vt_dir
+
+
+def compare_packing(args: argparse.Namespace) -> dict:
+    """Interleaved `train_step`s of the preset `args.compare_packing` with data.packing off and on."""
+    from unicode_mllm.config import load_config
+    from unicode_mllm.training import MLLMTrainConfig, MLLMTrainer
+
+    work = Path(args.work)
+    shards, lm_dir, vt_dir = build_stand_ins(work)
+    trainers = {}
+    for packing in (False, True):
+        overrides = [f"model.lm={lm_dir}", f"model.visual_tokenizer={vt_dir}", f"data.shards={shards}"]
+        overrides += [f"data.packing={str(packing).lower()}", "train.device=cpu", f"train.out_dir={work}/mllm"]
+        cfg = load_config(MLLMTrainConfig, args.compare_packing, overrides)
+        trainers[packing] = MLLMTrainer(cfg, out_dir=work / f"mllm_packing_{packing}")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the trainers set train.num_threads when the config has one
+    rows: dict[bool, list[dict]] = {False: [], True: []}
+    for step in range(args.warmup + args.steps):
+        for packing in (False, True) if step % 2 == 0 else (True, False):  # alternate who goes first
+            start = time.perf_counter()
+            logs = trainers[packing].train_step()
+            logs["wall_s"] = time.perf_counter() - start
+            if step >= args.warmup:
+                rows[packing].append(logs)
+    out: dict = {"config": args.compare_packing, "threads": torch.get_num_threads(), "steps_timed": args.steps}
+    for packing, logs in rows.items():
+        real, padded = sum(r["tokens"] for r in logs), sum(r["padded_tokens"] for r in logs)
+        median = statistics.median(r["wall_s"] for r in logs)
+        out["packed" if packing else "unpacked"] = {
+            "packing_used": trainers[packing].packing(),
+            "real_tokens": real,
+            "padded_tokens": padded,
+            "padded_per_real": round(padded / real, 4),
+            "forward_passes": sum(r["forward_passes"] for r in logs),
+            "median_step_s": round(median, 4),
+            "real_tokens_per_s": round(real / sum(r["wall_s"] for r in logs), 1),
+            "loss_last": round(logs[-1]["loss"], 5),
+        }
+    u, p = out["unpacked"], out["packed"]
+    out["ratio_real_tokens_per_s"] = round(p["real_tokens_per_s"] / u["real_tokens_per_s"], 3)
+    out["ratio_median_step_s"] = round(p["median_step_s"] / u["median_step_s"], 3)
+    out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    out["cpu"] = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SHAPES), default="tiny")
@@ -174,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument("--compare-packing", metavar="CONFIG", help="a stage-2 preset: its real step, packing off/on")
+    parser.add_argument("--work", default="runs/bench_packing", help="--compare-packing's stand-in stage 0/1 runs")
     args = parser.parse_args(argv)
+    if args.compare_packing:
+        print(json.dumps(compare_packing(args)))
+        return 0
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -1,4 +1,5 @@
-"""Run by tests/test_fsdp.py under a 2-process CPU launch: stage 0 (train_lm) of tests/test_lm.py's TINY preset.
+"""Run by tests/test_fsdp.py and tests/test_deepspeed.py under a 2-process CPU launch: stage 0 (train_lm) of
+tests/test_lm.py's TINY preset, under FSDP2, DeepSpeed ZeRO or DDP as the launch says.
 
     fsdp_lm_worker.py OUT_DIR [--kill-after STEP] [--resume]
 

@@ -1,5 +1,5 @@
-"""Run by tests/test_fsdp.py under torch.distributed.run (2 CPU processes, gloo): stage 2 as the launch says
-(FSDP2 when ACCELERATE_USE_FSDP=true, DDP otherwise).
+"""Run by tests/test_fsdp.py and tests/test_deepspeed.py under a 2-process CPU launch (gloo): stage 2 as the launch
+says (FSDP2 when ACCELERATE_USE_FSDP=true, DeepSpeed ZeRO when ACCELERATE_USE_DEEPSPEED=true, DDP otherwise).
 
     fsdp_mllm_worker.py CFG_JSON OUT_JSON [--kill-after STEP] [--resume] [--dump-samples]
 

@@ -13,9 +13,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from unicode_mllm.cli import main
-from unicode_mllm.demo import PROFILES, EvalSizes
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.ablation import SETTINGS, rows_to_markdown, run_ablation
+from unicode_mllm.pipeline import PROFILES, EvalSizes
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 # The smoke profile, sized for conftest's LM (width 32, 512 positions): rq at depth 2 keeps every stage-2

@@ -493,3 +493,56 @@ def test_stage2_resumes_from_the_last_batch_of_an_epoch_as_reported(tiny_lm_dir,
     run_stage("mllm", tmp_path / "mm", 50, False, dirs, ckpt_every=50)
     run_stage("mllm", tmp_path / "mm", 60, True, dirs, ckpt_every=50)
     assert _data_position(CheckpointManager(tmp_path / "mm" / "checkpoints").load().state) == (1, 10)
+
+
+def _collective_save_rank(rank: int, init_file: str, root: str, failing_rank: int) -> None:
+    import errno
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        manager = CheckpointManager(Path(root))
+        local = {"moment": torch.full((3,), float(rank))}
+        manager.save_collective(1, {"weights": {"w": torch.ones(2)}}, {"note": "first"}, "optimizer", local)
+        if rank == failing_rank:  # this rank's disk is full at step 2
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            ckpt.save_tensors = full
+        try:
+            manager.save_collective(2, {"weights": {"w": torch.zeros(2)}}, {"note": "second"}, "optimizer", local)
+            outcome = "saved"
+        except UserError as e:
+            outcome = str(e)
+        mine = ckpt.load_shard(manager.latest(), "optimizer", rank)["moment"].tolist()
+        (Path(root) / f"rank{rank}.json").write_text(json.dumps({"outcome": outcome, "mine": mine}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_collective_save_is_whole_or_absent_and_each_rank_reads_its_own_file(tmp_path):
+    """`save_collective` (DeepSpeed's per-rank optimizer partitions): every rank's file lands in one atomic step
+    folder; a write error on one rank is the same one-line UserError on every rank and leaves the previous
+    checkpoint the latest, with no temporary folder behind."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "checkpoints"
+    mp.spawn(_collective_save_rank, args=(str(tmp_path / "init"), str(root), 1), nprocs=2, join=True)
+    results = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["outcome"] == results[1]["outcome"]
+    assert results[0]["outcome"].startswith("could not write checkpoint") and "\n" not in results[0]["outcome"]
+    assert [r["mine"] for r in results] == [[0.0] * 3, [1.0] * 3]
+    manager = CheckpointManager(root)
+    assert [p.name for p in manager.step_dirs()] == ["step-00000001"] and not list(root.glob(".*.tmp"))
+    loaded = manager.load()
+    assert loaded.state["note"] == "first" and set(loaded.tensors) == {"weights"}  # rank files: by their rank only
+    assert sorted(p.name for p in loaded.path.glob("*.safetensors")) == [
+        "optimizer.rank00000.safetensors",
+        "optimizer.rank00001.safetensors",
+        "weights.safetensors",
+    ]
+    layout = CheckpointLayout(tensors={"weights": None, "optimizer": None})  # what a DDP resume expects
+    with pytest.raises(UserError, match=r"holds optimizer as DeepSpeed ZeRO partitions, .*DeepSpeed launch"):
+        manager.check_dir(loaded.path, layout)

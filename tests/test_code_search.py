@@ -73,7 +73,7 @@ def test_settings_declare_and_validate_the_search_options():
     QuantizerSettings(backend="native", search_dtype="bf16", native_code_chunk_size=4096).validate()
     with pytest.raises(ConfigError, match="quantizer.search_dtype 'half' is unknown"):
         QuantizerSettings(search_dtype="half").validate()
-    with pytest.raises(ConfigError, match="search_dtype='bf16' needs backend 'native'"):
+    with pytest.raises(ConfigError, match="search_dtype='bf16' needs quantizer.backend='native'"):
         QuantizerSettings(backend="library", search_dtype="bf16").validate()
     with pytest.raises(ConfigError, match="native_code_chunk_size must be >= 1"):
         QuantizerSettings(backend="native", native_code_chunk_size=0).validate()

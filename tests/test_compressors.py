@@ -1,6 +1,7 @@
-"""Token compressors: seed golden fixtures (exact), HF reference modules, and the invariants of SEED_SYSTEMS.md §3.
+"""Token compressors: seed golden fixtures (exact), HF reference modules, and the invariants their docstrings
+(`compression/__init__.py`) state.
 
-Fixtures come from ../shared/fixtures/seed_golden (copied into tests/fixtures/seed_golden with their README):
+Fixtures are in tests/fixtures/seed_golden (with their README):
 inputs, weights and outputs computed once from the seeds' reference snippets. CPU, fp32, tiny widths.
 """
 

@@ -10,17 +10,11 @@ import pytest
 from PIL import Image
 
 from unicode_mllm.cli import main
-from unicode_mllm.demo import (
-    MIN_STAGE_MINUTES,
-    PROFILES,
-    TimeBudget,
-    check_lm_positions,
-    load_stage_configs,
-    run_demo,
-    spread_vqa_items,
-)
+from unicode_mllm.demo import run_demo
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation import SkipCounts
+from unicode_mllm.evaluation.stage_evaluation import spread_vqa_items
+from unicode_mllm.pipeline import MIN_STAGE_MINUTES, PROFILES, TimeBudget, check_lm_positions, load_stage_configs
 from unicode_mllm.report import Section, write_report
 
 

@@ -2,7 +2,7 @@
 
 Golden: the `inf_llava_crops` seed fixture (exact). The rest is checked against short loop-based
 re-computations written from the papers' descriptions (S^2 §3 / s2wrapper's chessboard + area pooling;
-INF-LLaVA §3.2 / DEM), plus the invariants of SEED_SYSTEMS.md §3.8-3.9. The encoder is a fixed random
+INF-LLaVA §3.2 / DEM), plus the grid invariants of `compression/views.py`. The encoder is a fixed random
 stride-4 patchifier, so every view size and grid is known exactly.
 """
 

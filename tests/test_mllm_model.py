@@ -271,3 +271,24 @@ def test_labels_are_ignore_index_on_the_prompt(tiny_lm_dir, vt_dir):
 def tiny_visual_tokenizer_of_width(width: int) -> VisualTokenizer:
     codebook = LanguageCodebook.from_embedding_matrix(torch.randn(100, width), CODE_IDS)
     return VisualTokenizer.from_language_codebook(codebook, stacking="rq", depth=2, **ARCH)
+
+
+def test_public_aggregation_is_what_the_model_reads_on_gemma():
+    """Gemma's input-embedding module multiplies by sqrt(hidden size): the public `aggregate_embeddings`, given the
+    LM's embedding module, sums what the model reads (not the raw rows, 8x smaller here)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    tok, _ = bare_tokenizer_and_lm()
+    sizes = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    lm = GemmaForCausalLM(GemmaConfig(vocab_size=len(tok), num_key_value_heads=1, **sizes))
+    codebook = LanguageCodebook.from_embedding_matrix(lm.get_input_embeddings().weight.detach(), range(3, len(tok)))
+    vt = VisualTokenizer.from_language_codebook(codebook, stacking="rq", depth=2, **ARCH)
+    model = UniCodeMLLM(lm, vt, tok).eval()
+    codes = torch.randint(0, vt.config.num_codes, (2, *vt.code_shape), generator=torch.Generator().manual_seed(0))
+    ids = vt.codes_to_token_ids(codes)
+    read = model.embed_images(ids)  # (2, h*w, c): what the LM gets in the image slots
+    embeddings = model.lm.get_input_embeddings()
+    assert torch.equal(VisualTokenizer.aggregate_embeddings(ids, embeddings), read)
+    raw = VisualTokenizer.aggregate_embeddings(ids, embeddings.weight)  # the rows as stored
+    torch.testing.assert_close(read, raw * 64**0.5)

@@ -22,7 +22,7 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.lm.config import TextTokenizerConfig
 from unicode_mllm.lm.corpus import sample_document
 from unicode_mllm.lm.text_tokenizer import train_text_tokenizer
-from unicode_mllm.model.decompression import (
+from unicode_mllm.token_layout import (
     grid_to_sequence,
     segments_to_grid,
     sequence_to_grid,

@@ -272,7 +272,7 @@ def test_install_and_blend_survive_an_ema_step():
 
 @pytest.mark.parametrize("how", ["mode", "flag", "eval"])
 def test_frozen_native_codebook_stays_bit_identical(how):
-    q = make_quantizer("native", depth=2, codebook_mode="frozen" if how == "mode" else "language_driven")
+    q = make_quantizer("native", depth=2, mode="frozen" if how == "mode" else "language_driven")
     q.install(language_codebook())
     opt = torch.optim.SGD(q.parameters(), lr=0.1)
     if how != "mode":
@@ -519,7 +519,7 @@ def test_subspace_search_trains_round_trips_and_keeps_the_basis_in_the_state_dic
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"backend": "library", "search_dim": 4}, "needs backend 'native'"),
+        ({"backend": "library", "search_dim": 4}, "needs quantizer.backend='native'"),
         ({"backend": "native", "search_dim": 0}, "search_dim must be >= 1"),
     ],
 )

@@ -44,7 +44,12 @@ def test_accelerate_configs_parse_with_accelerate(name):
 
     config = ClusterConfig.from_yaml_file(str(CONFIGS / "accelerate" / name))
     assert config.num_processes >= 1 and config.mixed_precision == ("no" if config.use_cpu else "bf16")
-    assert config.distributed_type in ("MULTI_GPU", "NO", "FSDP")  # the trainers refuse DeepSpeed
+    assert config.distributed_type in ("MULTI_GPU", "NO", "FSDP", "DEEPSPEED")
+    if config.distributed_type == "DEEPSPEED":  # stages 0 and 2 (tests/test_deepspeed.py runs the CPU ones)
+        assert config.deepspeed_config["zero_stage"] in (2, 3)
+        assert "gradient_clipping" not in config.deepspeed_config  # the trainer sets it from optim.grad_clip
+        if config.deepspeed_config["zero_stage"] == 3:
+            assert config.deepspeed_config["zero3_save_16bit_model"] is True
     if config.distributed_type == "FSDP":  # stage 2's FSDP2 settings (tests/test_fsdp.py runs the CPU one)
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"

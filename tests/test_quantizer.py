@@ -54,7 +54,7 @@ def features(seed: int = 2, b: int = 2, n: int = 16, scale: float = 1.0) -> torc
 
 
 def test_library_version_is_the_pinned_one():
-    # Fails on an upgrade: re-check QUANTIZER.md's facts (this file) before moving the pin.
+    # Fails on an upgrade: re-check the library facts (this file) before moving the pin.
     assert PINNED_VQ_VERSION == "1.31.0"
     assert metadata.version("vector-quantize-pytorch") == PINNED_VQ_VERSION
     assert installed_vq_version() == PINNED_VQ_VERSION
@@ -245,7 +245,7 @@ def test_blend_weights_follow_the_paper():
 
 @pytest.mark.parametrize("mode", ["frozen", "separate"])
 def test_blend_is_rejected_where_the_mode_forbids_it(mode):
-    q = make_quantizer(codebook_mode=mode)
+    q = make_quantizer(mode=mode)
     with pytest.raises(ConfigError, match=f"codebook_mode='{mode}' never blends"):
         q.blend_toward(language_codebook(), 0.5)
 
@@ -280,7 +280,7 @@ def codebook_state(q: StackedQuantizer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("how", ["mode", "flag", "eval"])
 def test_frozen_codebook_stays_bit_identical(how):
-    q = make_quantizer(depth=2, codebook_mode="frozen" if how == "mode" else "language_driven")
+    q = make_quantizer(depth=2, mode="frozen" if how == "mode" else "language_driven")
     q.install(language_codebook())
     if how != "mode":
         # Tail epochs: EMA training (uneven cluster sizes), a blend, then a fixed codebook. With uneven
@@ -322,14 +322,14 @@ def test_forward_flag_overrides_the_attribute():
 
 
 def test_separate_mode_random_and_kmeans_init():
-    q = make_quantizer(codebook_mode="separate", target_norm=2.0)
+    q = make_quantizer(mode="separate", target_norm=2.0)
     q.init_codebook_randomly(generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(q.codebook.norm(dim=-1), torch.full((NUM_CODES,), 2.0))
 
     x = features(b=4, n=32, scale=5.0)
 
     def distortion(iters: int) -> float:
-        qk = make_quantizer(codebook_mode="separate")
+        qk = make_quantizer(mode="separate")
         qk.init_codebook_from_features(x, kmeans_iters=iters, generator=torch.Generator().manual_seed(0))
         qk.eval()
         with torch.no_grad():
@@ -340,7 +340,7 @@ def test_separate_mode_random_and_kmeans_init():
 
 
 def test_dual_mode_export_and_install_round_trip():
-    q = make_quantizer(codebook_mode="dual")
+    q = make_quantizer(mode="dual")
     q.install(language_codebook())
     train_steps(q, steps=1)
     exported = q.export_codebook()
@@ -506,7 +506,7 @@ def test_cast_except_quantizer_keeps_the_quantizer_fp32():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"codebook_mode": "shared"}, r"codebook_mode 'shared' is unknown; choose one of \['dual'"),
+        ({"mode": "shared"}, r"mode 'shared' is unknown; choose one of \['dual'"),
         ({"norm_matching": "layernorm"}, "norm_matching 'layernorm' is unknown"),
         ({"decay": 1.0}, "decay must lie strictly between 0 and 1"),
         ({"eps": 0.0}, "eps must be positive"),

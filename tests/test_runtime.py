@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,21 +59,24 @@ def test_stage_accelerators_may_change_precision_within_one_process():
     stage_accelerator("test", cpu=True, mixed_precision="no")  # leave the default for later tests
 
 
-def test_sharded_strategies_are_refused_in_one_line(monkeypatch):
+def test_deepspeed_is_refused_in_one_line_where_a_stage_does_not_support_it(monkeypatch):
     from accelerate.utils import DistributedType
 
     import unicode_mllm.runtime.accelerator as module
 
-    class ShardedAccelerator(module.Accelerator):
+    class DeepSpeedAccelerator(module.Accelerator):
         @property
         def distributed_type(self):
             return DistributedType.DEEPSPEED
 
-    monkeypatch.setattr(module, "Accelerator", ShardedAccelerator)
-    with pytest.raises(
-        UserError, match=r"^train-mllm: accelerate is set up for DeepSpeed, .*fsdp2\.yaml.*ddp_bf16\.yaml"
-    ):
-        module.stage_accelerator("train-mllm", fsdp=True, cpu=True)
+    monkeypatch.setattr(module, "Accelerator", DeepSpeedAccelerator)
+    reason = ": its codebook EMA statistics are all-reduced across whole replicas, so stage 1 runs under DDP"
+    with pytest.raises(UserError, match=r"^train-tokenizer: accelerate is set up for DeepSpeed, .*codebook EMA.*DDP"):
+        module.stage_accelerator("train-tokenizer", no_fsdp_reason=reason, cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as `accelerate launch` sets it: refused before setup
+    with pytest.raises(UserError, match=r"^demo: accelerate is set up for DeepSpeed, .*ddp_bf16\.yaml") as refusal:
+        module.stage_accelerator("demo", cpu=True)
+    assert "\n" not in str(refusal.value)
 
 
 def test_fsdp_is_refused_in_one_line_where_a_stage_does_not_support_it(monkeypatch):
@@ -126,3 +130,29 @@ def test_logs_off_a_terminal_are_single_unwrapped_lines(capsys):
         logger.removeHandler(handler)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.rstrip().endswith(message) and "WARNING" in err
+
+
+def _time_budget_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from unicode_mllm.runtime.time_budget import out_of_time
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        now = time.perf_counter()
+        started = now - 120 if rank == 0 else now  # rank 0 is past a 1-minute budget, rank 1 is not
+        verdicts = [out_of_time(started, 1.0), out_of_time(now, 1.0), out_of_time(started, None)]
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(verdicts))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_max_minutes_stops_every_rank_at_the_same_step(tmp_path):
+    """One rank past train.max_minutes stops both (a rank-local verdict would leave the other in a collective)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_time_budget_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    verdicts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert verdicts == [[True, False, False], [True, False, False]]

@@ -103,7 +103,7 @@ def test_decode_codes_equals_the_eval_forward(kind):
 
 @pytest.mark.parametrize("kind", ["rq", "hq"])
 def test_frozen_mode_never_writes_the_codebook(kind):
-    stack = make_stack(kind, codebook_mode="frozen")
+    stack = make_stack(kind, mode="frozen")
     buffers = {k: v.clone() for k, v in stack.quantizer.codebook_buffers().items() if k != "feature_norm"}
     warm_up(stack, steps=3)
     for name, before in buffers.items():

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from tests.test_kv_cache_args import ARCHITECTURES, WIDTH, left_padded_prompt, make_lm
+from unicode_mllm.errors import UserError
 from unicode_mllm.generation import SamplingSettings, generate_images, mix_guidance, prompt_builder
 from unicode_mllm.generation.image_generation import generate_image_sequences
 from unicode_mllm.generation.incremental_decoding import IncrementalDecoder, supports_static_cache
@@ -232,3 +233,23 @@ def test_static_cache_answers_equal_dynamic_cache_answers(model, cache_types, te
         == [a.token_ids.tolist() for a in auto]
     )
     assert [a.text for a in static] == [a.text for a in dynamic]
+
+
+def test_compiled_steps_give_the_eager_tokens(model, monkeypatch):
+    """compile_step: torch.compile'd decode steps on a bucketed static cache choose the eager static cache's tokens,
+    also for a second batch of another prompt length (the same bucket); refused without the cache.
+
+    Through dynamo with the aot_eager backend (the graph capture and the bucketed cache are what this project adds;
+    inductor's code generation costs ~30 s here and is timed by benchmarks/bench_image_decoding.py --compile).
+    """
+    from unicode_mllm.generation import incremental_decoding
+
+    monkeypatch.setattr(incremental_decoding, "COMPILE_BACKEND", "aot_eager")
+    builder = prompt_builder(model)
+    rows = [prompt_sample(builder, builder.text_to_image_prompt(p)) for p in PROMPTS]
+    kwargs = dict(sampling=SamplingSettings(1.0, top_k=50), cfg_scale=2.0, seed=7, batch_size=2)
+    eager = generate_image_sequences(model, rows, **kwargs)[0]
+    compiled = generate_image_sequences(model, rows, compile_step=True, **kwargs)[0]
+    assert torch.equal(eager, compiled)
+    with pytest.raises(UserError, match="compile_step needs the static KV cache"):
+        generate_image_sequences(model, rows, compile_step=True, cache_kind="dynamic", **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_resume_gives_the_same_next_step_loss(tiny_lm_dir, tiny_shapes_dir, tmp_
 def test_native_backend_trains_and_round_trips(tiny_lm_dir, tiny_shapes_dir, tmp_path):
     trainer = TokenizerTrainer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"codebook.backend": "native"}))
     logs = [trainer.train_step(trainer.next_batch()) for _ in range(2)]
-    assert all(row["total"] > 0 for row in logs) and trainer.tokenizer.config.backend == "native"
+    assert all(row["total"] > 0 for row in logs) and trainer.tokenizer.config.quantizer.backend == "native"
     path = trainer.save_final()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(VisualTokenizer.from_pretrained(path).encode(x), trainer.tokenizer.encode(x))
@@ -117,7 +118,7 @@ def test_subspace_search_trains_saves_and_reloads(tiny_lm_dir, tiny_shapes_dir, 
     [trainer.train_step(trainer.next_batch()) for _ in range(2)]
     path = trainer.save_final()
     loaded = VisualTokenizer.from_pretrained(path)
-    assert loaded.config.search_dim == 4 and loaded.quantizer.rvq.search_dim == 4
+    assert loaded.config.quantizer.search_dim == 4 and loaded.quantizer.rvq.search_dim == 4
     assert torch.equal(loaded.quantizer.rvq.search_basis, trainer.tokenizer.quantizer.rvq.search_basis)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded.encode(x), trainer.tokenizer.encode(x))
@@ -174,4 +175,48 @@ def test_both_quantizer_backends_train_and_native_is_the_default(tiny_lm_dir, ti
     trainer = TokenizerTrainer(cfg)
     losses = [trainer.train_step(trainer.next_batch())["total"] for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
-    assert trainer.tokenizer.config.backend == backend
+    assert trainer.tokenizer.config.quantizer.backend == backend
+
+
+def test_max_minutes_stops_saves_and_resumes(tiny_lm_dir, tiny_shapes_dir, tmp_path, caplog):
+    """A run past train.max_minutes stops after the step it is in, saves a checkpoint and a model; --resume goes on."""
+    from tokenizer_training.trainer import train_tokenizer
+
+    cfg = tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"train.max_minutes": 1e-9})
+    with caplog.at_level("WARNING"):
+        train_tokenizer(cfg)
+    assert "train.max_minutes=1e-09 reached at step 1" in caplog.text
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 1
+    resumed = train_tokenizer(tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path), resume=True)
+    assert resumed.steps == 6
+
+
+TINY_PRESET = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
+
+
+def test_codebook_section_is_the_quantizer_settings_passed_whole():
+    """`codebook:` extends `QuantizerSettings`: the keys users write (configs/tokenizer/tiny.yaml) are its fields,
+    the quantizer-only ones (search_dtype, native_code_chunk_size) reach the tokenizer too, and its checks run."""
+    from tokenizer_training.trainer import tokenizer_kwargs
+    from unicode_mllm.config import load_config
+    from unicode_mllm.quantizer_settings import QuantizerSettings
+
+    overrides = ["codebook.search_dtype=fp32", "codebook.native_code_chunk_size=64"]
+    cfg = load_config(TokenizerTrainConfig, TINY_PRESET, overrides)
+    quantizer = tokenizer_kwargs(cfg)["quantizer"]
+    assert type(quantizer) is QuantizerSettings and quantizer == QuantizerSettings.of(cfg.codebook)
+    assert (quantizer.mode, quantizer.norm_matching, quantizer.backend, quantizer.search_dim) == (
+        "language_driven",
+        "moments",
+        "native",
+        8,
+    )
+    assert (quantizer.search_dtype, quantizer.native_code_chunk_size) == ("fp32", 64)
+    with pytest.raises(ConfigError, match="tiny.yaml: codebook.search_dtype='bf16' needs codebook.backend='native'"):
+        load_config(
+            TokenizerTrainConfig,
+            TINY_PRESET,
+            ["codebook.backend=library", "codebook.search_dim=null", "codebook.search_dtype=bf16"],
+        )
+    with pytest.raises(ConfigError, match="model.stacking 'vq' has depth 1; got model.depth=2"):
+        load_config(TokenizerTrainConfig, TINY_PRESET, ["model.stacking=vq", "model.depth=2"])

@@ -10,6 +10,7 @@ from PIL import Image
 
 from unicode_mllm.cli import main
 from unicode_mllm.errors import UserError
+from unicode_mllm.quantizer_settings import QuantizerSettings
 from unicode_mllm.visual_tokenizer import LanguageCodebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
@@ -56,6 +57,63 @@ def test_token_id_maps_and_aggregation():
     agg = model.aggregate_embeddings(ids, table)  # (b, h*w, c)
     assert agg.shape == (2, 64, 16)
     assert torch.allclose(agg[1, 9], table[ids[1, 1, 1, 0]] + table[ids[1, 1, 1, 1]])  # raster position 9 = (1, 1)
+
+
+def test_config_json_keeps_the_quantizer_settings_in_one_nested_entry(tmp_path):
+    quantizer = QuantizerSettings(
+        mode="dual", decay=0.9, backend="native", search_dim=4, search_dtype="fp32", native_code_chunk_size=7
+    )
+    model = VisualTokenizer.from_language_codebook(
+        language_codebook(), stacking="rq", depth=2, quantizer=quantizer, **ARCH
+    )
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["quantizer"] == quantizer.to_dict()
+    assert not {"codebook_mode", "decay", "backend", "search_dim"} & set(saved)  # nothing flat besides it
+    loaded = VisualTokenizer.from_pretrained(tmp_path)
+    assert loaded.config.quantizer == quantizer
+    # search_dtype and native_code_chunk_size reach the quantizer from a saved config (they could not before).
+    assert loaded.quantizer.rvq.search_dtype == "fp32" and loaded.quantizer.rvq.code_chunk_size == 7
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x), model.encode(x))
+
+
+def test_config_json_of_the_earlier_flat_layout_still_loads(tmp_path):
+    model = VisualTokenizer.from_language_codebook(
+        language_codebook(), stacking="rq", depth=2, quantizer=QuantizerSettings(backend="native", decay=0.9), **ARCH
+    )
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    nested = config.pop("quantizer")
+    flat = {"codebook_mode": nested["mode"], "decay": nested["decay"], "eps": nested["eps"], "backend": "native"}
+    flat |= {k: nested[k] for k in ("commitment_weight", "norm_matching", "feature_norm_decay", "search_dim")}
+    (tmp_path / "config.json").write_text(json.dumps({**config, **flat}, indent=2))  # the layout saved before
+    loaded = VisualTokenizer.from_pretrained(tmp_path)
+    assert loaded.config.quantizer == QuantizerSettings(backend="native", decay=0.9)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    loaded.save_pretrained(tmp_path / "again")  # re-saving writes the nested layout
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantizer"]["decay"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("quantizer", "message"),
+    [
+        ({"decay": "high"}, "key 'decay' must be float"),
+        ({"backend": "faiss"}, "key 'backend' must be one of 'library', 'native'"),
+        ({"search_dim": 4}, "needs quantizer.backend='native'"),
+        ({"detph": 2}, "unknown keys"),
+    ],
+)
+def test_bad_quantizer_entries_name_config_json_and_the_key(tmp_path, quantizer, message):
+    VisualTokenizer.from_language_codebook(language_codebook(), stacking="vq", depth=None, **ARCH).save_pretrained(
+        tmp_path
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantizer"].update(quantizer)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"config.json: .*{message}"):
+        VisualTokenizer.from_pretrained(tmp_path)
 
 
 def test_wrong_image_size_is_a_clear_error():

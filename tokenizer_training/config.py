@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from tokenizer_training.blend_schedule import BlendConfig, check_mode_schedule
 from tokenizer_training.losses import LossConfig
 from unicode_mllm.config import bounded
 from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.errors import ConfigError
+from unicode_mllm.quantizer_settings import (
+    QuantizerBackend,
+    QuantizerSettings,
+    Stacking,
+    check_latent_grid,
+    stack_code_depth,
+)
 from unicode_mllm.runtime.trackers import TrackerChoice
 
 
@@ -22,28 +29,31 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = ()
     z_channels: int = bounded(32, min=1)
     dropout: float = bounded(0.0, min=0.0, max=1.0)
-    stacking: Literal["rq", "hq", "vq"] = "rq"
+    stacking: Stacking = "rq"
     depth: int = bounded(2, min=1, max=16, help="codes per position for 'rq' ('vq' is 1, 'hq' is 5)")
 
+    def validate(self) -> None:
+        # The checks the saved tokenizer's config runs too (quantizer_settings.py); 'hq' ignores `depth`.
+        stack_code_depth(self.stacking, None if self.stacking == "hq" else self.depth, key_prefix="model.")
+        check_latent_grid(self.image_size, len(self.ch_mult), self.stacking, key_prefix="model.")
 
-@dataclass
-class CodebookConfig:
+
+@dataclass(frozen=True)
+class CodebookConfig(QuantizerSettings):
+    """The YAML section `codebook:`: the quantizer's options (`QuantizerSettings`: mode, decay, commitment_weight,
+    norm_matching, backend, search_dim, ...; declared and checked there) plus where C_L comes from and how the
+    trainer moves the codebook toward it."""
+
+    key_prefix: ClassVar[str] = "codebook."
+
+    # Stage 1 trains with the faster backend (BENCHMARKS.md); a saved tokenizer without the key is a library one.
+    backend: QuantizerBackend = "native"
     llm: str = ""  # path or hub name of the causal LM whose input embeddings are C_L
     policy: Literal["all", "norm", "limit"] = "all"
     min_norm: float = bounded(1.0, min=0.0)
     max_codes: int | None = bounded(None, min=2)
-    mode: Literal["language_driven", "frozen", "dual", "separate"] = "language_driven"
     separate_num_codes: int = bounded(256, min=2, help="separate mode: size of its own codebook")
-    decay: float = bounded(0.99, min=0.0, max=1.0, help="EMA decay of the codebook statistics per step")
-    commitment_weight: float = bounded(0.25, min=0.0)
-    norm_matching: Literal["running_ratio", "moments", "none"] = "running_ratio"
     freeze_stats_when_fixed: bool = False  # ramp tail: also stop updating the norm-matching statistics
-    # native: chunked argmin + index_add_ EMA, 4-5x faster per step than the library at 512x64 and 32000x4096
-    # (BENCHMARKS.md) with the same codes; "library" (vector-quantize-pytorch's ResidualVQ) stays selectable.
-    backend: Literal["library", "native"] = "native"
-    # native only: choose codes in the span of C_L's `search_dim` leading principal directions (the full
-    # rows are still what is summed and decoded); None searches the full LLM width. See native_quantizer.py.
-    search_dim: int | None = bounded(None, min=1)
     blend: BlendConfig = field(default_factory=BlendConfig)
 
 
@@ -106,18 +116,6 @@ class TokenizerTrainConfig:
             raise ConfigError(
                 f"codebook.blend.ramp_steps ({self.codebook.blend.ramp_steps}) must be <= train.steps "
                 f"({self.train.steps}) so the codebook reaches C_L"
-            )
-        if self.codebook.search_dim is not None and self.codebook.backend != "native":
-            raise ConfigError(
-                f"codebook.search_dim={self.codebook.search_dim} needs codebook.backend='native'; "
-                "set --set codebook.backend=native or unset search_dim"
-            )
-        if self.model.stacking == "vq" and self.model.depth != 1:
-            raise ConfigError(f"model.stacking='vq' needs model.depth=1 (got {self.model.depth})")
-        factor = 2 ** (len(self.model.ch_mult) - 1)
-        if self.model.image_size % factor:
-            raise ConfigError(
-                f"model.image_size {self.model.image_size} must be divisible by 2**(len(model.ch_mult)-1) = {factor}"
             )
         if self.train.mixed_precision == "fp16" and self.train.device == "cpu":
             raise ConfigError("train.mixed_precision='fp16' needs a GPU; use 'no' or 'bf16' on CPU")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer_training.discriminator import PatchDiscriminator
-from tokenizer_training.perceptual import PerceptualLoss
 from unicode_mllm.config import bounded
+from unicode_mllm.perceptual import PerceptualLoss
 
 
 @dataclass

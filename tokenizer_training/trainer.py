@@ -33,6 +33,7 @@ from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
+from unicode_mllm.quantizer_settings import QuantizerSettings
 from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
     CheckpointLayout,
@@ -48,6 +49,7 @@ from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_splits, start_run
 from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from unicode_mllm.runtime.time_budget import out_of_time
 from unicode_mllm.runtime.trackers import accelerator_kwargs
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
@@ -104,12 +106,7 @@ def tokenizer_kwargs(cfg: TokenizerTrainConfig) -> dict[str, Any]:
         stacking=m.stacking,
         depth=m.depth if m.stacking == "rq" else None,
         llm_name_or_path=str(c.llm),
-        codebook_mode=c.mode,
-        decay=c.decay,
-        commitment_weight=c.commitment_weight,
-        norm_matching=c.norm_matching,
-        backend=c.backend,
-        search_dim=c.search_dim,
+        quantizer=QuantizerSettings.of(c),  # `codebook:` extends the quantizer's settings: passed whole
     )
     if c.mode == "separate":
         kwargs["num_codes"] = c.separate_num_codes
@@ -134,7 +131,7 @@ class TokenizerTrainer:
             torch.set_num_threads(cfg.train.num_threads)
         self.accelerator = _accelerator(cfg, self.out_dir)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        sync = should_sync_codebook()  # after the process group exists (QUANTIZER.md)
+        sync = should_sync_codebook()  # after the process group exists (quantizer.py: Distributed)
         model, language = build_tokenizer(cfg, sync)
         self.language_codebook = language.embeddings.to(self.accelerator.device)
         self.loss_fn = VQGANLoss(cfg.loss).to(self.accelerator.device)
@@ -417,7 +414,7 @@ class TokenizerTrainer:
                     stats=f"loss {logs['total']:.4f} psnr {logs['psnr']:.1f} usage {logs['usage']}"
                     + (f" dist {dist:.3g}" if dist is not None else ""),
                 )
-                if cfg.train.max_minutes and time.perf_counter() - started > 60 * cfg.train.max_minutes:
+                if out_of_time(started, cfg.train.max_minutes, self.accelerator.device):  # the same step on every rank
                     log.warning(
                         "train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step
                     )

@@ -28,14 +28,19 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from unicode_mllm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from unicode_mllm.visual_tokenizer.quantizer import QuantizerSettings
+from unicode_mllm.quantizer_settings import (
+    STACKINGS,
+    QuantizerSettings,
+    check_latent_grid,
+    check_settings,
+    settings_from,
+    split_flat_settings,
+)
 
 MLLM_MODEL_TYPE = "unicode_mllm"
 VISUAL_TOKENIZER_MODEL_TYPE = "unicode_visual_tokenizer"  # runtime/model_folders.VISUAL_TOKENIZER_TYPE
@@ -70,14 +75,7 @@ class VisualTokenizerConfig(PretrainedConfig):
         code_to_token_id: list[int] | None = None,
         llm_vocab_size: int | None = None,
         llm_name_or_path: str = "",
-        codebook_mode: str = "language_driven",
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        commitment_weight: float = 0.25,
-        norm_matching: str = "running_ratio",
-        feature_norm_decay: float = 0.99,
-        backend: str = "library",
-        search_dim: int | None = None,
+        quantizer: QuantizerSettings | dict[str, Any] | None = None,
         **kwargs,
     ):
         self.image_size = image_size
@@ -94,14 +92,9 @@ class VisualTokenizerConfig(PretrainedConfig):
         self.code_to_token_id = list(code_to_token_id) if code_to_token_id is not None else list(range(num_codes))
         self.llm_vocab_size = llm_vocab_size if llm_vocab_size is not None else max(self.code_to_token_id) + 1
         self.llm_name_or_path = llm_name_or_path
-        self.codebook_mode = codebook_mode
-        self.decay = decay
-        self.eps = eps
-        self.commitment_weight = commitment_weight
-        self.norm_matching = norm_matching
-        self.feature_norm_decay = feature_norm_decay
-        self.backend = backend  # 'library' (vector-quantize-pytorch) or 'native'; buffers differ in keys
-        self.search_dim = search_dim  # native only: code search in C_L's leading principal directions
+        # The quantizer's options, one nested entry (quantizer_settings.py declares them). A config.json saved
+        # before it kept them at the top level (`codebook_mode`, `decay`, ...): they are read from there too.
+        self.quantizer = settings_from(quantizer, split_flat_settings(kwargs))
         super().__init__(**kwargs)
 
     @property
@@ -110,16 +103,11 @@ class VisualTokenizerConfig(PretrainedConfig):
 
     def check(self) -> None:
         """Type and cross-field checks; ConfigError names the keys and values."""
-        from unicode_mllm.visual_tokenizer.stacking import STACK_BUILDERS  # torch: imported when checked
-
         self._check_types()
-        if self.stacking not in STACK_BUILDERS:
-            raise ConfigError(f"stacking {self.stacking!r} is unknown; choose one of {sorted(STACK_BUILDERS)}")
-        f = self.downsample_factor
-        if self.image_size % f:
-            raise ConfigError(f"image_size {self.image_size} must be divisible by the downsampling factor {f}")
-        if self.stacking == "hq" and (self.image_size // f) % 2:
-            raise ConfigError(f"stacking 'hq' needs an even latent grid; image_size {self.image_size} / {f} is odd")
+        self.quantizer = check_settings(self.quantizer, source="quantizer")
+        if self.stacking not in STACKINGS:
+            raise ConfigError(f"stacking {self.stacking!r} is unknown; choose one of {sorted(STACKINGS)}")
+        check_latent_grid(self.image_size, len(self.ch_mult), self.stacking)
         if len(self.code_to_token_id) != self.num_codes:
             raise ConfigError(
                 f"code_to_token_id has {len(self.code_to_token_id)} ids but num_codes is {self.num_codes}"
@@ -135,30 +123,22 @@ class VisualTokenizerConfig(PretrainedConfig):
             if bad and not _is_type(bad[0], kinds):
                 raise ConfigError(f"{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
-    def quantizer_settings(self) -> QuantizerSettings:
-        from unicode_mllm.visual_tokenizer.quantizer import QuantizerSettings
-
-        return QuantizerSettings(
-            codebook_mode=self.codebook_mode,
-            decay=self.decay,
-            eps=self.eps,
-            commitment_weight=self.commitment_weight,
-            norm_matching=self.norm_matching,
-            feature_norm_decay=self.feature_norm_decay,
-            backend=self.backend,
-            search_dim=self.search_dim,
-        )
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["quantizer"] = self.quantizer.to_dict()
+        return output
 
 
-# Allowed types per field; list fields are checked item by item, None only where the field is optional.
+# Allowed types per field; list fields are checked item by item, None only where the field is optional. The quantizer's
+# options are checked by `check_settings` from their one declaration.
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(
         ("image_size", "ch", "num_res_blocks", "z_channels", "llm_width", "num_codes", "llm_vocab_size"), (int,)
     ),
     **dict.fromkeys(("ch_mult", "attn_resolutions", "code_to_token_id"), (int,)),
-    **dict.fromkeys(("depth", "search_dim"), (int, type(None))),
-    **dict.fromkeys(("dropout", "decay", "eps", "commitment_weight", "feature_norm_decay"), (float, int)),
-    **dict.fromkeys(("stacking", "codebook_mode", "norm_matching", "backend", "llm_name_or_path"), (str,)),
+    "depth": (int, type(None)),
+    "dropout": (float, int),
+    **dict.fromkeys(("stacking", "llm_name_or_path"), (str,)),
 }
 
 

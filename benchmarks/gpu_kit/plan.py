@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from unicode_mllm.demo import PROFILES
+from unicode_mllm.pipeline import PROFILES
 
 DEFAULT_BUDGET_MINUTES = 9.5  # the whole kit on one H100/H200; the task asks for under 10
 MIN_SECTION_SECONDS = 20.0  # a section is not started with less than this left (it is recorded as not run)
@@ -29,7 +29,7 @@ SMOKE_TOKENIZER = (
     "model.z_channels=8",
     "model.depth=2",
 )
-# unicode_mllm/demo.py's smoke profile for the stages in --cpu-smoke (models of width 32, a handful of steps), with
+# unicode_mllm/pipeline.py's smoke profile for the stages in --cpu-smoke (models of width 32, a handful of steps), with
 # the kit's few changes after it (later overrides win): a log row every step, 3 stage-2 steps.
 _DEMO_SMOKE = PROFILES["smoke"]
 SMOKE_LM = (*_DEMO_SMOKE.lm_overrides, "train.log_every=1", "model.num_attention_heads=4")
@@ -147,7 +147,7 @@ PLANS: tuple[SectionPlan, ...] = (
     SectionPlan(
         "quantizer",
         cap_s=90,
-        # shared/design/QUANTIZER.md's "cost at LLM scale": 8192 tokens into a 32000 x 4096 codebook, 4 layers.
+        # The quantizer's cost at LLM scale (native_quantizer.py): 8192 tokens into a 32000 x 4096 codebook, 4 layers.
         gpu={"tokens": 8192, "size": "32000x4096", "depth": 4, "in_channels": 64, "warmup": 3, "repeats": 10},
         cpu_smoke={"tokens": 64, "size": "512x64", "depth": 4, "in_channels": 64, "warmup": 1, "repeats": 3},
     ),

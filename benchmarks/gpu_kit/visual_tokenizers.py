@@ -14,7 +14,7 @@ import torch
 from tokenizer_training.config import TokenizerTrainConfig
 from tokenizer_training.trainer import tokenizer_kwargs
 from unicode_mllm.config import load_config
-from unicode_mllm.demo import preset_path
+from unicode_mllm.pipeline import preset_path
 from unicode_mllm.visual_tokenizer import LanguageCodebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 

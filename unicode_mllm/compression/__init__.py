@@ -75,8 +75,8 @@ holds the compressor as its submodule `compressor`, sizes every read span with `
 and saves it in `unicode_mllm.json` + `compressor.safetensors`. The view generators' `make_views` / `fuse`
 split lets `evaluation/highres.py` encode views to token ids once and fuse their embeddings at every step.
 
-Not here (see SEED_SYSTEMS.md): FocusLLaVA, MustDrop, FiCoCo (`unicode_mllm.token_reduction`), hyper
-attention, VLoRA.
+Not here: FocusLLaVA, MustDrop, FiCoCo (`unicode_mllm.token_reduction`, whose docstring also says why hyper
+attention and VLoRA are left out).
 """
 
 from unicode_mllm.compression.base import (

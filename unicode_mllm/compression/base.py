@@ -44,7 +44,7 @@ class Compressor(nn.Module):
 
     @property
     def is_trainable(self) -> bool:
-        """Whether the compressor has parameters (it then needs stage-2 training, SEED_SYSTEMS.md §1)."""
+        """Whether the compressor has parameters (it then needs stage-2 training)."""
         return any(True for _ in self.parameters())
 
     def output_grid(self, h: int, w: int) -> tuple[int, int] | None:

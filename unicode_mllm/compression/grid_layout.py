@@ -1,6 +1,6 @@
 """Index operations on raster token grids and on (b, c, H, W) maps, shared by compressors and view generators.
 
-Letters follow STYLE.md: `b` batch, `h w` grid, `c` channels. A token sequence (b, h*w, c) is always in
+einops letters: `b` batch, `h w` grid, `c` channels. A token sequence (b, h*w, c) is always in
 raster order (index p = i*w + j for row i, column j) and its grid is passed explicitly, never inferred
 from a square root.
 

@@ -9,10 +9,10 @@ LLM token ids (h, w, d) (`VisualTokenizer.codes_to_token_ids` of its codes):
   s = h*w for `aggregated` reading and h*w*d for `interleaved`; the model splices the embeddings in. A
   model with a visual-token compressor reads `read_tokens_per_image` slots instead (the compressor's
   `num_output_tokens(h, w)`), except in decompression samples, which read the uncompressed grid (the task
-  is h*w -> h*w*d, SEED_SYSTEMS.md §1): each sample's `image_is_uncompressed` says which reads are full;
+  is h*w -> h*w*d): each sample's `image_is_uncompressed` says which reads are full;
 - an image the LLM writes becomes `<img>` + its h*w*d ids in writing order + `</img>`, all labelled.
 
-Never dropped silently (STYLE §5): a sample that cannot be built, is too long, has a template
+Never dropped silently: a sample that cannot be built, is too long, has a template
 mismatch (a token straddling a label boundary, a marker the text tokenizer splits, reserved text) or
 misses its image raises `SampleError` in strict mode (the default), else returns None and is counted
 by reason in a `SkipCounter`, whose summary and `max_skip_fraction` check belong at the end of every
@@ -36,13 +36,17 @@ from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from unicode_mllm.data.conversation import ConversationTemplate, ImageRead, ImageWrite, Turn, get_template
 from unicode_mllm.data.stream import SkipDelta
 from unicode_mllm.errors import UserError
-from unicode_mllm.model.decompression import check_num_segments, split_into_segments
-from unicode_mllm.model.special_tokens import multimodal_token_ids, special_token_texts
+from unicode_mllm.token_layout import (
+    READING_MODES,
+    ReadingMode,
+    check_num_segments,
+    multimodal_token_ids,
+    special_token_texts,
+    split_into_segments,
+)
 
 log = logging.getLogger(__name__)
 
-ReadingMode = Literal["aggregated", "interleaved"]
-READING_MODES: tuple[str, ...] = ("aggregated", "interleaved")
 TASKS: tuple[str, ...] = ("vqa", "caption", "text_to_image", "decompression")
 
 # Skip reasons, one name each so that counts add up across workers.

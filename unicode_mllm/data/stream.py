@@ -5,7 +5,7 @@ Pipeline (built per iteration, so the epoch, rank and DataLoader worker are curr
     SimpleShardList (shuffled by seed+epoch) -> split by rank -> split by worker -> note current shard
     -> tarfile_to_samples(handler=counting) -> count samples per shard -> shuffle buffer -> decode -> attach skips
 
-How skips reach the consumer (STYLE §5: never drop a sample silently)
+How skips reach the consumer (never drop a sample silently)
 --------------------------------------------------------------------
 Problems are found inside DataLoader worker processes, so the counts are carried back *with the data*:
 

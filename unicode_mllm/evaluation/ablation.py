@@ -5,7 +5,7 @@
 One stage-0 LM (trained here, or given) and one shapes data set serve every setting; each setting
 trains stage 1 and stage 2 with the same overrides of the preset YAMLs (the demo profile's: the same
 steps and `train.max_minutes` caps for every row), then is evaluated as the demo evaluates
-(`demo.evaluate_visual_tokenizer`, `demo.evaluate_mllm`):
+(`stage_evaluation.evaluate_visual_tokenizer`, `stage_evaluation.evaluate_mllm`):
 
 | setting              | stage 1 `codebook.mode` | stage 2                                     |
 |----------------------|-------------------------|---------------------------------------------|
@@ -50,7 +50,7 @@ import torch
 from unicode_mllm.errors import UserError
 
 if TYPE_CHECKING:
-    from unicode_mllm.demo import DemoProfile
+    from unicode_mllm.pipeline import DemoProfile
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def prepare_stage2_lm(lm_dir: str | Path, tokenizer_dir: str | Path, out_dir: st
     from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
     visual_tokenizer = VisualTokenizer.from_pretrained(str(tokenizer_dir))
-    mode = visual_tokenizer.config.codebook_mode
+    mode = visual_tokenizer.config.quantizer.mode
     if mode in ("language_driven", "frozen"):
         return Path(lm_dir), "stage-0 LM as it is (its rows are C_L)"
     if mode not in ("dual", "separate"):
@@ -168,7 +168,7 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Train and evaluate every setting into `out_dir`; write `ablation.md` and `ablation.json` there.
 
-    profile: a demo profile name ("quick", "full") or a `demo.DemoProfile`: its data sizes, stage
+    profile: a demo profile name ("quick", "full") or a `pipeline.DemoProfile`: its data sizes, stage
         overrides, evaluation sizes and sampling are used for every setting (its total budget is not).
     lm_dir: a stage-0 LM to share (default: trained into out_dir/lm with the profile's overrides).
     data_dir: a shapes shard folder at the tokenizer's image size (default: written into out_dir/data).
@@ -177,12 +177,11 @@ def run_ablation(
     """
     from tokenizer_training.compare_modes import mode_config
     from unicode_mllm.config import load_config
-    from unicode_mllm.demo import (
+    from unicode_mllm.evaluation.stage_evaluation import evaluate_mllm, evaluate_visual_tokenizer
+    from unicode_mllm.pipeline import (
         MLLM_PRESET,
         DemoProfile,
         check_lm_positions,
-        evaluate_mllm,
-        evaluate_visual_tokenizer,
         get_profile,
         load_stage_configs,
         preset_path,

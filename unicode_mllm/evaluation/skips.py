@@ -1,4 +1,4 @@
-"""Counted, named skips for the evaluators (STYLE §5: an input that cannot be used is never dropped silently)."""
+"""Counted, named skips for the evaluators (an input that cannot be used is never dropped silently)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from unicode_mllm.generation.image_generation import generate_images
 from unicode_mllm.generation.prompts import prompt_builder
-from unicode_mllm.model.decompression import grid_to_sequence
+from unicode_mllm.token_layout import grid_to_sequence
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM

@@ -48,7 +48,7 @@ from unicode_mllm.generation.sampling import (
     row_seed,
     uniform_draws,
 )
-from unicode_mllm.model.decompression import sequence_to_grid
+from unicode_mllm.token_layout import sequence_to_grid
 from unicode_mllm.token_reduction.guard import reduction_for_mode
 
 if TYPE_CHECKING:

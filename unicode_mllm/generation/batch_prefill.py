@@ -30,13 +30,15 @@ def prefill_prompts(
     reduction: TokenReductionConfig | None = None,
     max_new_tokens: int | None = None,
     cache_kind: str = "auto",
+    compile_step: bool = False,
 ) -> tuple[IncrementalDecoder | ReducedDecoder, Tensor]:
     """Left-pad `prompts` (b of them) into one batch and run the LM over it, images spliced in.
 
     Returns the decoder holding the batch's context (`step((b,) ids)` continues every row) and the (b, V)
     fp32 logits of each row's next token. `reduction` (when enabled) reduces the images' tokens.
     max_new_tokens / cache_kind: the most steps that will follow and the KV cache kind (`IncrementalDecoder`:
-    with max_new_tokens a static-capable LM gets a preallocated cache unless cache_kind is "dynamic").
+    with max_new_tokens a static-capable LM gets a preallocated cache unless cache_kind is "dynamic"); compile_step:
+    decode steps through torch.compile (static cache only; `IncrementalDecoder`).
     """
     device = model_device(model.lm)
     batch = MLLMCollator(model.token_ids.pad, padding_side="left")(list(prompts))
@@ -51,5 +53,5 @@ def prefill_prompts(
         reduced = ReducedDecoder(model, reduction)
         return reduced, reduced.prefill(*inputs)  # (b, V)
     spliced = model.build_inputs(*inputs)
-    decoder = IncrementalDecoder(model.lm, use_cache=use_cache, cache_kind=cache_kind)
+    decoder = IncrementalDecoder(model.lm, use_cache=use_cache, cache_kind=cache_kind, compile_step=compile_step)
     return decoder, decoder.prefill(spliced.inputs_embeds, spliced.attention_mask, max_new_tokens=max_new_tokens)

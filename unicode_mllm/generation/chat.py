@@ -28,7 +28,7 @@ from unicode_mllm.generation.image_generation import (
 from unicode_mllm.generation.image_inputs import ImageInput, images_to_token_ids
 from unicode_mllm.generation.prompts import check_prompt_text, conversation_prompt, max_positions, prompt_builder
 from unicode_mllm.generation.sampling import SamplingSettings, resolve_seed, row_seed
-from unicode_mllm.model.decompression import grid_to_sequence, sequence_to_grid
+from unicode_mllm.token_layout import grid_to_sequence, sequence_to_grid
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM

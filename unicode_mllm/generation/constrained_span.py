@@ -1,6 +1,6 @@
 """The image-span constraint: what the LLM may emit inside and outside an image it writes.
 
-An image is written as `<img>` + exactly h*w*d visual-code token ids + `</img>` (UNICODE.md §3). Each row
+An image is written as `<img>` + exactly h*w*d visual-code token ids + `</img>` (`token_layout.py`). Each row
 of a batch carries one integer of state:
 
     OUTSIDE (-1)   in text: the ids a text reply may never hold are banned (`</img>`, `<image>`, pad,

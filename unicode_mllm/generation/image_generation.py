@@ -27,7 +27,12 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.generation.constrained_span import image_span_constraint
 from unicode_mllm.generation.guidance import check_cfg_scale, mix_guidance
-from unicode_mllm.generation.incremental_decoding import CACHE_KINDS, evaluation_mode, model_device
+from unicode_mllm.generation.incremental_decoding import (
+    CACHE_KINDS,
+    evaluation_mode,
+    model_device,
+    supports_static_cache,
+)
 from unicode_mllm.generation.prompts import (
     check_fits,
     check_prompt_text,
@@ -42,7 +47,7 @@ from unicode_mllm.generation.sampling import (
     row_seed,
     uniform_draws,
 )
-from unicode_mllm.model.decompression import sequence_to_grid
+from unicode_mllm.token_layout import sequence_to_grid
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM
@@ -112,6 +117,7 @@ def generate_image_sequences(
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_cache: bool = True,
     cache_kind: str = "auto",
+    compile_step: bool = False,
 ) -> tuple[Tensor, int | None, list[int] | None]:
     """Decode one image span per prompt.
 
@@ -122,6 +128,8 @@ def generate_image_sequences(
     batch_size: images (conditional rows) per forward; with guidance a forward holds twice as many rows.
     cache_kind: "auto" (a KV cache preallocated for prompt + span when the LM supports transformers'
         `StaticCache`, else the growing `DynamicCache`), "static" or "dynamic"; the tokens are the same.
+    compile_step: every decode step through `torch.compile` (static cache only; the first call compiles, slowly;
+        the same tokens; incremental_decoding.py).
 
     Returns (sequences (n, h*w*d + 1) int64 on the CPU: codes then `</img>`, the request seed, the row
     seeds), seeds None when greedy. Raises UserError for a prompt that does not end with `<img>` or does
@@ -133,6 +141,11 @@ def generate_image_sequences(
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if cache_kind not in CACHE_KINDS:
         raise UserError(f"cache_kind must be one of {list(CACHE_KINDS)}, got {cache_kind!r}")
+    if compile_step and (cache_kind == "dynamic" or not use_cache or not supports_static_cache(model.lm)):
+        raise UserError(
+            "compile_step needs the static KV cache: use_cache=True, cache_kind 'auto' or 'static', and an LM "
+            f"that supports it ({type(model.lm).__name__} does{'' if supports_static_cache(model.lm) else ' not'})"
+        )
     if not prompts:
         return torch.zeros(0, model.num_write_tokens + 1, dtype=torch.long), None, None
     ids = model.token_ids
@@ -163,7 +176,12 @@ def generate_image_sequences(
             # every token of its context (token_reduction/guard.py).
             # span - 1 steps follow the prefill (the last code needs none): the static cache holds prompt + span - 1.
             decoder, logits = prefill_prompts(
-                model, rows, use_cache=use_cache, max_new_tokens=span - 1, cache_kind=cache_kind
+                model,
+                rows,
+                use_cache=use_cache,
+                max_new_tokens=span - 1,
+                cache_kind=cache_kind,
+                compile_step=compile_step,
             )  # logits (rows, V)
             constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=False)
             state = constraint.initial_state(b, inside=True, device=device)
@@ -198,6 +216,7 @@ def generate_images(
     use_cfg: bool | None = None,
     use_cache: bool = True,
     cache_kind: str = "auto",
+    compile_step: bool = False,
     decode: bool = True,
     depth_temperatures: Sequence[float] | None = None,
 ) -> ImageGeneration:
@@ -206,7 +225,7 @@ def generate_images(
     Sampling: temperature 1.0 samples the model's own distribution over codes; temperature 0 (greedy)
     is allowed but tends to give flat images. depth_temperatures: one temperature per code depth of a
     position (d values), replacing `temperature`. decode: also decode the ids to pixels. cache_kind: the KV
-    cache ("auto", "static", "dynamic"; `generate_image_sequences`).
+    cache ("auto", "static", "dynamic"), compile_step: compiled decode steps (`generate_image_sequences`).
     Raises UserError for an empty prompt, a prompt too long for the LM, or bad settings.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -232,6 +251,7 @@ def generate_images(
         batch_size=batch_size,
         use_cache=use_cache,
         cache_kind=cache_kind,
+        compile_step=compile_step,
     )
     token_ids = sequence_to_grid(sequences[:, :-1], model.code_shape)  # (n, h, w, d)
     return ImageGeneration(

@@ -12,11 +12,19 @@ concatenating onto every layer's cache (`DynamicCache`: ~16% of a batch-8 image 
 preallocated too, one column switched on per step. "auto" (the default) takes the static cache when the LM
 supports it (`supports_static_cache`) and the caller gave `max_new_tokens`, else the dynamic one; "dynamic"
 always grows. Both give the same tokens: the static cache's unused slots are masked out (tests/test_static_cache.py).
+
+Compiled steps (`compile_step=True`, static cache only): every `step` runs `torch.compile(lm, dynamic=False)`,
+compiled once per LM and kept for its lifetime; the static cache is then sized up to a multiple of
+`COMPILE_BUCKET` slots, so that prompts of different lengths reuse a few graphs instead of recompiling each time
+(the extra slots are masked like the other unused ones: the same tokens). The prefill stays eager. Measured on the
+CPU: 1.07-1.16x the eager static steps at configs/lm/small.yaml's shape, batch 8, after ~40 s of compiling
+(BENCHMARKS.md); the case for it is the GPU, where a fixed-shape step removes the per-kernel launch overhead.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,6 +58,17 @@ def _accepts_logits_to_keep(lm: Any) -> bool:
 
 
 CACHE_KINDS = ("auto", "static", "dynamic")
+COMPILE_BUCKET = 64  # static cache lengths of compiled steps round up to this: a few graphs for all prompt lengths
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in "aot_eager" (the same graph, no codegen)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> {backend: torch.compile(lm)}
+
+
+def compiled_lm(lm: Any) -> Any:
+    """`torch.compile(lm, dynamic=False)`, built once per LM (compiling is slow; its graphs are reused)."""
+    per_backend = _COMPILED.setdefault(lm, {})
+    if COMPILE_BACKEND not in per_backend:
+        per_backend[COMPILE_BACKEND] = torch.compile(lm, dynamic=False, backend=COMPILE_BACKEND)
+    return per_backend[COMPILE_BACKEND]
 
 
 def _base_model(lm: Any) -> Any:
@@ -92,10 +111,13 @@ class IncrementalDecoder:
     "dynamic" (module docstring); "static" on an LM without static-cache support raises ValueError.
     """
 
-    def __init__(self, lm: Any, *, use_cache: bool = True, cache_kind: str = "auto"):
+    def __init__(self, lm: Any, *, use_cache: bool = True, cache_kind: str = "auto", compile_step: bool = False):
         if cache_kind not in CACHE_KINDS:
             raise ValueError(f"cache_kind must be one of {CACHE_KINDS}; got {cache_kind!r}")
+        if compile_step and (cache_kind == "dynamic" or not use_cache):
+            raise ValueError("compile_step needs the static KV cache (cache_kind 'auto' or 'static', use_cache=True)")
         self.lm = lm
+        self.compile_step = compile_step
         self.use_cache = use_cache
         self.cache_kind = cache_kind
         self._static_supported = use_cache and cache_kind != "dynamic" and supports_static_cache(lm)
@@ -109,11 +131,11 @@ class IncrementalDecoder:
         self.cache: Any = None
         self.inputs_embeds: Tensor | None = None  # (b, t + k, c), kept only without the cache
 
-    def _forward(self, **inputs: Any) -> Tensor:
+    def _forward(self, lm: Any = None, **inputs: Any) -> Tensor:
         if self._logits_to_keep:
             inputs["logits_to_keep"] = 1  # only the last position's logits: (b, 1, V) instead of (b, t, V)
         inputs[self._cache_argument] = self.cache
-        out = self.lm(use_cache=self.use_cache, **inputs)
+        out = (self.lm if lm is None else lm)(use_cache=self.use_cache, **inputs)
         if self.use_cache:
             self.cache = output_cache(out)
         return out.logits[:, -1].float()  # (b, V): sampling and guidance in fp32 for a bf16 LM
@@ -137,12 +159,17 @@ class IncrementalDecoder:
         self.inputs_embeds = None if self.use_cache else inputs_embeds
         positions = position_ids_from_attention_mask(self.attention_mask)
         self.static = self._static_supported and max_new_tokens is not None
+        if self.compile_step and not self.static:
+            raise ValueError("compile_step needs max_new_tokens and an LM that supports the static cache")
         if self.static:
             from transformers import StaticCache
 
             b, t = attention_mask.shape
-            self.cache = StaticCache(config=_base_model(self.lm).config, max_cache_len=t + max_new_tokens)
-            full = attention_mask.new_zeros((b, t + max_new_tokens), dtype=torch.long)  # (b, t + n), 0 = not yet
+            slots = t + max_new_tokens
+            if self.compile_step:
+                slots = -(-slots // COMPILE_BUCKET) * COMPILE_BUCKET  # a few graphs for all prompt lengths
+            self.cache = StaticCache(config=_base_model(self.lm).config, max_cache_len=slots)
+            full = attention_mask.new_zeros((b, slots), dtype=torch.long)  # (b, slots >= t + n), 0 = not yet
             full[:, :t] = self.attention_mask
             self.attention_mask, self._length = full, t
         return self._forward(inputs_embeds=inputs_embeds, attention_mask=self.attention_mask, position_ids=positions)
@@ -161,7 +188,8 @@ class IncrementalDecoder:
                 )
             mask[:, self._length] = 1  # in place: the preallocated (b, t + n) mask, one more column on
             self._length += 1
-            return self._forward(input_ids=ids, attention_mask=mask, position_ids=position)
+            lm = compiled_lm(self.lm) if self.compile_step else None
+            return self._forward(lm, input_ids=ids, attention_mask=mask, position_ids=position)
         self.attention_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # (b, t + k + 1)
         if self.use_cache:
             return self._forward(input_ids=ids, attention_mask=self.attention_mask, position_ids=position)

@@ -10,8 +10,9 @@ chat-like exchange, one line each:
 
 The corpus is a pure function of `CorpusConfig` (each sample draws from its own seeded RNG), so two
 builds give the same documents in the same order, in any process. `encode_corpus` turns documents into
-the packed token stream, optionally cutting some words in two (a seeded, deterministic form of subword
-regularisation) so that BPE's intermediate tokens, not only whole words, are trained.
+the packed token stream (stage 0 trains on full windows of it, no padding: `PackedWindows` in pretrain.py),
+optionally cutting some words in two (a seeded, deterministic form of subword regularisation) so that BPE's
+intermediate tokens, not only whole words, are trained.
 """
 
 from __future__ import annotations

@@ -49,13 +49,14 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig
 from unicode_mllm.lm.corpus import build_corpus, encode_corpus
 from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
-from unicode_mllm.runtime.accelerator import is_fsdp, stage_accelerator
+from unicode_mllm.runtime.accelerator import configure_deepspeed, is_deepspeed, is_fsdp, stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
     CheckpointLayout,
     CheckpointManager,
     atomic_write_json,
     atomic_write_text,
     join_tensors,
+    load_shard,
     replace_dir,
     split_tensors,
     tensor_shapes,
@@ -68,7 +69,15 @@ from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.run_files import StopOnInterrupt, start_run
 from unicode_mllm.runtime.run_lock import RunLock
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
-from unicode_mllm.runtime.sharded import gather_optimizer_state, gather_tensors, load_full_optimizer_state
+from unicode_mllm.runtime.sharded import (
+    check_zero_launch,
+    gather_optimizer_state,
+    gather_tensors,
+    load_full_optimizer_state,
+    load_zero_partition_state,
+    zero_launch,
+    zero_partition_state,
+)
 from unicode_mllm.runtime.trackers import accelerator_kwargs, end_trackers, log_row, start_trackers
 from unicode_mllm.viz import plot_curves
 
@@ -181,6 +190,11 @@ class PackedWindows:
     (seed, e) alone, so a `DataPosition` is all a resumed run needs. Consecutive windows share one
     token, so every token of the stream is a target once per epoch. A batch never straddles two epochs:
     the windows left over at an epoch's end are skipped.
+
+    Stage 0 is packed already: every window is full text (padded/real tokens = 1.00), so stage 2's packing
+    (data/packing.py) has no padding to remove here. A window spans document boundaries (`</s><s>` between
+    documents) and attends across them, the usual convention of LM pre-training; restarting positions at each
+    `<s>` would mask that too, but it would change what stage 0 learns for no gain in throughput.
     """
 
     def __init__(self, token_ids: Tensor, seq_len: int, seed: int):
@@ -299,11 +313,13 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
     accelerator = stage_accelerator(
         "train-lm",
         fsdp=True,  # checkpoints and the final model gathered to full tensors (runtime/sharded.py)
+        deepspeed=True,  # the same, the optimizer's state kept in ZeRO's partitions
         cpu=device.type == "cpu",
         mixed_precision=accelerate_precision(tcfg.mixed_precision, device),
         **accelerator_kwargs(tcfg, out_dir),  # train.log_with's tracker (runtime/trackers.py)
     )
     is_main = accelerator.is_main_process
+    zero = is_deepspeed(accelerator)
 
     # The same refusals, config check and clean-up as stages 1 and 2.
     start_run(
@@ -345,7 +361,7 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
     checkpoint = None
     if resume:  # checked whole against this model; a damaged newest checkpoint falls back to an older one
         layout = CheckpointLayout(
-            tensors={"model": tensor_shapes(model.state_dict()), "optimizer": None},
+            tensors={"model": tensor_shapes(model.state_dict())} | ({} if zero else {"optimizer": None}),
             state=("optimizer", "scheduler", "rng", "data", "elapsed_s"),
         )
         checkpoint = manager.load(layout=layout)
@@ -355,16 +371,24 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
     # The scheduler stays out of `prepare`: accelerate steps a prepared scheduler once per process, and
     # ours counts optimizer steps.
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.steps)
+    if zero:  # the engine steps, clips and accumulates (configure_deepspeed)
+        configure_deepspeed(accelerator, stage="train-lm", grad_clip=cfg.optim.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    sharded = is_fsdp(accelerator)
+    sharded = is_fsdp(accelerator) or zero
 
     step, position, elapsed_before = 0, DataPosition(), 0.0
     log_path = out_dir / LOG_FILENAME
     if checkpoint is not None:
         state = checkpoint.state
         # After prepare, so torch moves the AdamW moments onto the parameters' device.
-        load_full_optimizer_state(optimizer, join_tensors(state["optimizer"], checkpoint.tensors["optimizer"]))
+        if zero:  # the weights were loaded before `prepare`; the optimizer is this rank's ZeRO partitions
+            saved = state["optimizer"]
+            check_zero_launch(saved.get("zero") if isinstance(saved, dict) else None, accelerator, checkpoint.path)
+            local = load_shard(checkpoint.path, "optimizer", accelerator.process_index)
+            load_zero_partition_state(optimizer.optimizer, join_tensors(saved["partitions"], local))
+        else:
+            load_full_optimizer_state(optimizer, join_tensors(state["optimizer"], checkpoint.tensors["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         position = DataPosition(**state["data"])
         step, elapsed_before = checkpoint.step, float(state["elapsed_s"])
@@ -424,9 +448,19 @@ def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Se
                 rows.append(row)
             if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
                 elapsed = elapsed_before + time.perf_counter() - started
-                if is_main or sharded:  # under FSDP every rank takes part in gathering the full tensors
+                if is_main or sharded:  # under FSDP/DeepSpeed every rank takes part in gathering the full tensors
                     _save_checkpoint(
-                        manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses, main=is_main
+                        manager,
+                        step,
+                        raw_model,
+                        optimizer,
+                        scheduler,
+                        position,
+                        cfg,
+                        elapsed,
+                        losses,
+                        main=is_main,
+                        zero=zero_launch(accelerator) if zero else None,
                     )
                 accelerator.wait_for_everyone()
             progress.update(task, completed=step, stats=f"loss {last_train_loss or float('nan'):.3f} lr {lr:.1e}")
@@ -482,24 +516,30 @@ def _save_checkpoint(
     elapsed_s: float,
     loss_window: list[float] | None = None,
     main: bool = True,
+    zero: dict[str, int] | None = None,
 ) -> Path | None:
     """On the main process; under FSDP on every rank (the full tensors are gathered to the main process, which
-    alone writes: None elsewhere). The same files whoever wrote them."""
+    alone writes: None elsewhere). The same files whoever wrote them. Under DeepSpeed (`zero`: its launch,
+    `zero_launch`) on every rank too: the full fp32 weights, and each rank's own ZeRO partitions of the optimizer
+    in optimizer.rank{R}.safetensors of the same atomic folder."""
+    run_state = {
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "data": asdict(position),
+        "config": config_to_dict(cfg),
+        "elapsed_s": elapsed_s,
+        "loss_window": list(loss_window or []),  # losses since the last logged row
+    }
+    if zero is not None:  # keep_vars: the parameters themselves, whose ZeRO attributes say how to gather them
+        model_state = gather_tensors(model.state_dict(keep_vars=True).items(), main)
+        optimizer_tree, local = split_tensors(zero_partition_state(optimizer.optimizer), "zero")
+        state = {"optimizer": {"zero": zero, "partitions": optimizer_tree}, **run_state}
+        path = manager.save_collective(step, {"model": model_state}, state, "optimizer", local)
+        return path if main else None
     model_state = gather_tensors(model.state_dict().items(), main)
     optimizer_state = gather_optimizer_state(optimizer, main)
     if not main:
         return None
     optimizer_tree, optimizer_tensors = split_tensors(optimizer_state)
-    return manager.save(
-        step,
-        {"model": model_state, "optimizer": optimizer_tensors},
-        {
-            "optimizer": optimizer_tree,
-            "scheduler": scheduler.state_dict(),
-            "rng": capture_rng_state(),
-            "data": asdict(position),
-            "config": config_to_dict(cfg),
-            "elapsed_s": elapsed_s,
-            "loss_window": list(loss_window or []),  # losses since the last logged row
-        },
-    )
+    state = {"optimizer": optimizer_tree, **run_state}
+    return manager.save(step, {"model": model_state, "optimizer": optimizer_tensors}, state)

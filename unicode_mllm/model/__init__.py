@@ -1,15 +1,9 @@
 """Stage 2: the multimodal LLM, the image-embedding splice, decompression targets, special tokens.
 
-Flat exports; see each module's docstring.
+Flat exports; see each module's docstring. The token layout it shares with `data/` (decompression order,
+sentinel ids, reading modes) lives below both, in `unicode_mllm/token_layout.py`.
 """
 
-from unicode_mllm.model.decompression import (
-    check_num_segments,
-    grid_to_sequence,
-    segments_to_grid,
-    sequence_to_grid,
-    split_into_segments,
-)
 from unicode_mllm.model.mllm import (
     READING_MODES,
     LoraSettings,
@@ -32,6 +26,13 @@ from unicode_mllm.model.splice import (
     image_counts,
     position_ids_from_attention_mask,
     splice_image_embeddings,
+)
+from unicode_mllm.token_layout import (
+    check_num_segments,
+    grid_to_sequence,
+    segments_to_grid,
+    sequence_to_grid,
+    split_into_segments,
 )
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 The model holds the LM (any `AutoModelForCausalLM`, optionally wrapped by peft LoRA), the frozen
 `VisualTokenizer` whose codes are LM token ids, and the text tokenizer. It is a composition rather than
-the `LlamaForCausalLM` subclass STYLE §5 sketches: composition keeps the LM loadable by
+a `LlamaForCausalLM` subclass (LLaVA's way): composition keeps the LM loadable by
 `AutoModelForCausalLM.from_pretrained` for any architecture, lets peft wrap and unwrap it (LoRA
 merge for export) without a model class of our own, and still never copies HF's forward.
 
@@ -10,9 +10,9 @@ Reading an image: its (h, w, d) token ids go through the LM's *own current* inpu
 are either summed over depth (`aggregated`, h*w embeddings, the default) or laid out one per id
 (`interleaved`, h*w*d embeddings), then spliced over the placeholder span (`model/splice.py`).
 Writing an image: the LM emits `<img>` + h*w*d ids (raster order, depth-first) + `</img>` as ordinary
-next tokens (`model/decompression.py` gives the order).
+next tokens (`token_layout.py` gives the order).
 
-Compressor (`unicode_mllm.compression`, SEED_SYSTEMS.md §1): with `aggregated` reading a visual-token
+Compressor (`unicode_mllm.compression`, whose docstring lists the methods): with `aggregated` reading a visual-token
 compressor may sit between the h*w summed embeddings and the LM; an image read then takes
 `compressor.num_output_tokens(h, w)` slots (`tokens_per_image`, which the sample builders and prompts use).
 It never touches what the LM writes (text-to-image and decompression targets keep all h*w*d codes), and
@@ -44,7 +44,7 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -66,13 +66,12 @@ from unicode_mllm.runtime.model_folders import (
     require_language_model,
     require_mllm,
 )
+from unicode_mllm.token_layout import READING_MODES, ReadingMode  # shared with data/
 from unicode_mllm.token_reduction.config import TokenReductionConfig
-from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
+from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer, aggregate_embeddings
 
 log = logging.getLogger(__name__)
 
-ReadingMode = Literal["aggregated", "interleaved"]
-READING_MODES: tuple[str, ...] = ("aggregated", "interleaved")
 CONFIG_NAME = MLLM_CONFIG
 LM_DIR = "lm"
 VISUAL_TOKENIZER_DIR = "visual_tokenizer"
@@ -363,10 +362,9 @@ class UniCodeMLLM(nn.Module):
             raise ValueError(f"image_token_ids must be (n, {shape}), got {tuple(image_token_ids.shape)}")
         if not bool(self.visual_tokenizer.is_code_token_id(image_token_ids).all()):
             raise ValueError("image_token_ids hold ids that are not visual codes (codes passed for token ids?)")
+        if self.reading == "aggregated":  # the sum over depth, in fp32 (the public API's own function)
+            return aggregate_embeddings(image_token_ids, self.lm.get_input_embeddings())
         embeds = self.lm.get_input_embeddings()(image_token_ids)  # (n, h, w, d, c)
-        if self.reading == "aggregated":
-            # Sum the depth in fp32: a bf16 LM would otherwise round after every addition.
-            return rearrange(embeds.float().sum(dim=3).to(embeds.dtype), "n h w c -> n (h w) c")
         return rearrange(embeds, "n h w d c -> n (h w d) c")
 
     def read_image_embeds(
@@ -449,6 +447,7 @@ class UniCodeMLLM(nn.Module):
         image_token_ids: Tensor | None = None,
         images_per_sample: Tensor | None = None,
         image_is_uncompressed: Tensor | None = None,
+        position_ids: Tensor | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """Splice the images in and run the LM; returns the LM's output (logits (b, t, V), loss).
@@ -456,6 +455,9 @@ class UniCodeMLLM(nn.Module):
         input_ids: (b, t) with IMAGE_PLACEHOLDER_ID spans; labels: (b, t), IGNORE_INDEX where not
         trained (the LM shifts them itself); image_token_ids: (n, h, w, d) LLM token ids;
         image_is_uncompressed: (n,) bool, reads that bypass the compressor (decompression samples).
+        position_ids: (b, t) for packed rows (`data/packing.py`), restarting at 0 at every sample; the LM then
+        gets no 2D mask and builds its block-diagonal causal mask from the restarts (`attention_mask` still
+        marks the padding for the splice's checks). None: positions from `attention_mask`.
         Raises ValueError when a placeholder slot carries a label, or the images do not fit the spans.
         """
         if labels is not None:
@@ -466,6 +468,15 @@ class UniCodeMLLM(nn.Module):
         spliced = self.build_inputs(
             input_ids, attention_mask, image_token_ids, images_per_sample, image_is_uncompressed
         )
+        if position_ids is not None:  # packed rows: the restarting positions are the mask
+            # transformers reads sequence boundaries from the positions only with no 2D mask and no KV cache
+            return self.lm(
+                inputs_embeds=spliced.inputs_embeds,
+                attention_mask=None,
+                position_ids=position_ids.to(spliced.inputs_embeds.device),
+                labels=labels,
+                **{**lm_kwargs, "use_cache": False},
+            )
         return self.forward_spliced(spliced, labels, **lm_kwargs)
 
     def forward_spliced(self, spliced: SplicedInputs, labels: Tensor | None = None, **lm_kwargs: Any) -> Any:

@@ -7,94 +7,31 @@ existed before, and so every visual code's token id, keep their rows unchanged. 
 mean of the old ones (deterministic; LLaVA's `smart_tokenizer_and_embedding_resize` does the same),
 not at HF's sampled `mean_resizing`, so that two runs from the same checkpoint build the same model.
 
-Tokenizers that already hold the sentinels (the project's own BPE, see `lm/text_tokenizer.py`) are left
-as they are and the LM is not resized.
+The ids of a prepared tokenizer are read by `unicode_mllm/token_layout.py` (`multimodal_token_ids`), which the
+data pipeline shares without loading the model. Tokenizers that already hold the sentinels (the project's own BPE,
+see `lm/text_tokenizer.py`) are left as they are and the LM is not resized.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unicode_mllm.constants import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
 from unicode_mllm.errors import UserError
+from unicode_mllm.token_layout import (  # the token layout data/ shares; re-exported here
+    FALLBACK_PAD_TOKEN,
+    MULTIMODAL_TOKENS,
+    MultimodalTokenIds,
+    multimodal_token_ids,
+    single_special_token_id,
+    special_token_ids,
+    special_token_texts,
+)
 
 log = logging.getLogger(__name__)
-
-MULTIMODAL_TOKENS: tuple[str, ...] = (IMAGE_START, IMAGE_END, IMAGE_PLACEHOLDER)
-FALLBACK_PAD_TOKEN = "<pad>"  # added only when the text tokenizer has no pad token (LLaMA's has none)
-
-
-@dataclass(frozen=True)
-class MultimodalTokenIds:
-    """LLM vocabulary ids of the multimodal sentinels and of the tokens the data pipeline needs."""
-
-    image_start: int  # `<img>`: opens an image span (read or written)
-    image_end: int  # `</img>`: closes it
-    image_placeholder: int  # `<image>` as the text tokenizer encodes it (the prompt marker, never an input id)
-    pad: int
-    eos: int
-    bos: int | None
-
-    def to_dict(self) -> dict[str, int | None]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, int | None]) -> MultimodalTokenIds:
-        return cls(**data)  # type: ignore[arg-type]
-
-
-def special_token_ids(text_tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Ids of every special token: the named ones and every added token flagged special.
-
-    transformers 5 leaves tokens added with `add_tokens(..., special_tokens=True)` out of
-    `all_special_ids`, though the tokenizer never splits them; both count here.
-    """
-    added = {int(i) for i, token in text_tokenizer.added_tokens_decoder.items() if token.special}
-    return set(text_tokenizer.all_special_ids) | added
-
-
-def special_token_texts(text_tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
-    """The text of every special token (see `special_token_ids`), e.g. to keep it out of plain text."""
-    texts = set(text_tokenizer.all_special_tokens)
-    texts |= {token.content for token in text_tokenizer.added_tokens_decoder.values() if token.special}
-    return tuple(sorted(t for t in texts if t))
-
-
-def single_special_token_id(text_tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
-    """The id of `token` when the text tokenizer encodes it as one special token, else None."""
-    ids = text_tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) == 1 and ids[0] in special_token_ids(text_tokenizer):
-        return int(ids[0])
-    return None
-
-
-def multimodal_token_ids(text_tokenizer: PreTrainedTokenizerBase) -> MultimodalTokenIds:
-    """Read the ids of an already prepared text tokenizer.
-
-    Raises UserError naming the token that is missing or not a single special token.
-    """
-    found = {token: single_special_token_id(text_tokenizer, token) for token in MULTIMODAL_TOKENS}
-    missing = [token for token, i in found.items() if i is None]
-    if missing:
-        raise UserError(
-            f"text tokenizer lacks the special tokens {missing} (or splits them); run add_multimodal_tokens first"
-        )
-    for name in ("pad_token_id", "eos_token_id"):
-        if getattr(text_tokenizer, name) is None:
-            raise UserError(f"text tokenizer has no {name}; run add_multimodal_tokens first")
-    return MultimodalTokenIds(
-        image_start=found[IMAGE_START],  # type: ignore[arg-type]
-        image_end=found[IMAGE_END],  # type: ignore[arg-type]
-        image_placeholder=found[IMAGE_PLACEHOLDER],  # type: ignore[arg-type]
-        pad=int(text_tokenizer.pad_token_id),
-        eos=int(text_tokenizer.eos_token_id),
-        bos=None if text_tokenizer.bos_token_id is None else int(text_tokenizer.bos_token_id),
-    )
 
 
 def add_multimodal_tokens(
@@ -150,3 +87,16 @@ def resize_keeping_rows(lm: PreTrainedModel, vocab_size: int) -> None:
     for table in tables:
         table.weight[old:] = table.weight[:old].mean(dim=0, keepdim=True).to(table.weight.dtype)
     log.info("LM vocabulary grown from %d to %d rows", old, vocab_size)
+
+
+__all__ = [
+    "FALLBACK_PAD_TOKEN",
+    "MULTIMODAL_TOKENS",
+    "MultimodalTokenIds",
+    "add_multimodal_tokens",
+    "multimodal_token_ids",
+    "resize_keeping_rows",
+    "single_special_token_id",
+    "special_token_ids",
+    "special_token_texts",
+]

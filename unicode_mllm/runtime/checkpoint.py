@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 TENSOR_STUB = "__tensor__"
 FILES_KEY = "__files__"  # in state.json: {group: {"bytes": size, "keys": count}} of the folder's tensor files
 STEP_DIR = re.compile(r"step-(\d+)")
+SHARD_STEM = re.compile(r".+\.rank\d{5}")  # a process's own tensor file in a step folder (`save_collective`)
 
 # Test hook: "ACTION@POINT[:STEP]" (comma-separated) makes a save misbehave at POINT of the step STEP (any step
 # without one). ACTION: kill (SIGKILL this process), enospc (raise a disk-full OSError), sleep=SECONDS. POINT:
@@ -326,29 +327,106 @@ class CheckpointManager:
 
         A disk-full or permission error is a one-line UserError: the previous checkpoint stays the latest.
         """
-        name = f"step-{step:08d}"
-        final = self.root / name
-        fix = f"free space in {self.root} (or fix its permissions) and rerun with --resume"
-        with write_errors_as_user_errors(f"checkpoint {final}", fix):
-            self.root.mkdir(parents=True, exist_ok=True)
-            remove_temp_entries(self.root, only_dead_writers=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{writer_tag()}.", suffix=".tmp", dir=self.root))
-            try:
-                os.chmod(tmp, DIR_MODE)
-                files = {}
-                for group, group_tensors in tensors.items():
-                    saved = save_tensors(tmp / f"{group}.safetensors", group_tensors)
-                    files[group] = {"bytes": saved.stat().st_size, "keys": len(group_tensors)}
-                    inject_fault("write", step, saved)
-                atomic_write_json(tmp / "state.json", {"step": step, **state, FILES_KEY: files})
-                _fsync_dir(tmp)
-                inject_fault("rename", step, tmp)
-                replace_dir(tmp, final)  # re-saving a step (after resuming from an older one) swaps whole folders
-            except BaseException:
+        with write_errors_as_user_errors(f"checkpoint {self.root / _step_name(step)}", self._fix):
+            tmp = self._new_temp(step)
+            self._commit(step, tmp, tensors, state, {})
+        return self._finish(step)
+
+    def save_collective(
+        self,
+        step: int,
+        tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        state: Mapping[str, Any],
+        group: str,
+        local: Mapping[str, torch.Tensor],
+    ) -> Path:
+        """`save` with each process's own `local` tensors as `{group}.rank{R}.safetensors` in the same folder
+        (a sharded optimizer state): every rank calls it, `tensors` and `state` count on the main rank only.
+
+        The main rank makes the temporary folder, every rank writes its file into it, and the main rank renames
+        the folder into place once all have (state.json lists every file), so the folder appears whole or not at
+        all. A write error on any rank is a one-line UserError on every rank. Needs torch.distributed.
+        """
+        import torch.distributed as dist
+
+        rank, main = dist.get_rank(), dist.get_rank() == 0
+        final = self.root / _step_name(step)
+        what = f"checkpoint {final}"
+        box: list[Any] = [None]
+        if main:
+            box[0] = _attempt(lambda: str(self._new_temp(step)), what, self._fix)
+        dist.broadcast_object_list(box, src=0)
+        made = box[0]
+        if made[0] == "error":
+            raise UserError(made[1])
+        tmp = Path(made[1])
+
+        def write_shard() -> dict[str, int]:
+            saved = save_tensors(tmp / f"{shard_stem(group, rank)}.safetensors", local)
+            return {"bytes": saved.stat().st_size, "keys": len(local)}
+
+        written: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(written, _attempt(write_shard, what, self._fix))
+        files = {shard_stem(group, r): result[1] for r, result in enumerate(written) if result[0] == "ok"}
+        errors = [result[1] for result in written if result[0] == "error"]
+        if main:
+            box[0] = (
+                ("error", errors[0])
+                if errors
+                else _attempt(lambda: self._commit(step, tmp, tensors, state, files), what, self._fix)
+            )
+            if box[0][0] == "error":
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            inject_fault("pointer", step, final)
-            atomic_write_json(self.pointer, {"name": name, "step": step})
+        dist.broadcast_object_list(box, src=0)
+        if box[0][0] == "error":
+            raise UserError(box[0][1])
+        if main:
+            self._finish(step)
+        dist.barrier()  # no rank goes on (or dies) before the folder is in place
+        return final
+
+    @property
+    def _fix(self) -> str:
+        return f"free space in {self.root} (or fix its permissions) and rerun with --resume"
+
+    def _new_temp(self, step: int) -> Path:
+        """An empty temporary sibling folder for the checkpoint of `step`, tagged with this writer."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_temp_entries(self.root, only_dead_writers=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_step_name(step)}.{writer_tag()}.", suffix=".tmp", dir=self.root))
+        os.chmod(tmp, DIR_MODE)
+        return tmp
+
+    def _commit(
+        self,
+        step: int,
+        tmp: Path,
+        tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        state: Mapping[str, Any],
+        files: Mapping[str, Mapping[str, int]],
+    ) -> None:
+        """Write the tensor groups and state.json (listing them and the `files` already in `tmp`) into `tmp`, then
+        rename it into place and point latest.json at it; `tmp` is removed if any of it fails."""
+        name = _step_name(step)
+        final = self.root / name
+        try:
+            files = dict(files)
+            for group, group_tensors in tensors.items():
+                saved = save_tensors(tmp / f"{group}.safetensors", group_tensors)
+                files[group] = {"bytes": saved.stat().st_size, "keys": len(group_tensors)}
+                inject_fault("write", step, saved)
+            atomic_write_json(tmp / "state.json", {"step": step, **state, FILES_KEY: files})
+            _fsync_dir(tmp)
+            inject_fault("rename", step, tmp)
+            replace_dir(tmp, final)  # re-saving a step (after resuming from an older one) swaps whole folders
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        inject_fault("pointer", step, final)
+        atomic_write_json(self.pointer, {"name": name, "step": step})
+
+    def _finish(self, step: int) -> Path:
+        final = self.root / _step_name(step)
         self._prune(step)
         inject_fault("saved", step, final)
         return final
@@ -460,6 +538,11 @@ class CheckpointManager:
             if not file.is_file():
                 if group in layout.optional:
                     continue
+                if (path / f"{shard_stem(group, 0)}.safetensors").is_file():
+                    raise UserError(
+                        f"checkpoint {path} holds {group} as DeepSpeed ZeRO partitions, one file a process; resume "
+                        "it under the DeepSpeed launch that wrote it"
+                    )
                 raise UserError(f"checkpoint file {file} is missing (its folder is incomplete)")
             shapes = _header_shapes(file)
             if expected is not None and shapes != dict(expected):
@@ -477,9 +560,38 @@ class CheckpointManager:
 
     def _load_dir(self, path: Path, device: str | torch.device, layout: CheckpointLayout | None = None) -> Checkpoint:
         state = self.check_dir(path, layout)
-        tensors = {p.stem: load_tensors(p, device) for p in sorted(path.glob("*.safetensors"))}
+        # Per-rank files (`save_collective`) are each read by their own rank (`load_shard`), not by every rank.
+        files = sorted(p for p in path.glob("*.safetensors") if not SHARD_STEM.fullmatch(p.stem))
+        tensors = {p.stem: load_tensors(p, device) for p in files}
         state.pop(FILES_KEY, None)
         return Checkpoint(path=path, step=int(state["step"]), tensors=tensors, state=state)
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def shard_stem(group: str, rank: int) -> str:
+    """The file name (without .safetensors) of process `rank`'s tensors of `group` in a step folder."""
+    return f"{group}.rank{rank:05d}"
+
+
+def load_shard(path: Path, group: str, rank: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Process `rank`'s tensors of `group` in the step folder `path` (written by `save_collective`)."""
+    file = path / f"{shard_stem(group, rank)}.safetensors"
+    if not file.is_file():
+        raise UserError(f"checkpoint {path} has no {file.name}; resume with the launch that wrote it (its processes)")
+    return load_tensors(file, device)
+
+
+def _attempt(action: Callable[[], Any], what: str, fix: str) -> tuple[str, Any]:
+    """("ok", action()) or ("error", the one-line message of a write error the user can fix), for sending to the
+    other ranks; other errors propagate."""
+    try:
+        with write_errors_as_user_errors(what, fix):
+            return "ok", action()
+    except UserError as e:
+        return "error", str(e)
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -47,7 +47,7 @@ reduction of a unified-codebook model:
   learned gate, VLoRA through a ~8-layer perceptual weights generator whose low-rank updates have a
   zero-initialised B. Untrained, hyper attention reads through random projections and VLoRA equals the
   base LM with no image at all; neither has a training-free form, while this package only cuts tokens of a
-  trained model at inference. They belong with the trainable options (SEED_SYSTEMS §2.4,
+  trained model at inference. They belong with the trainable options (stage 2's
   `vision.injection`), and even there serve understanding only.
 - They discard what makes UniCode unified. UniCode reads an image as the LM's *own* token embeddings (the
   visual codebook is the LM's embedding table), processed by every LM layer exactly like text, and writes

@@ -1,6 +1,6 @@
 """FocusLLaVA's vision-guided sampler: multi-scale window max-pooling + a learned router with a token budget.
 
-Method (FocusLLaVA, arXiv 2411.14228, vision-guided sampler; seed 002 and SEED_SYSTEMS §3.10): split the
+Method (FocusLLaVA, arXiv 2411.14228, vision-guided sampler, its §3): split the
 grid into windows; max-pool each window at several sizes (SPP-like candidate sets); treat the sizes as
 mixture-of-experts "experts" and let a router pick, per window, the size that represents it, so plain
 regions get one coarse token and detailed ones keep fine tokens. It leaves the code-embedding manifold

@@ -2,7 +2,7 @@
 
 Method (FocusLLaVA, arXiv 2411.14228, text-guided sampler): at an intermediate layer, rank the image tokens
 by the attention the text pays them and let only the top ones continue. The paper trains the model with
-it; here it runs training-free (SEED_SYSTEMS §3.10 allows that as an ablation). No public code exists, so
+it; here it runs training-free (an ablation of the paper's recipe). No public code exists, so
 these choices are ours and documented: the score is s_j = sum over text queries t of the head-averaged
 probability A[t, j] (as MustDrop's global term), each row keeps ceil(keep_ratio * its image tokens),
 at least one, ties broken towards the earlier token, and the survivors stay in sequence order.

@@ -4,8 +4,8 @@ Method (MustDrop, arXiv 2411.10803, "local spatial merging"): tile the grid with
 a window's score is the mean cosine similarity over its ordered pairs of distinct members (self-pairs
 excluded); every window scoring >= `threshold` collapses into one token, the size-weighted average of its
 members, placed at the window's last member in raster order (its bottom-right cell). Other tokens pass
-unchanged. Parameter-free, so it may run at inference only (SEED_SYSTEMS §1: the average stays in the
-convex hull of code-embedding sums).
+unchanged. Parameter-free, so it may run at inference only (the average stays in the
+convex hull of code-embedding sums, which the LM was trained to read).
 
 After liuting20/MustDrop@909afa5, `llava/model/multimodal_encoder/local_merge.py` (`conditional_pooling`,
 `merge_wavg`), re-implemented from reading. Reference quirks deliberately not copied:
@@ -18,7 +18,7 @@ After liuting20/MustDrop@909afa5, `llava/model/multimodal_encoder/local_merge.py
 - output order is [CLS, merged windows in top-r order, unmerged ascending]: here all tokens stay in raster
   order of their slot (no CLS: UniCode has none), so the LM still reads the image top-left to bottom-right;
 - the key set (top 8 % of ViT layer-23 CLS attention, never pruned) needs a ViT; UniCode's code embeddings
-  have no CLS token or ViT attention, so there is no key set (documented deviation, SEED_SYSTEMS §3.13).
+  have no CLS token or ViT attention, so there is no key set (a deviation from MustDrop, arXiv 2411.10803).
 """
 
 from __future__ import annotations

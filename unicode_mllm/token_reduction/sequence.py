@@ -5,7 +5,7 @@ collators stay aligned. A reduction then keeps, for each image, only the slots o
 (`ReducedImageTokens.src_index`), writes the reduced embeddings there, and removes the other slots; rows
 are re-packed with **left padding** (what batched generation needs; `image_tokens.compact_rows`).
 
-Position policy (SEED_SYSTEMS §2.3):
+Position policy:
 - `keep_original`: every surviving token keeps the RoPE position its slot had in the unreduced prompt
   (text after the image too), and generation continues from the unreduced length, so the LM sees the same
   geometry as without reduction, only with holes;

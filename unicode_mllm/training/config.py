@@ -110,6 +110,11 @@ class MLLMDataConfig:
     records_per_batch: int = bounded(8, min=1, help="records read per micro-batch; each gives ~sum(tasks) samples")
     max_length: int = bounded(1024, min=8)
     max_tokens_per_forward: int = bounded(4096, min=8, help="padded tokens per forward pass (bounds memory)")
+    # Several samples per row of up to max_length tokens, each with its own positions and causal block
+    # (data/packing.py): the tiny preset pads 1.40x its real tokens without, ~1.0x with (BENCHMARKS.md). An LM
+    # whose attention cannot keep packed samples apart is found by a check at the first step and falls back to
+    # length-sorted chunks (one info line).
+    packing: bool = True
     overflow: Literal["skip", "truncate"] = "skip"
     cfg_drop_rate: float = bounded(0.1, min=0.0, max=1.0, help="text-to-image prompts replaced by the empty one")
     num_segments: int | None = bounded(None, min=1, help="decompression turns T (None: one grid row per turn)")

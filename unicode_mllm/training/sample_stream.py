@@ -7,8 +7,9 @@ Each micro-batch reads `records_per_batch` records through `EpochBatches` (so it
 record's tasks from the `TaskMixture` and builds the samples of whatever kind of record it is
 (`data/record_samples.py`: shapes, LLaVA, captions, VQAv2, image folders) with an `MLLMSampleBuilder`. All samples
 of the record batch form one group (their number varies with the mixture draws), which the trainer
-cuts into forward passes of similar lengths under a padded-token budget (`length_chunks`), so a
-518-token decompression sample does not pad forty 80-token VQA samples.
+packs into rows of several samples each (`data.packing`, data/packing.py), or cuts into forward passes of
+similar lengths under a padded-token budget (`length_chunks`), so a 518-token decompression sample does not
+pad forty 80-token VQA samples.
 
 A record that cannot give a sample (no image, wrong code shape, ids that are not this tokenizer's
 codes, too long) is a counted skip with its reason; `SkipCounter.check()` runs as the run goes (after

@@ -4,8 +4,9 @@ decompression) with the frozen stage-1 visual tokenizer, through `accelerate`.
     cfg = load_config(MLLMTrainConfig, "configs/mllm/tiny.yaml")
     result = train_mllm(cfg)             # result.final_dir loads with UniCodeMLLM.from_pretrained
 
-Per optimizer step: `grad_accum` sample groups (each the samples of `records_per_batch` records), cut
-into forward passes of similar lengths, the next-token loss on assistant turns only (mean over every
+Per optimizer step: `grad_accum` sample groups (each the samples of `records_per_batch` records), packed
+several to a row with per-sample positions and attention (`data.packing`, data/packing.py) or cut into
+forward passes of similar lengths, the next-token loss on assistant turns only (mean over every
 labelled token of the step), gradient
 clipping, AdamW, warm-up + cosine. Logged per task to metrics.jsonl and curves.png; evaluated
 teacher-forced (eval_set.py) every `eval_every` steps. Checkpoints hold the trainable weights (all of
@@ -15,7 +16,6 @@ and every RNG: resuming gives the same next-step loss (tested).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
@@ -34,17 +34,32 @@ from torch.optim.lr_scheduler import LambdaLR
 from unicode_mllm.constants import IGNORE_INDEX
 from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder, SkipCounter
+from unicode_mllm.data.packing import (
+    PackedCollator,
+    Rows,
+    packed_chunks,
+    packing_problem,
+    padded_tokens,
+    sample_losses,
+)
 from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
-from unicode_mllm.runtime.accelerator import is_fsdp, stage_accelerator
+from unicode_mllm.runtime.accelerator import (
+    accumulation,
+    configure_deepspeed,
+    is_deepspeed,
+    is_fsdp,
+    stage_accelerator,
+)
 from unicode_mllm.runtime.checkpoint import (
+    Checkpoint,
     CheckpointLayout,
     CheckpointManager,
     join_tensors,
+    load_shard,
     split_tensors,
-    tensor_shapes,
 )
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
@@ -53,7 +68,19 @@ from unicode_mllm.runtime.progress import make_progress
 from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, start_run
 from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
-from unicode_mllm.runtime.sharded import gather_optimizer_state, gather_tensors, load_full_optimizer_state, shard_like
+from unicode_mllm.runtime.sharded import (
+    check_zero_launch,
+    gather_optimizer_state,
+    gather_tensors,
+    load_full_optimizer_state,
+    load_full_parameters,
+    load_zero_partition_state,
+    shard_like,
+    zero_launch,
+    zero_partition_state,
+    zero_shape,
+)
+from unicode_mllm.runtime.time_budget import out_of_time
 from unicode_mllm.runtime.trackers import accelerator_kwargs
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
@@ -81,6 +108,7 @@ def _accelerator(cfg: MLLMTrainConfig, out_dir: Path) -> Accelerator:
     return stage_accelerator(
         "train-mllm",
         fsdp=True,
+        deepspeed=True,
         cpu=device.type == "cpu",
         mixed_precision=precision,
         kwargs_handlers=[unused],
@@ -96,6 +124,17 @@ def prepare_fsdp(accelerator: Accelerator, model: UniCodeMLLM) -> None:
     plugin.ignored_modules = [model.visual_tokenizer]
     if getattr(model, "_no_split_modules", None) is None:
         model._no_split_modules = list(getattr(model.lm, "_no_split_modules", None) or [])
+
+
+def prepare_deepspeed(accelerator: Accelerator, model: UniCodeMLLM, grad_clip: float) -> None:
+    """Before `prepare` under DeepSpeed: the trainer's clipping in the engine's config (`configure_deepspeed`), and
+    the frozen visual tokenizer kept out of the engine, whole and in fp32 on every rank (it encodes images outside
+    the model's forward, where ZeRO-3 would hold only a partition of it, and the engine would cast it to bf16).
+    It stays reachable as `model.visual_tokenizer`, no longer a registered submodule: the engine's state dicts
+    and checkpoints leave it out, and `save_final` takes it from a rebuilt model."""
+    configure_deepspeed(accelerator, stage="train-mllm", grad_clip=grad_clip)
+    tokenizer = model._modules.pop("visual_tokenizer")
+    model.__dict__["visual_tokenizer"] = tokenizer.to(accelerator.device)
 
 
 def build_model(cfg: MLLMTrainConfig) -> UniCodeMLLM:
@@ -167,10 +206,14 @@ class MLLMTrainer:
         model = build_model(cfg)
         o = cfg.optim
         optimizer = adamw_decaying_matrices(model.parameters(), o.lr, o.betas, o.weight_decay)
+        if is_deepspeed(self.accelerator):  # DeepSpeed drops an empty group (LoRA: no norm trains), the schedule too
+            optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
         warmup = round(o.warmup_ratio * cfg.train.steps)
         self.scheduler = LambdaLR(optimizer, WarmupCosine(warmup, cfg.train.steps, o.min_lr_ratio))
         if is_fsdp(self.accelerator):
             prepare_fsdp(self.accelerator, model)
+        if is_deepspeed(self.accelerator):
+            prepare_deepspeed(self.accelerator, model, cfg.optim.grad_clip)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         d = cfg.data
         self.skips = SkipCounter(strict=False, max_skip_fraction=d.max_skip_fraction)
@@ -188,6 +231,8 @@ class MLLMTrainer:
             read_tokens_per_image=self.mllm.tokens_per_image,  # the compressor's span; decompression reads h*w
         )
         self.collator = MLLMCollator(pad_token_id=self.mllm.token_ids.pad)
+        self.packed_collator = PackedCollator(pad_token_id=self.mllm.token_ids.pad)
+        self._packing: bool | None = None  # data.packing, once the LM was checked (`packing`)
         self.sources = {source.name: source for source in d.resolved_sources()}
         self.mixtures = {
             name: TaskMixture(source.tasks.as_dict(), cfg_drop_rate=d.cfg_drop_rate, seed=cfg.train.seed)
@@ -321,6 +366,30 @@ class MLLMTrainer:
         summed = self.accelerator.reduce(torch.tensor(counts, device=self.accelerator.device), "sum")
         return [int(n) for n in summed.tolist()]
 
+    def packing(self) -> bool:
+        """data.packing, when the LM keeps packed samples apart: checked numerically once, at the first step, on
+        the LM's own device and attention implementation (`packing_problem`); otherwise one info line and
+        length-sorted chunks. Every process runs the check, through the prepared model (whose forward may be
+        collective under FSDP)."""
+        if self._packing is None:
+            self._packing = False
+            if self.cfg.data.packing:
+                vocab = zero_shape(self.mllm.lm.get_input_embeddings().weight)[0]  # ZeRO-3 partitions it
+                problem = packing_problem(self.model, vocab, self.accelerator.device)
+                if problem is None:
+                    self._packing = True
+                else:
+                    log.info("data.packing: falling back to length-sorted chunks: the LM %s", problem)
+        return self._packing
+
+    def forward_chunks(self, samples: list[MLLMSample], packing: bool) -> list[Rows]:
+        """One group's forward passes, each a list of rows: packed rows of up to data.max_length tokens, or one
+        sample a row cut by `length_chunks`. Both are pure functions of the samples (exact resume)."""
+        d = self.cfg.data
+        if packing:
+            return packed_chunks(samples, d.max_tokens_per_forward, min(d.max_length, d.max_tokens_per_forward))
+        return [[[s] for s in chunk] for chunk in length_chunks(samples, d.max_tokens_per_forward)]
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum` sample groups; returns the step's logs.
 
@@ -330,28 +399,32 @@ class MLLMTrainer:
         acc, model = self.accelerator, self.model
         model.train()
         groups = [self.next_samples() for _ in range(self.cfg.optim.grad_accum)]
-        chunks = [c for g in groups for c in length_chunks(g, self.cfg.data.max_tokens_per_forward)]
+        packing = self.packing()
+        chunks = [c for g in groups for c in self.forward_chunks(g, packing)]
         row_scale = self.loss_scales([s for g in groups for s in g])  # sample_id(task) -> loss multiplier
         loss_sum = torch.zeros((), device=acc.device)
         task_sum: dict[str, float] = defaultdict(float)
         task_tokens: dict[str, float] = defaultdict(float)
-        for i, chunk in enumerate(chunks):
-            batch = self.collator(chunk)
+        for i, rows in enumerate(chunks):
+            batch = self.packed_collator(rows)  # one sample a row unless packing
             inputs = {k: batch[k].to(acc.device) for k in MODEL_INPUTS if k != "labels"}
+            if packing:  # per-sample positions; the LM then keeps the samples of a row apart
+                inputs["position_ids"] = batch["position_ids"].to(acc.device)
             labels = batch["labels"].to(acc.device)
             last = i == len(chunks) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(model):  # DDP all-reduces on the last pass
+            with accumulation(acc, model, last):  # gradients are synchronised (DeepSpeed: stepped) on the last pass
                 with acc.autocast():
                     logits = model(**inputs).logits  # (b, t, V)
                     losses, mask = token_losses(logits, labels)  # (b, t-1) each
-                    scale = torch.tensor([row_scale[id(x)] for x in chunk], device=acc.device)  # (b,)
-                    chunk_loss = (losses.sum(1) * scale).sum()
+                    flat = batch["samples"]  # the chunk's k samples, row by row
+                    sums, counts = sample_losses(losses, mask, batch["sample_index"], len(flat))  # (k,) each
+                    scale = torch.tensor([row_scale[id(x)] for x in flat], device=acc.device)  # (k,)
+                    chunk_loss = (sums * scale).sum()
                 acc.backward(chunk_loss)
             loss_sum += chunk_loss.detach()
-            per_row_loss, per_row_tokens = losses.detach().sum(1), mask.sum(1)
-            for row, task in enumerate(batch["tasks"]):
-                task_sum[task] += float(per_row_loss[row])
-                task_tokens[task] += float(per_row_tokens[row])
+            for task, loss, n in zip(batch["tasks"], sums.detach().tolist(), counts.tolist(), strict=True):
+                task_sum[task] += loss
+                task_tokens[task] += n
         clip = self.cfg.optim.grad_clip
         grad_norm = acc.clip_grad_norm_(self.mllm.trainable_parameters(), clip if clip > 0 else math.inf)
         self.optimizer.step()
@@ -361,10 +434,10 @@ class MLLMTrainer:
         logs: dict[str, Any] = {
             "step": self.step,
             "loss": float(acc.reduce(loss_sum, "mean")),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,  # DeepSpeed clips itself: None
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,  # DeepSpeed: its engine's norm
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": sum(len(s) for g in groups for s in g),
-            "padded_tokens": sum(len(c) * len(c[0]) for c in chunks),
+            "padded_tokens": padded_tokens(chunks),
             "samples": sum(len(g) for g in groups),
             "forward_passes": len(chunks),
         }
@@ -414,6 +487,8 @@ class MLLMTrainer:
             return self._saved[1]
         acc = self.accelerator
         acc.wait_for_everyone()
+        if is_deepspeed(acc):
+            return self._save_zero_checkpoint()
         if is_fsdp(acc):
             trainable, optimizer_state = self._gathered_state()
         elif acc.is_main_process:
@@ -422,33 +497,52 @@ class MLLMTrainer:
             self._saved = (self.step, None)
             return None
         opt_tree, opt_tensors = split_tensors(optimizer_state, "optimizer")
-        state = {
-            "optimizer": opt_tree,
+        tensors = {"trainable": trainable, "optimizer": opt_tensors}
+        self._saved = (self.step, self.ckpt.save(self.step, tensors, {"optimizer": opt_tree, **self._run_state()}))
+        return self._saved[1]
+
+    def _save_zero_checkpoint(self) -> Path | None:
+        """Under DeepSpeed, on every rank: the full fp32 trainable weights (gathered to the main process) and
+        each rank's own ZeRO partitions of the optimizer (optimizer.rank{R}.safetensors, written by that rank into
+        the same atomic step folder); resuming needs the same launch (`check_zero_launch`)."""
+        acc = self.accelerator
+        named = ((n, p) for n, p in self.mllm.named_parameters() if p.requires_grad)
+        trainable = gather_tensors(named, acc.is_main_process)
+        tree, local = split_tensors(zero_partition_state(self.optimizer.optimizer), "zero")
+        state = {"optimizer": {"zero": zero_launch(acc), "partitions": tree}, **self._run_state()}
+        path = self.ckpt.save_collective(self.step, {"trainable": trainable}, state, "optimizer", local)
+        self._saved = (self.step, path if acc.is_main_process else None)
+        return self._saved[1]
+
+    def _run_state(self) -> dict[str, Any]:
+        """A checkpoint's JSON state besides the optimizer: the schedule, data position, skips and RNG."""
+        return {
             "scheduler": self.scheduler.state_dict(),
             "data": {"draws": self.draws, "sources": {n: p.to_dict() for n, p in self.positions.items()}},
             "skips": self.skips.state_dict(),
             "reader_skips": self.reader_skips_state(),
             "rng": capture_rng_state(),
         }
-        tensors = {"trainable": trainable, "optimizer": opt_tensors}
-        self._saved = (self.step, self.ckpt.save(self.step, tensors, state))
-        return self._saved[1]
 
     def checkpoint_layout(self) -> CheckpointLayout:
         """What a step folder of this run holds (the trainable weights of this config exactly): resuming checks
         it whole and falls back past a damaged one."""
-        return CheckpointLayout(
-            tensors={"trainable": tensor_shapes(self._trainable_state()), "optimizer": None},
-            state=("optimizer", "scheduler", "data", "rng"),
+        trainable = {n: zero_shape(p) for n, p in self.mllm.named_parameters() if p.requires_grad}  # full shapes
+        groups = (
+            {"trainable": trainable} if is_deepspeed(self.accelerator) else {"trainable": trainable, "optimizer": None}
         )
+        return CheckpointLayout(tensors=groups, state=("optimizer", "scheduler", "data", "rng"))
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         # CPU: the optimizer keeps its step counters there (no GPU sync per step)
         ckpt = self.ckpt.load(path, layout=self.checkpoint_layout())
-        optimizer_state = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
-        if is_fsdp(self.accelerator):
+        if is_deepspeed(self.accelerator):
+            self._load_zero(ckpt)
+        elif is_fsdp(self.accelerator):
+            optimizer_state = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
             self._load_sharded(ckpt.tensors["trainable"], optimizer_state)
         else:
+            optimizer_state = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
             parameters = dict(self.mllm.named_parameters())
             with torch.no_grad():
                 for name, tensor in ckpt.tensors["trainable"].items():
@@ -470,6 +564,15 @@ class MLLMTrainer:
             for name, tensor in trainable.items():
                 parameters[name].copy_(shard_like(tensor, parameters[name]))
         load_full_optimizer_state(self.optimizer, optimizer_state)
+
+    def _load_zero(self, ckpt: Checkpoint) -> None:
+        """Under DeepSpeed, on every rank: the full trainable weights into the engine's parameters (ZeRO-3: into
+        their partitions), and this rank's own ZeRO partitions (fp32 master weights, AdamW state) of the optimizer."""
+        acc, saved = self.accelerator, ckpt.state["optimizer"]
+        check_zero_launch(saved.get("zero") if isinstance(saved, dict) else None, acc, ckpt.path)
+        load_full_parameters(dict(self.mllm.named_parameters()), ckpt.tensors["trainable"])
+        local = load_shard(ckpt.path, "optimizer", acc.process_index)
+        load_zero_partition_state(self.optimizer.optimizer, join_tensors(saved["partitions"], local))
 
     def _load_data_state(self, state: dict[str, Any], where: Path) -> None:
         data, reader = state["data"], state.get("reader_skips", {})
@@ -554,7 +657,7 @@ class MLLMTrainer:
                     completed=step,
                     stats=f"loss {logs['loss']:.3f}" + (f" vqa {100 * vqa:.1f}%" if vqa is not None else ""),
                 )
-                if cfg.train.max_minutes and time.perf_counter() - started > 60 * cfg.train.max_minutes:
+                if out_of_time(started, cfg.train.max_minutes, self.accelerator.device):  # the same step on every rank
                     log.warning(
                         "train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step
                     )
@@ -601,14 +704,21 @@ class MLLMTrainer:
         """`save_pretrained` into out_dir/final via a temporary folder; LoRA adapters are also kept apart
         (out_dir/final_lora) and merged into the saved LM."""
 
-        full = self.accelerator.get_state_dict(self.model) if is_fsdp(self.accelerator) else None  # collective
+        zero = is_deepspeed(self.accelerator)
+        full = self.accelerator.get_state_dict(self.model) if zero or is_fsdp(self.accelerator) else None  # collective
 
         def save(tmp: Path) -> None:
             model = self.mllm
             if full is not None:  # FSDP: the main process saves a whole copy of the model from the gathered tensors
                 with torch.random.fork_rng():
                     model = build_model(self.cfg)
-                model.load_state_dict(full)
+                loaded = model.load_state_dict(full, strict=not zero)
+                if zero:  # the engine's state dict leaves out the visual tokenizer (`prepare_deepspeed`)
+                    left = [k for k in loaded.missing_keys if not k.startswith("visual_tokenizer.")]
+                    if left or loaded.unexpected_keys:
+                        raise RuntimeError(
+                            f"DeepSpeed's state dict does not fit the model: {left or loaded.unexpected_keys}"
+                        )
             if model.has_lora:
                 adapter = self.out_dir / "final_lora"
                 shutil.rmtree(adapter, ignore_errors=True)

@@ -3,6 +3,7 @@
 Flat exports; `quantizer.py` is the only module that imports `vector_quantize_pytorch`.
 """
 
+from unicode_mllm.visual_tokenizer.code_map import CodeTokenMap
 from unicode_mllm.visual_tokenizer.language_codebook import (
     CODE_POLICIES,
     CodePolicy,
@@ -46,6 +47,7 @@ __all__ = [
     "PINNED_VQ_VERSION",
     "STACK_BUILDERS",
     "CodePolicy",
+    "CodeTokenMap",
     "CodeUsage",
     "CodebookMode",
     "HierarchicalStack",

@@ -10,6 +10,8 @@ Pixels are in [-1, 1]. With `len(ch_mult) = L`, the downsampling factor is 2**(L
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -84,37 +86,45 @@ def _mid_block(width: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(ResBlock(width, width, dropout), AttnBlock(width), ResBlock(width, width, dropout))
 
 
+@dataclass(frozen=True)
+class AutoencoderShape:
+    """What the encoder and decoder share: base width `ch`, its multiplier per level `ch_mult`, res-blocks per
+    level, the resolutions (sides) with attention, the image side `resolution` and the dropout."""
+
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    resolution: int
+    dropout: float = 0.0
+
+    def level_blocks(self, blocks: list[nn.Module], width: int, out: int, count: int, res: int) -> int:
+        """Append `count` res-blocks (width -> out), each followed by attention at the attention resolutions, to
+        `blocks`; returns the new width."""
+        for _ in range(count):
+            blocks.append(ResBlock(width, out, self.dropout))
+            width = out
+            if res in self.attn_resolutions:
+                blocks.append(AttnBlock(width))
+        return width
+
+
 class Encoder(nn.Module):
     """(b, 3, H, W) in [-1, 1] -> (b, z_channels, H / f, W / f), f = 2**(len(ch_mult) - 1)."""
 
-    def __init__(
-        self,
-        *,
-        ch: int,
-        ch_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        z_channels: int,
-        resolution: int,
-        in_channels: int = 3,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, shape: AutoencoderShape, *, z_channels: int, in_channels: int = 3):
         super().__init__()
+        ch, ch_mult = shape.ch, shape.ch_mult
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         blocks: list[nn.Module] = []
-        width, res = ch, resolution
+        width, res = ch, shape.resolution
         for level, mult in enumerate(ch_mult):
-            out = ch * mult
-            for _ in range(num_res_blocks):
-                blocks.append(ResBlock(width, out, dropout))
-                width = out
-                if res in attn_resolutions:
-                    blocks.append(AttnBlock(width))
+            width = shape.level_blocks(blocks, width, ch * mult, shape.num_res_blocks, res)
             if level != len(ch_mult) - 1:
                 blocks.append(Downsample(width))
                 res //= 2
         self.down = nn.Sequential(*blocks)
-        self.mid = _mid_block(width, dropout)
+        self.mid = _mid_block(width, shape.dropout)
         self.norm_out = norm(width)
         self.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
 
@@ -126,31 +136,16 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(b, in_channels, h, w) -> (b, 3, h * f, w * f); mirrors the encoder (one more res-block per level)."""
 
-    def __init__(
-        self,
-        *,
-        ch: int,
-        ch_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        in_channels: int,
-        resolution: int,
-        out_channels: int = 3,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, shape: AutoencoderShape, *, in_channels: int, out_channels: int = 3):
         super().__init__()
+        ch, ch_mult = shape.ch, shape.ch_mult
         width = ch * ch_mult[-1]
-        res = resolution // 2 ** (len(ch_mult) - 1)
+        res = shape.resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.mid = _mid_block(width, dropout)
+        self.mid = _mid_block(width, shape.dropout)
         blocks: list[nn.Module] = []
         for level in reversed(range(len(ch_mult))):
-            out = ch * ch_mult[level]
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(width, out, dropout))
-                width = out
-                if res in attn_resolutions:
-                    blocks.append(AttnBlock(width))
+            width = shape.level_blocks(blocks, width, ch * ch_mult[level], shape.num_res_blocks + 1, res)
             if level != 0:
                 blocks.append(Upsample(width))
                 res *= 2

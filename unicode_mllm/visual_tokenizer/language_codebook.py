@@ -33,6 +33,7 @@ from torch import Tensor
 
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.runtime.model_folders import LANGUAGE_MODEL, hub_errors, require_language_model
+from unicode_mllm.visual_tokenizer.code_map import CodeTokenMap
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,8 @@ def load_input_embeddings(
 # ----- the codebook -----------------------------------------------------------------------------
 
 
-class LanguageCodebook:
-    """C_L for a subset of the vocabulary, with the code <-> token id maps.
+class LanguageCodebook(CodeTokenMap):
+    """C_L for a subset of the vocabulary, with the code <-> token id maps (`CodeTokenMap`).
 
     Attributes:
         embeddings: (v, c) fp32, row k = the LLM input embedding of `code_to_token_id[k]`.
@@ -239,17 +240,10 @@ class LanguageCodebook:
             )
         if code_to_token_id.numel() < 2:
             raise ConfigError(f"a codebook needs at least 2 codes; got {code_to_token_id.numel()}")
-        if int(code_to_token_id.min()) < 0 or int(code_to_token_id.max()) >= vocab_size:
-            raise ConfigError(f"code token ids must lie in [0, {vocab_size}); got {code_to_token_id.tolist()[:8]}...")
         if not bool((code_to_token_id[1:] > code_to_token_id[:-1]).all()):
             raise ConfigError("code token ids must be strictly increasing (sorted and without repeats)")
         self.embeddings = embeddings.detach().float().contiguous()
-        self.code_to_token_id = code_to_token_id.to(self.embeddings.device)
-        self.vocab_size = int(vocab_size)
-        self.token_id_to_code = torch.full((vocab_size,), -1, dtype=torch.long, device=self.embeddings.device)
-        self.token_id_to_code[self.code_to_token_id] = torch.arange(
-            code_to_token_id.numel(), device=self.embeddings.device
-        )
+        super().__init__(code_to_token_id, vocab_size, device=self.embeddings.device)
         self.policy = policy
         self.source = source
 
@@ -310,10 +304,6 @@ class LanguageCodebook:
         return cls(matrix[ids], ids, matrix.shape[0], policy=policy, source=source)
 
     @property
-    def num_codes(self) -> int:
-        return self.code_to_token_id.numel()
-
-    @property
     def llm_width(self) -> int:
         return self.embeddings.shape[1]
 
@@ -327,37 +317,8 @@ class LanguageCodebook:
         moved = LanguageCodebook.__new__(LanguageCodebook)
         moved.__dict__.update(self.__dict__)
         moved.embeddings = self.embeddings.to(device)
-        moved.code_to_token_id = self.code_to_token_id.to(device)
-        moved.token_id_to_code = self.token_id_to_code.to(device)
+        moved._moved_maps(device)
         return moved
-
-    def codes_to_token_ids(self, codes: Tensor) -> Tensor:
-        """Codes (any shape, int64 in [0, v)) -> LLM token ids of the same shape. Raises UserError."""
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
-            raise UserError(
-                f"codes must lie in [0, {self.num_codes}); got values in [{int(codes.min())}, {int(codes.max())}]"
-            )
-        return self.code_to_token_id.to(codes.device)[codes]
-
-    def is_code_token_id(self, token_ids: Tensor) -> Tensor:
-        """Token ids (any shape) -> bool mask of the ids that are visual codes."""
-        table = self.token_id_to_code.to(token_ids.device)
-        inside = (token_ids >= 0) & (token_ids < self.vocab_size)
-        return inside & (table[token_ids.clamp(0, self.vocab_size - 1)] >= 0)
-
-    def token_ids_to_codes(self, token_ids: Tensor) -> Tensor:
-        """LLM token ids (any shape) -> codes of the same shape.
-
-        Raises UserError when an id is not a code (special, added, unselected or out of range).
-        """
-        is_code = self.is_code_token_id(token_ids)
-        if not bool(is_code.all()):
-            bad = token_ids[~is_code].unique()[:8].tolist()
-            raise UserError(
-                f"token ids {bad} are not visual codes (special, added, unselected or out-of-vocabulary "
-                "ids); only ids in code_to_token_id convert to codes"
-            )
-        return self.token_id_to_code.to(token_ids.device)[token_ids]
 
     def __repr__(self) -> str:
         return (

@@ -29,7 +29,8 @@ from unicode_mllm.runtime.model_folders import (
     hub_errors,
     require_visual_tokenizer,
 )
-from unicode_mllm.visual_tokenizer.autoencoder import Decoder, Encoder
+from unicode_mllm.visual_tokenizer.autoencoder import AutoencoderShape, Decoder, Encoder
+from unicode_mllm.visual_tokenizer.code_map import CodeTokenMap
 from unicode_mllm.visual_tokenizer.language_codebook import LanguageCodebook
 from unicode_mllm.visual_tokenizer.stacking import build_stack
 
@@ -56,7 +57,7 @@ class VisualTokenizer(PreTrainedModel):
     def __init__(self, config: VisualTokenizerConfig, sync_codebook: bool = False):
         super().__init__(config)
         config.check()
-        arch = dict(
+        arch = AutoencoderShape(
             ch=config.ch,
             ch_mult=tuple(config.ch_mult),
             num_res_blocks=config.num_res_blocks,
@@ -64,18 +65,18 @@ class VisualTokenizer(PreTrainedModel):
             resolution=config.image_size,
             dropout=config.dropout,
         )
-        self.encoder = Encoder(z_channels=config.z_channels, **arch)
+        self.encoder = Encoder(arch, z_channels=config.z_channels)
         self.stack = build_stack(
             config.stacking,
             z_channels=config.z_channels,
             llm_width=config.llm_width,
             num_codes=config.num_codes,
             depth=config.depth if config.stacking == "rq" else None,
-            settings=config.quantizer_settings(),
+            settings=config.quantizer,
             sync_codebook=sync_codebook,
         )
-        self.decoder = Decoder(in_channels=self.stack.decoder_in_channels, **arch)
-        self._id_maps: tuple[Tensor, Tensor] | None = None
+        self.decoder = Decoder(arch, in_channels=self.stack.decoder_in_channels)
+        self._code_map: CodeTokenMap | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -160,55 +161,39 @@ class VisualTokenizer(PreTrainedModel):
 
     # ----- the interface to the LLM ------------------------------------------------------------
 
-    def _maps(self) -> tuple[Tensor, Tensor]:
-        # Built from the config on first use, not kept as buffers: HF's loader constructs the model on
-        # the meta device and leaves non-persistent buffers empty; the map already lives in config.json.
-        if self._id_maps is None:
-            ids = torch.tensor(self.config.code_to_token_id, dtype=torch.long, device="cpu")
-            lookup = torch.full((self.config.llm_vocab_size,), -1, dtype=torch.long, device="cpu")
-            lookup[ids] = torch.arange(self.config.num_codes, device="cpu")
-            self._id_maps = (ids, lookup)
-        return self._id_maps
+    @property
+    def code_map(self) -> CodeTokenMap:
+        """Codes <-> LLM token ids, from `config.code_to_token_id` (on the CPU; each call moves what it reads)."""
+        # Built on first use, not kept as buffers: HF's loader constructs the model on the meta device and leaves
+        # non-persistent buffers empty; the map already lives in config.json.
+        if self._code_map is None:
+            self._code_map = CodeTokenMap(self.config.code_to_token_id, self.config.llm_vocab_size, device="cpu")
+        return self._code_map
 
     @property
     def code_to_token_id(self) -> Tensor:
         """(v,) LLM token id of each code."""
-        return self._maps()[0]
+        return self.code_map.code_to_token_id
 
     @property
     def token_id_to_code(self) -> Tensor:
         """(llm_vocab_size,) code of each LLM token id, -1 where the id is not a visual code."""
-        return self._maps()[1]
+        return self.code_map.token_id_to_code
 
     def codes_to_token_ids(self, codes: Tensor) -> Tensor:
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.num_codes):
-            raise UserError(
-                f"codes must lie in [0, {self.config.num_codes}); got [{int(codes.min())}, {int(codes.max())}]"
-            )
-        return self.code_to_token_id.to(codes.device)[codes]
+        return self.code_map.codes_to_token_ids(codes)
 
     def token_ids_to_codes(self, token_ids: Tensor) -> Tensor:
         """Inverse of `codes_to_token_ids`; raises UserError for ids that are not visual codes."""
-        lookup = self.token_id_to_code.to(token_ids.device)
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= lookup.numel()):
-            raise UserError(f"token ids must lie in [0, {lookup.numel()}) to be visual codes")
-        codes = lookup[token_ids]
-        if bool((codes < 0).any()):
-            bad = token_ids[codes < 0][:5].tolist()
-            raise UserError(f"token ids {bad} are not visual codes of this tokenizer")
-        return codes
+        return self.code_map.token_ids_to_codes(token_ids)
 
     def is_code_token_id(self, token_ids: Tensor) -> Tensor:
-        lookup = self.token_id_to_code.to(token_ids.device)
-        inside = (token_ids >= 0) & (token_ids < lookup.numel())
-        return inside & (lookup[token_ids.clamp(0, lookup.numel() - 1)] >= 0)
+        return self.code_map.is_code_token_id(token_ids)
 
     @staticmethod
-    def aggregate_embeddings(token_ids: Tensor, embedding_table: nn.Embedding | Tensor) -> Tensor:
-        """(b, h, w, d) LLM token ids -> (b, h*w, c): the sum over depth of the LLM's own embeddings."""
-        weight = embedding_table.weight if isinstance(embedding_table, nn.Embedding) else embedding_table
-        embeds = nn.functional.embedding(token_ids, weight)  # (b, h, w, d, c)
-        return rearrange(embeds.sum(dim=3), "b h w c -> b (h w) c")
+    def aggregate_embeddings(token_ids: Tensor, embeddings: nn.Module | Tensor) -> Tensor:
+        """(b, h, w, d) LLM token ids -> (b, h*w, c): what the LLM reads for them (`aggregate_embeddings`)."""
+        return aggregate_embeddings(token_ids, embeddings)
 
     @torch.no_grad()
     def encoding_fingerprint(self) -> str:
@@ -257,22 +242,17 @@ class VisualTokenizer(PreTrainedModel):
         sync_codebook: all-reduce EMA statistics across ranks (an explicit bool, computed by the
         caller after the process group exists). config_kwargs: `VisualTokenizerConfig` fields.
         """
-        mode = config_kwargs.get("codebook_mode", "language_driven")
+        num_codes = config_kwargs.pop("num_codes", 256)  # 'separate' only: the size of its own codebook
+        config = VisualTokenizerConfig(llm_width=codebook.llm_width, **config_kwargs)
+        mode = config.quantizer.mode
         if mode == "separate":
             # Its own codes become new vocabulary appended after the LLM's (the paper's "separate").
-            ids = list(range(codebook.vocab_size, codebook.vocab_size + config_kwargs.get("num_codes", 256)))
-            config = VisualTokenizerConfig(
-                llm_width=codebook.llm_width, code_to_token_id=ids, llm_vocab_size=ids[-1] + 1, **config_kwargs
-            )
+            ids = list(range(codebook.vocab_size, codebook.vocab_size + num_codes))
+            config.num_codes, config.code_to_token_id, config.llm_vocab_size = num_codes, ids, ids[-1] + 1
         else:
-            config_kwargs.pop("num_codes", None)
-            config = VisualTokenizerConfig(
-                llm_width=codebook.llm_width,
-                num_codes=codebook.num_codes,
-                code_to_token_id=codebook.code_to_token_id.tolist(),
-                llm_vocab_size=codebook.vocab_size,
-                **config_kwargs,
-            )
+            config.num_codes = codebook.num_codes
+            config.code_to_token_id = codebook.code_to_token_id.tolist()
+            config.llm_vocab_size = codebook.vocab_size
         model = cls(config, sync_codebook=sync_codebook)
         if mode == "separate":
             gen = torch.Generator().manual_seed(0)
@@ -280,6 +260,22 @@ class VisualTokenizer(PreTrainedModel):
         else:
             model.quantizer.install(codebook.embeddings)
         return model
+
+
+def aggregate_embeddings(token_ids: Tensor, embeddings: nn.Module | Tensor) -> Tensor:
+    """(b, h, w, d) LLM token ids -> (b, h*w, c): the sum over depth of the LLM's embeddings of each position's codes.
+
+    The one definition of an image's aggregated reading (`UniCodeMLLM.embed_images` reads through it).
+    embeddings: the LLM's input-embedding module (`lm.get_input_embeddings()`): its output is what the LLM
+    reads, with any scaling the module applies (Gemma's multiplies by sqrt(hidden size)); or a raw (V, c)
+    table. The depth is summed in fp32 (a bf16 LLM would otherwise round after every addition) and the sum
+    returned in the embeddings' dtype.
+    """
+    if isinstance(embeddings, nn.Module):
+        embeds = embeddings(token_ids)  # (b, h, w, d, c)
+    else:
+        embeds = nn.functional.embedding(token_ids, embeddings)
+    return rearrange(embeds.float().sum(dim=3).to(embeds.dtype), "b h w c -> b (h w) c")
 
 
 def _checked_config(folder: Path) -> VisualTokenizerConfig:

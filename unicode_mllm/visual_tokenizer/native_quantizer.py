@@ -2,7 +2,7 @@
 
 It keeps the buffers of vector-quantize-pytorch 1.31.0's shared-codebook `ResidualVQ` (the layout
 the adapter in `quantizer.py` writes into) and their meaning, but never builds a dense (N, V) one-hot
-and never multiplies by one. Why it exists: QUANTIZER.md, "Cost at LLM scale" (three N x V x C
+and never multiplies by one. Why it exists: the cost at LLM scale (BENCHMARKS.md; three N x V x C
 matmuls and two dense (N, V) fp32 tensors per layer and step in the library).
 
 Written from reading the library's `Codebook` / `VectorQuantize` / `ResidualVQ` (1.31.0); no code is
@@ -43,7 +43,7 @@ What is different, on purpose:
   straight-through value `r + (q - r)`, which can differ in the last bit, so codes at depth >= 2 can
   differ from the library's on exact float ties only;
 - no dead-code expiry, k-means init, masks, cosine distance, beam search or quantize dropout: the
-  project keeps all of them off (QUANTIZER.md);
+  project keeps all of them off (quantizer.py's `_build_library_rvq`);
 - optional low-dimensional search (`search_dim=k`, the library has no equivalent): the nearest code
   is chosen in the span of the k principal directions of the installed codebook (`search_basis`,
   (c, k), set by `set_search_basis`), while the codes' full rows are what is summed, subtracted,
@@ -62,7 +62,7 @@ What is different, on purpose:
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -71,8 +71,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from unicode_mllm.errors import ConfigError
-
-DEFAULT_CHUNK_SIZE = 2048  # rows per distance chunk: (2048, 32000) fp32 is 262 MB
+from unicode_mllm.quantizer_settings import DEFAULT_CHUNK_SIZE, SEARCH_DTYPES, SearchDtype  # re-exported
 
 
 class SharedCodebookState(Protocol):
@@ -117,10 +116,6 @@ def principal_basis(codebook: Tensor, k: int) -> Tensor:
     rows = codebook.detach().float()
     _, _, vh = torch.linalg.svd(rows - rows.mean(dim=0, keepdim=True), full_matrices=False)
     return vh[:k].T.contiguous()
-
-
-SearchDtype = Literal["fp32", "bf16", "auto"]
-SEARCH_DTYPES: tuple[str, ...] = get_args(SearchDtype)
 
 
 def resolve_search_dtype(search_dtype: str, device: torch.device | str) -> str:

@@ -3,10 +3,10 @@
 This is the only module of the project that imports `vector_quantize_pytorch` (pinned, see
 `PINNED_VQ_VERSION`). Everything that depends on the library's buffer layout or defaults lives
 here, so that a faster quantizer with the same buffers can replace it later. The verified library
-facts this file relies on are listed in shared/design/QUANTIZER.md and re-checked by
-tests/test_quantizer.py.
+facts this file relies on are the design decisions below (each passed explicitly in
+`_build_library_rvq`) and are re-checked by tests/test_quantizer.py.
 
-Spaces and units (letters as in the style guide: b batch, n tokens, c channels, d depth, v codes):
+Spaces and units (einops letters: b batch, n tokens, c channels, d depth, v codes):
 
 - feature space: the encoder's z channels (`in_channels`);
 - LLM space: `llm_width` channels, where the codebook rows live (for UniCode they are rows of the
@@ -52,7 +52,7 @@ Design decisions (each is tested):
   "native" is `native_quantizer.NativeResidualQuantizer`, the project's own quantizer with the same
   buffers and EMA meaning, which searches in row chunks with argmin and accumulates the EMA sums
   with `index_add_` (no dense (N, v) one-hot, no N x v x c matmuls for the statistics; see
-  shared/design/QUANTIZER.md, "Cost at LLM scale", and BENCHMARKS.md). Both sit at `self.rvq` and
+  native_quantizer.py's docstring and BENCHMARKS.md). Both sit at `self.rvq` and
   share one calling convention, `self.rvq(x_llm) -> (quantized, codes (b, n, d), losses (d,))`
   (EMA step in training mode, plain search in eval mode), and one codebook state
   (`SharedCodebookState`: embed, embed_avg, cluster_size, initted, eps), so everything else in this
@@ -67,7 +67,6 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -77,26 +76,21 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import ResidualVQ
 from vector_quantize_pytorch.vector_quantize_pytorch import laplace_smoothing
 
-from unicode_mllm.config import bounded
 from unicode_mllm.errors import ConfigError, UserError
-from unicode_mllm.visual_tokenizer.native_quantizer import (
-    DEFAULT_CHUNK_SIZE,
-    SEARCH_DTYPES,
-    NativeResidualQuantizer,
-    SearchDtype,
-    SharedCodebookState,
+from unicode_mllm.quantizer_settings import (  # the options' one declaration; re-exported here
+    CODEBOOK_MODES,
+    NORM_MATCHINGS,
+    QUANTIZER_BACKENDS,
+    CodebookMode,
+    NormMatching,
+    QuantizerBackend,
+    QuantizerSettings,
 )
+from unicode_mllm.visual_tokenizer.native_quantizer import NativeResidualQuantizer, SharedCodebookState
 
 logger = logging.getLogger(__name__)
 
-PINNED_VQ_VERSION = "1.31.0"  # the facts in QUANTIZER.md were verified on this version only
-
-CodebookMode = Literal["language_driven", "frozen", "separate", "dual"]
-NormMatching = Literal["running_ratio", "moments", "none"]
-QuantizerBackend = Literal["library", "native"]
-CODEBOOK_MODES: tuple[str, ...] = get_args(CodebookMode)
-NORM_MATCHINGS: tuple[str, ...] = get_args(NormMatching)
-QUANTIZER_BACKENDS: tuple[str, ...] = get_args(QuantizerBackend)
+PINNED_VQ_VERSION = "1.31.0"  # the library facts tests/test_quantizer.py checks were verified on this version only
 
 try:
     _INSTALLED_VQ_VERSION = metadata.version("vector-quantize-pytorch")
@@ -122,84 +116,6 @@ def should_sync_codebook() -> bool:
     Not cached, unlike the library's own `is_distributed()` (which keeps its first answer).
     """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@dataclass(frozen=True)
-class QuantizerSettings:
-    """The quantizer options a run chooses (the codebook size and width come from the LLM)."""
-
-    codebook_mode: CodebookMode = "language_driven"
-    decay: float = bounded(0.99, min=0.0, max=1.0, help="EMA decay of the statistics per training step")
-    eps: float = bounded(1e-5, min=0.0, help="Laplace smoothing of the EMA cluster sizes")
-    commitment_weight: float = bounded(0.25, min=0.0)
-    norm_matching: NormMatching = "running_ratio"
-    feature_norm_decay: float = bounded(
-        0.99, min=0.0, max=1.0, help="momentum of the running feature norm used for norm matching"
-    )
-    target_norm: float = bounded(
-        1.0, min=0.0, help="reference codebook norm before install(); install() replaces it with C_L's"
-    )
-    backend: QuantizerBackend = "library"
-    native_chunk_size: int = bounded(
-        DEFAULT_CHUNK_SIZE, min=1, help="rows per distance chunk of the native backend (memory: rows x v fp32)"
-    )
-    search_dim: int | None = bounded(
-        None, min=1, help="native backend: nearest-code search in C_L's leading principal directions (None: full width)"
-    )
-    search_dtype: SearchDtype = "auto"  # native backend: distance matmul dtype; auto = bf16 on CUDA, fp32 on CPU
-    native_code_chunk_size: int | None = bounded(
-        None, min=1, help="native backend: codebook rows per distance block (None: all; memory rows x this fp32)"
-    )
-
-    def validate(self) -> None:
-        """Raises ConfigError naming the bad key and its value."""
-        if self.codebook_mode not in CODEBOOK_MODES:
-            raise ConfigError(
-                f"quantizer.codebook_mode {self.codebook_mode!r} is unknown; choose one of {sorted(CODEBOOK_MODES)}"
-            )
-        if self.norm_matching not in NORM_MATCHINGS:
-            raise ConfigError(
-                f"quantizer.norm_matching {self.norm_matching!r} is unknown; choose one of {sorted(NORM_MATCHINGS)}"
-            )
-        if not 0.0 < self.decay < 1.0:
-            raise ConfigError(f"quantizer.decay must lie strictly between 0 and 1 (e.g. 0.99); got {self.decay}")
-        if not 0.0 <= self.feature_norm_decay < 1.0:
-            raise ConfigError(
-                f"quantizer.feature_norm_decay must lie in [0, 1) (e.g. 0.99); got {self.feature_norm_decay}"
-            )
-        if self.eps <= 0.0:
-            raise ConfigError(f"quantizer.eps must be positive (e.g. 1e-5); got {self.eps}")
-        if self.commitment_weight < 0.0:
-            raise ConfigError(f"quantizer.commitment_weight must be >= 0 (e.g. 0.25); got {self.commitment_weight}")
-        if self.target_norm <= 0.0:
-            raise ConfigError(f"quantizer.target_norm must be positive; got {self.target_norm}")
-        if self.backend not in QUANTIZER_BACKENDS:
-            raise ConfigError(
-                f"quantizer.backend {self.backend!r} is unknown; choose one of {sorted(QUANTIZER_BACKENDS)}"
-            )
-        if self.native_chunk_size < 1:
-            raise ConfigError(f"quantizer.native_chunk_size must be >= 1 (e.g. 2048); got {self.native_chunk_size}")
-        if self.search_dtype not in SEARCH_DTYPES:
-            raise ConfigError(
-                f"quantizer.search_dtype {self.search_dtype!r} is unknown; choose one of {list(SEARCH_DTYPES)}"
-            )
-        if self.search_dtype == "bf16" and self.backend != "native":
-            raise ConfigError(
-                "quantizer.search_dtype='bf16' needs backend 'native' (vector-quantize-pytorch searches in the "
-                "input dtype); set the backend to 'native' or use 'auto'"
-            )
-        if self.native_code_chunk_size is not None and self.native_code_chunk_size < 1:
-            raise ConfigError(
-                f"quantizer.native_code_chunk_size must be >= 1 (e.g. 8192) or unset; got {self.native_code_chunk_size}"
-            )
-        if self.search_dim is not None:
-            if self.search_dim < 1:
-                raise ConfigError(f"quantizer.search_dim must be >= 1 (e.g. 8) or unset; got {self.search_dim}")
-            if self.backend != "native":
-                raise ConfigError(
-                    f"quantizer.search_dim={self.search_dim} needs backend 'native' (vector-quantize-pytorch "
-                    "searches the full width); set the backend to 'native' or unset search_dim"
-                )
 
 
 @dataclass
@@ -244,11 +160,7 @@ class NormMatchedProjection(nn.Module):
         norm_decay: float = 0.99,
         sync: bool = False,
     ) -> None:
-        super().__init__()
-        if norm_matching not in NORM_MATCHINGS:
-            raise ConfigError(
-                f"quantizer.norm_matching {norm_matching!r} is unknown; choose one of {sorted(NORM_MATCHINGS)}"
-            )
+        super().__init__()  # norm_matching is one of NORM_MATCHINGS: QuantizerSettings.validate checked it
         self.in_channels = in_channels
         self.llm_width = llm_width
         self.norm_matching = norm_matching
@@ -269,6 +181,19 @@ class NormMatchedProjection(nn.Module):
         # Set by the trainer once the codebook is fixed (ramp tail): a stationary feature -> LLM map
         # keeps the decoder's input distribution from drifting under it.
         self.freeze_stats = False
+
+    @classmethod
+    def from_settings(
+        cls, in_channels: int, llm_width: int, settings: QuantizerSettings, *, sync: bool
+    ) -> NormMatchedProjection:
+        """The projection `settings` choose (norm matching and its momentum)."""
+        return cls(
+            in_channels,
+            llm_width,
+            norm_matching=settings.norm_matching,
+            norm_decay=settings.feature_norm_decay,
+            sync=sync,
+        )
 
     def scale(self, target_norm: Tensor) -> Tensor:
         """() fp32: the factor from projected features to LLM units."""
@@ -379,25 +304,19 @@ class StackedQuantizer(nn.Module):
         if not isinstance(sync_codebook, bool):
             raise ConfigError(f"sync_codebook must be an explicit bool; got {sync_codebook!r}")
         self.settings = settings
-        self.codebook_mode: CodebookMode = settings.codebook_mode
+        self.codebook_mode: CodebookMode = settings.mode
         self.in_channels = in_channels
         self.llm_width = llm_width
         self.num_codes = num_codes
         self.depth = depth
         self.commitment_weight = settings.commitment_weight
         self.decay_per_step = settings.decay
-        # Shared statistics are decayed once per layer and per call (QUANTIZER.md): split the decay.
+        # Shared statistics are decayed once per layer and per call (the `decay` note above): split the decay.
         self.decay_per_layer = settings.decay ** (1.0 / (depth * ema_updates_per_step))
         # Settable by the trainer (e.g. the reference code's tail epochs with a fixed codebook).
-        self.freeze_codebook = settings.codebook_mode == "frozen"
+        self.freeze_codebook = settings.mode == "frozen"
 
-        self.projection = NormMatchedProjection(
-            in_channels,
-            llm_width,
-            norm_matching=settings.norm_matching,
-            norm_decay=settings.feature_norm_decay,
-            sync=sync_codebook,
-        )
+        self.projection = NormMatchedProjection.from_settings(in_channels, llm_width, settings, sync=sync_codebook)
         self.backend: QuantizerBackend = settings.backend
         builders = {"library": self._build_library_rvq, "native": self._build_native_rvq}
         self.rvq: nn.Module = builders[settings.backend](settings, sync_codebook)
@@ -493,8 +412,8 @@ class StackedQuantizer(nn.Module):
 
     @torch.no_grad()
     def _write_codebook(self, new: Tensor) -> None:
-        # QUANTIZER.md recipe: `embed` is recomputed from embed_avg / smoothed(cluster_size) at every
-        # EMA step, so write embed_avg consistently or the write is undone one step later.
+        # The library's EMA recipe (its `Codebook`): `embed` is recomputed from embed_avg / smoothed(cluster_size)
+        # at every EMA step, so write embed_avg consistently or the write is undone one step later.
         cb = self._codebook_module
         new = new.to(device=cb.embed.device, dtype=cb.embed.dtype)
         counts = laplace_smoothing(cb.cluster_size, self.num_codes, cb.eps) * cb.cluster_size.sum(

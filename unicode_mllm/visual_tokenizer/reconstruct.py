@@ -21,7 +21,7 @@ from unicode_mllm.runtime.devices import select_device
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 if TYPE_CHECKING:
-    from tokenizer_training.perceptual import PerceptualLoss
+    from unicode_mllm.perceptual import PerceptualLoss
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
@@ -39,7 +39,7 @@ def load_perceptual(lpips_trunk: str | None, device: str | torch.device = "cpu")
     """
     if lpips_trunk is None:
         return None, "not measured: no trunk requested"
-    from tokenizer_training.perceptual import PerceptualLoss, resolve_trunk
+    from unicode_mllm.perceptual import PerceptualLoss, resolve_trunk
 
     try:
         path = resolve_trunk(lpips_trunk)

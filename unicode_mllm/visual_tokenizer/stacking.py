@@ -23,7 +23,7 @@ maths (codebook, EMA, norm matching, the one straight-through wrap) lives in `St
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.quantizer_settings import STACKINGS, stack_code_depth
 from unicode_mllm.visual_tokenizer.quantizer import NormMatchedProjection, QuantizerSettings, StackedQuantizer
 
 
@@ -49,13 +50,40 @@ class StackOutput:
 
 
 class QuantizerStack(nn.Module):
-    """Common interface of the stacks. `quantizer` holds the one shared codebook."""
+    """Common interface of the stacks. `quantizer` holds the one shared codebook.
+
+    z_channels: the encoder's channels; llm_width, num_codes: the codebook's; depth: codes per position where
+    the stack lets it be chosen (`_code_depth` checks it); settings: the quantizer's options; sync_codebook:
+    all-reduce the EMA statistics (DDP). A stack builds its quantizers in `_build`.
+    """
 
     kind: ClassVar[str]
     quantizer: StackedQuantizer
     code_depth: int
     decoder_in_channels: int
     z_channels: int
+
+    def __init__(
+        self,
+        *,
+        z_channels: int,
+        llm_width: int,
+        num_codes: int,
+        depth: int | None = None,
+        settings: QuantizerSettings | None = None,
+        sync_codebook: bool = False,
+    ) -> None:
+        super().__init__()
+        self.z_channels = z_channels
+        self.code_depth = self._code_depth(depth)
+        self._build(llm_width, num_codes, settings if settings is not None else QuantizerSettings(), sync_codebook)
+
+    def _code_depth(self, depth: int | None) -> int:
+        """The codes per position for the `depth` asked for; ConfigError when the stack cannot have it."""
+        return stack_code_depth(self.kind, depth)
+
+    def _build(self, llm_width: int, num_codes: int, settings: QuantizerSettings, sync_codebook: bool) -> None:
+        raise NotImplementedError
 
     def code_shape(self, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
         """(h, w) encoder grid -> (h_code, w_code, d) code layout."""
@@ -93,27 +121,13 @@ class ResidualStack(QuantizerStack):
 
     kind = "rq"
 
-    def __init__(
-        self,
-        *,
-        z_channels: int,
-        llm_width: int,
-        num_codes: int,
-        depth: int | None = None,
-        settings: QuantizerSettings | None = None,
-        sync_codebook: bool = False,
-    ) -> None:
-        super().__init__()
-        if depth is None:
-            raise ConfigError(f"stacking {self.kind!r} needs depth (codes per position), e.g. depth=4")
-        self.z_channels = z_channels
-        self.code_depth = depth
-        self.decoder_in_channels = z_channels
+    def _build(self, llm_width: int, num_codes: int, settings: QuantizerSettings, sync_codebook: bool) -> None:
+        self.decoder_in_channels = self.z_channels
         self.quantizer = StackedQuantizer(
-            in_channels=z_channels,
+            in_channels=self.z_channels,
             llm_width=llm_width,
             num_codes=num_codes,
-            depth=depth,
+            depth=self.code_depth,
             settings=settings,
             sync_codebook=sync_codebook,
         )
@@ -142,55 +156,16 @@ class ResidualStack(QuantizerStack):
 class SingleStack(ResidualStack):
     """`vq`: one code per encoder position (the plain baseline)."""
 
-    kind = "vq"
-
-    def __init__(
-        self,
-        *,
-        z_channels: int,
-        llm_width: int,
-        num_codes: int,
-        depth: int | None = None,
-        settings: QuantizerSettings | None = None,
-        sync_codebook: bool = False,
-    ) -> None:
-        if depth not in (None, 1):
-            raise ConfigError(f"stacking 'vq' has depth 1; got depth={depth} (use stacking 'rq' for more)")
-        super().__init__(
-            z_channels=z_channels,
-            llm_width=llm_width,
-            num_codes=num_codes,
-            depth=1,
-            settings=settings,
-            sync_codebook=sync_codebook,
-        )
+    kind = "vq"  # depth 1 (`stack_code_depth`)
 
 
 class HierarchicalStack(QuantizerStack):
     """`hq`: a top code per 2x2 block plus four bottom codes, depth 5 per top position."""
 
     kind = "hq"
-    HQ_CODE_DEPTH: ClassVar[int] = 5  # [top, b(0,0), b(0,1), b(1,0), b(1,1)]
 
-    def __init__(
-        self,
-        *,
-        z_channels: int,
-        llm_width: int,
-        num_codes: int,
-        depth: int | None = None,
-        settings: QuantizerSettings | None = None,
-        sync_codebook: bool = False,
-    ) -> None:
-        super().__init__()
-        if depth not in (None, self.HQ_CODE_DEPTH):
-            raise ConfigError(
-                f"stacking 'hq' has {self.HQ_CODE_DEPTH} codes per top position (1 top + 4 bottom); "
-                f"got depth={depth}: leave depth unset or set it to {self.HQ_CODE_DEPTH}"
-            )
-        settings = settings if settings is not None else QuantizerSettings()
-        self.z_channels = z_channels
-        self.code_depth = self.HQ_CODE_DEPTH
+    def _build(self, llm_width: int, num_codes: int, settings: QuantizerSettings, sync_codebook: bool) -> None:
+        z_channels = self.z_channels
         self.decoder_in_channels = 2 * z_channels
         # The top quantizer owns the shared codebook; the bottom level reuses it through its own
         # projection, so each training forward makes two EMA updates.
@@ -203,12 +178,8 @@ class HierarchicalStack(QuantizerStack):
             ema_updates_per_step=2,
             sync_codebook=sync_codebook,
         )
-        self.bottom_projection = NormMatchedProjection(
-            z_channels,
-            llm_width,
-            norm_matching=settings.norm_matching,
-            norm_decay=settings.feature_norm_decay,
-            sync=sync_codebook,
+        self.bottom_projection = NormMatchedProjection.from_settings(
+            z_channels, llm_width, settings, sync=sync_codebook
         )
         # The bottom level maps onto the same codebook, so it needs the same target moments.
         self.quantizer.extra_projections.append(self.bottom_projection)
@@ -274,33 +245,19 @@ STACK_BUILDERS: dict[str, type[QuantizerStack]] = {
     "hq": HierarchicalStack,
     "vq": SingleStack,
 }
+assert tuple(STACK_BUILDERS) == STACKINGS  # the light declaration config checks read (quantizer_settings.py)
 
 
-def build_stack(
-    kind: str,
-    *,
-    z_channels: int,
-    llm_width: int,
-    num_codes: int,
-    depth: int | None = None,
-    settings: QuantizerSettings | None = None,
-    sync_codebook: bool = False,
-) -> QuantizerStack:
-    """The stack named `kind` ('rq', 'hq' or 'vq'); raises ConfigError listing the known names.
+def build_stack(kind: str, **options: Any) -> QuantizerStack:
+    """The stack named `kind` ('rq', 'hq' or 'vq') built with `options`, `QuantizerStack`'s keyword arguments
+    (z_channels, llm_width, num_codes, depth, settings, sync_codebook); raises ConfigError listing the known names.
 
     depth: codes per position for 'rq' (required); 'vq' is 1 and 'hq' is 5 (leave unset).
     sync_codebook: an explicit bool computed after the process group exists (DDP).
     """
     if kind not in STACK_BUILDERS:
         raise ConfigError(f"stacking {kind!r} is unknown; choose one of {sorted(STACK_BUILDERS)}")
-    return STACK_BUILDERS[kind](
-        z_channels=z_channels,
-        llm_width=llm_width,
-        num_codes=num_codes,
-        depth=depth,
-        settings=settings,
-        sync_codebook=sync_codebook,
-    )
+    return STACK_BUILDERS[kind](**options)
 
 
 __all__ = [

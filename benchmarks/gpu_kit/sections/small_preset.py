@@ -21,7 +21,8 @@ HOW = (
 
 
 def run(ctx: SectionContext) -> None:
-    from unicode_mllm.demo import DataSizes, DemoProfile, EvalSizes, Sampling, StagePresets, run_demo
+    from unicode_mllm.demo import run_demo
+    from unicode_mllm.pipeline import DataSizes, DemoProfile, EvalSizes, Sampling, StagePresets
 
     s = ctx.settings
     # The budget is the plan's, or what is left of the section's time (minus ~15 s to start and stop).
@@ -88,7 +89,7 @@ def run(ctx: SectionContext) -> None:
 
 def record_sizes(ctx: SectionContext, profile) -> None:
     """The resolved sizes of the three stages (the presets with the profile's overrides)."""
-    from unicode_mllm.demo import load_stage_configs
+    from unicode_mllm.pipeline import load_stage_configs
 
     lm, tok, mllm = load_stage_configs(profile)
     ctx.setting(

@@ -1,4 +1,4 @@
-"""LPIPS with a VGG trunk that never downloads at run time.
+"""LPIPS with a VGG trunk that never downloads at run time (stage 1's perceptual loss, and the LPIPS of evaluations).
 
 The `lpips` package ships its small linear heads but fetches the torchvision VGG16 trunk from the
 network, which fails offline. We build LPIPS with a random trunk (`pnet_rand=True`, no download) and
