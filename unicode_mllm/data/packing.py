@@ -15,7 +15,7 @@ same padded-token budget as `length_chunks`: a pure function of the samples, so 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,17 +54,22 @@ def row_length(row: Sequence[Any]) -> int:
     return sum(len(s) for s in row)
 
 
-def row_chunks(rows: Sequence[list[Any]], max_tokens: int) -> list[list[list[Any]]]:
-    """Rows sorted by length (longest first) and cut so that len(chunk) * longest row <= max_tokens; a row
-    longer than `max_tokens` is a pass of its own (the rule of `length_chunks`, over rows)."""
-    ordered = sorted(rows, key=row_length, reverse=True)
-    chunks: list[list[list[Any]]] = []
-    for row in ordered:
-        if chunks and (len(chunks[-1]) + 1) * row_length(chunks[-1][0]) <= max_tokens:
-            chunks[-1].append(row)
+def length_chunks_by(items: Sequence[Any], max_tokens: int, size: Callable[[Any], int]) -> list[list[Any]]:
+    """Items sorted by `size` (largest first, stable) and cut so that len(chunk) * largest <= max_tokens; an item
+    larger than `max_tokens` is a chunk of its own. Samples (size = len) or packed rows (size = row_length)."""
+    ordered = sorted(items, key=size, reverse=True)
+    chunks: list[list[Any]] = []
+    for item in ordered:
+        if chunks and (len(chunks[-1]) + 1) * size(chunks[-1][0]) <= max_tokens:
+            chunks[-1].append(item)
         else:
-            chunks.append([row])
+            chunks.append([item])
     return chunks
+
+
+def row_chunks(rows: Sequence[list[Any]], max_tokens: int) -> list[list[list[Any]]]:
+    """Packed rows cut into forward passes under the padded-token budget of `length_chunks`."""
+    return length_chunks_by(rows, max_tokens, row_length)
 
 
 def padded_tokens(chunks: Sequence[Sequence[Sequence[Any]]]) -> int:

@@ -17,7 +17,7 @@ Compiled steps (`compile_step=True`, static cache only): every `step` runs `torc
 compiled once per LM and kept for its lifetime; the static cache is then sized up to a multiple of
 `COMPILE_BUCKET` slots, so that prompts of different lengths reuse a few graphs instead of recompiling each time
 (the extra slots are masked like the other unused ones: the same tokens). The prefill stays eager. Measured on the
-CPU: 1.07-1.16x the eager static steps at configs/lm/small.yaml's shape, batch 8, after ~40 s of compiling
+CPU: 1.05-1.16x the eager static steps at configs/lm/small.yaml's shape, batch 8, after ~40 s of compiling
 (BENCHMARKS.md); the case for it is the GPU, where a fixed-shape step removes the per-kernel launch overhead.
 """
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from unicode_mllm.data.batches import TRAINING_CHECK_AFTER, DataPosition, EpochBatches
 from unicode_mllm.data.mllm_samples import MLLMSample, MLLMSampleBuilder
+from unicode_mllm.data.packing import length_chunks_by
 from unicode_mllm.data.record_samples import build_record_samples
 from unicode_mllm.data.shards import HAS_IMAGE_FIELD
 from unicode_mllm.data.stream import StreamingDataset
@@ -272,11 +273,4 @@ def length_chunks(samples: list[MLLMSample], max_tokens: int) -> list[list[MLLMS
 
     A sample longer than `max_tokens` gets a chunk of its own. Order is deterministic (stable sort).
     """
-    ordered = sorted(samples, key=len, reverse=True)
-    chunks: list[list[MLLMSample]] = []
-    for sample in ordered:
-        if chunks and (len(chunks[-1]) + 1) * len(chunks[-1][0]) <= max_tokens:
-            chunks[-1].append(sample)
-        else:
-            chunks.append([sample])
-    return chunks
+    return length_chunks_by(samples, max_tokens, len)
