@@ -3,8 +3,10 @@
 The browser test starts the real command in a subprocess on a free loopback port over the tiny random model,
 then asks about an uploaded image, draws, reconstructs and chats, checking each result against the library's
 own functions. It screenshots the page; with UNICODE_MLLM_SCREENSHOT_DIR set, the stacked screenshots are
-written there as web_demo.png (the README's docs/web_demo.png). It skips, naming what is missing, only where
-Chromium, chromedriver, selenium or gradio is absent (.ci/run installs them).
+written there as web_demo.png (the README's docs/web_demo.png). UNICODE_MLLM_SERVE_MODEL (a saved model folder,
+e.g. the demo's OUT/mllm/final) and UNICODE_MLLM_SERVE_PICTURE (an image) replace the tiny random model and the
+drawn square, so that the screenshot shows a trained model; every check holds for any model. It skips, naming
+what is missing, only where Chromium, chromedriver, selenium or gradio is absent (.ci/run installs them).
 """
 
 from __future__ import annotations
@@ -54,16 +56,24 @@ CHROMIUM_FLAGS = (  # known to work as root in a container; nothing reaches the 
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no name resolves but the server's address
     "--window-size=1280,900",
 )
-QUESTION = "what colour is the circle"
+QUESTION = "What colour is the square?"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_mllm_dir) -> UniCodeMLLM:
-    return UniCodeMLLM.from_pretrained(tiny_mllm_dir).eval()
+def served_dir(tiny_mllm_dir) -> Path:
+    """The model the page serves: the tiny random one, or UNICODE_MLLM_SERVE_MODEL (module docstring)."""
+    return Path(os.environ.get("UNICODE_MLLM_SERVE_MODEL") or tiny_mllm_dir)
+
+
+@pytest.fixture(scope="module")
+def model(served_dir) -> UniCodeMLLM:
+    return UniCodeMLLM.from_pretrained(served_dir).eval()
 
 
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory) -> Path:
+    if os.environ.get("UNICODE_MLLM_SERVE_PICTURE"):
+        return Path(os.environ["UNICODE_MLLM_SERVE_PICTURE"])
     path = tmp_path_factory.mktemp("web_inputs") / "red.png"
     image = Image.new("RGB", (32, 32), (240, 240, 240))
     image.paste((200, 30, 30), (8, 8, 24, 24))
@@ -170,7 +180,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_mllm_dir, tmp_path_factory) -> Iterator[str]:
+def server_url(served_dir, tmp_path_factory) -> Iterator[str]:
     """`unicode-mllm serve` over the tiny model, in a subprocess; its output is shown if it does not come up."""
     if (reason := _browser_missing()) is not None:
         pytest.skip(reason)
@@ -181,7 +191,7 @@ def server_url(tiny_mllm_dir, tmp_path_factory) -> Iterator[str]:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env["TMPDIR"] = str(folder)  # the drawings and gradio's file cache stay in the test's folder
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout
-    command = [sys.executable, "-m", "unicode_mllm.cli", "serve", "--model", str(tiny_mllm_dir), "--device", "cpu"]
+    command = [sys.executable, "-m", "unicode_mllm.cli", "serve", "--model", str(served_dir), "--device", "cpu"]
     with log.open("w") as out:
         server = subprocess.Popen(
             [*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
