@@ -572,16 +572,26 @@ class MLLMCollator:
             input_ids[row, cols] = s.input_ids
             labels[row, cols] = s.labels
             attention_mask[row, cols] = 1
-        shapes = {tuple(s.image_token_ids.shape[1:]) for s in samples}
-        if len(shapes) > 1:
-            raise ValueError(f"samples hold images of different code shapes {sorted(shapes)}")
+        images_per_row = [s.image_token_ids.shape[0] for s in samples]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "image_token_ids": torch.cat([s.image_token_ids for s in samples]),
-            "images_per_sample": torch.tensor([s.image_token_ids.shape[0] for s in samples], dtype=torch.long),
-            "image_is_uncompressed": torch.cat([s.image_is_uncompressed for s in samples]),
-            "tasks": [s.task for s in samples],
-            "sample_ids": [s.sample_id for s in samples],
+            **image_fields(samples, images_per_row),
         }
+
+
+def image_fields(samples: Sequence[MLLMSample], images_per_row: Sequence[int]) -> dict[str, Any]:
+    """A batch's image and bookkeeping entries for `samples` in row order (collators with one or several samples a
+    row): image_token_ids (n, h, w, d) of every image in order, images_per_sample (rows,), image_is_uncompressed
+    (n,), tasks and sample_ids. Raises ValueError for images of different code shapes in one batch."""
+    shapes = {tuple(s.image_token_ids.shape[1:]) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"samples hold images of different code shapes {sorted(shapes)}")
+    return {
+        "image_token_ids": torch.cat([s.image_token_ids for s in samples]),
+        "images_per_sample": torch.tensor(list(images_per_row), dtype=torch.long),
+        "image_is_uncompressed": torch.cat([s.image_is_uncompressed for s in samples]),
+        "tasks": [s.task for s in samples],
+        "sample_ids": [s.sample_id for s in samples],
+    }

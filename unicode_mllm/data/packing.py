@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from unicode_mllm.constants import IGNORE_INDEX
-from unicode_mllm.data.mllm_samples import MLLMSample
+from unicode_mllm.data.mllm_samples import MLLMSample, image_fields
 
 # A forward pass: rows, each the samples it holds (one sample a row when not packing).
 Rows = list[list[MLLMSample]]
@@ -142,23 +142,15 @@ class PackedCollator:
                 sample_index[r, cols] = len(flat)
                 flat.append(sample)
                 start += n
-        shapes = {tuple(s.image_token_ids.shape[1:]) for s in flat}
-        if len(shapes) > 1:
-            raise ValueError(f"samples hold images of different code shapes {sorted(shapes)}")
+        images_per_row = [sum(s.image_token_ids.shape[0] for s in row) for row in rows]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "position_ids": position_ids,
             "sample_index": sample_index,
-            "image_token_ids": torch.cat([s.image_token_ids for s in flat]),
-            "images_per_sample": torch.tensor(
-                [sum(s.image_token_ids.shape[0] for s in row) for row in rows], dtype=torch.long
-            ),
-            "image_is_uncompressed": torch.cat([s.image_is_uncompressed for s in flat]),
             "samples": flat,
-            "tasks": [s.task for s in flat],
-            "sample_ids": [s.sample_id for s in flat],
+            **image_fields(flat, images_per_row),
         }
 
 
