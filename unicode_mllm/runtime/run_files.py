@@ -42,7 +42,7 @@ from unicode_mllm.runtime.checkpoint import (
     write_errors_as_user_errors,
 )
 from unicode_mllm.runtime.model_card import write_model_card
-from unicode_mllm.runtime.run_lock import RunLock
+from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
 from unicode_mllm.runtime.trackers import end_trackers, log_image, log_row, start_trackers
 from unicode_mllm.viz import plot_curves, read_jsonl
 
@@ -306,3 +306,18 @@ class RunFiles:
                 atomic_write_text(tmp / FINAL_CONFIG_FILENAME, dump_config(self.cfg))
                 replace_dir(tmp, final)  # a crash leaves the old or the new folder, never half of one
         return final
+
+
+def run_stage(
+    trainer_class: Callable[[Any, Path | None], Any],
+    cfg: Any,
+    out_dir: str | Path | None,
+    resume: bool | str,
+    allow_changed: Sequence[str],
+) -> Any:
+    """A stage's run (stages 1 and 2): under the run lock of out_dir (default `cfg.train.out_dir`), `start_run`
+    before any model loads, then `trainer_class(cfg, out_dir).fit(...)`; returns what `fit` returns."""
+    out = Path(out_dir or cfg.train.out_dir)
+    with RunLock(out):
+        start_run(out, resume, cfg, allow_changed, is_main=is_main_rank())
+        return trainer_class(cfg, out_dir).fit(resume=resume, allow_changed=allow_changed)

@@ -65,8 +65,7 @@ from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
 from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, start_run
-from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
+from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, run_stage
 from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from unicode_mllm.runtime.sharded import (
     check_zero_launch,
@@ -741,7 +740,4 @@ def train_mllm(
     `resume`, `resume=True` without a checkpoint, and a resume whose config differs from the run's config.yaml
     in other keys than `allow_changed` and those that are safe to change (run_files.RESUME_MAY_CHANGE).
     """
-    out = Path(out_dir or cfg.train.out_dir)
-    with RunLock(out):
-        start_run(out, resume, cfg, allow_changed, is_main=is_main_rank())  # before the models load
-        return MLLMTrainer(cfg, out_dir).fit(resume=resume, allow_changed=allow_changed)
+    return run_stage(MLLMTrainer, cfg, out_dir, resume, allow_changed)
