@@ -6,9 +6,11 @@ generation/image_generation.py writes an image span (its span constraint is left
 every row below). With `--cfg` every batch holds 2 x batch rows (conditional rows, then unconditional
 ones) and the project rows mix the two halves' logits (guidance.py).
 
-    static:  `IncrementalDecoder(cache_kind="static")`: transformers' StaticCache sized prompt + span
-             and a preallocated attention mask (no per-step concatenation);
-    dynamic: `IncrementalDecoder(cache_kind="dynamic")`: the growing DynamicCache (the decoding before);
+    static:  `IncrementalDecoder(cache_kind="static")`, the default decoder: transformers' StaticCache sized
+             prompt + span and a preallocated attention mask (no per-step concatenation); on a CPU the fp32
+             linears run through oneDNN on packed weights (`linear_kernels="auto"`, onednn_linears.py);
+    sgemm:   the same with PyTorch's default fp32 kernels (`linear_kernels="default"`: the decoder before);
+    dynamic: `IncrementalDecoder(cache_kind="dynamic", linear_kernels="default")`: the growing DynamicCache;
     compiled: (with `--compile`) static, every step through `torch.compile` (`compile_step=True`; the warm-up round
              compiles);
     hf:      `lm.generate(do_sample=True, top_k=50, min_new_tokens=max_new_tokens=span)` on the same ids
@@ -16,11 +18,11 @@ ones) and the project rows mix the two halves' logits (guidance.py).
              run a second forward per step instead).
 
 The LM is a random LlamaForCausalLM of the named shape (`tiny`: tests/conftest.py's tiny LLaMA's
-shape, `small`: configs/lm/small.yaml's, 26M parameters), fp32 on the CPU. The three are run in turns in
+shape, `small`: configs/lm/small.yaml's, 26M parameters), fp32 on the CPU. They are run in turns in
 one process (round-robin, `--repeats` rounds after one warm-up round), so a load change on a shared
-machine hits all three alike; reported: the median tokens/s (batch * span / wall time) of each and the
-ratios static/dynamic, static/hf and dynamic/hf of tokens/s (each the median over rounds of the ratio
-within one round), and whether static and dynamic chose the same tokens (same draws).
+machine hits all alike; reported: the median tokens/s (batch * span / wall time) of each and the
+ratios static/hf, static/sgemm, sgemm/hf and dynamic/hf of tokens/s (each the median over rounds of the ratio
+within one round), and whether static chose the same tokens as sgemm and dynamic (same draws).
 
 Threads: pass `--threads 1` on a small shared CPU (see bench_quantizer.py).
 
@@ -33,6 +35,7 @@ On a GPU (not run yet):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -54,7 +57,13 @@ SHAPES = {
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408, vocab_size=8192),
 }
 TOP_K = 50
-IMPLEMENTATIONS = ("static", "dynamic", "hf")
+DECODERS = {  # IncrementalDecoder settings of the project's rows
+    "static": dict(cache_kind="static"),  # the default decoder: static cache, oneDNN linears on a CPU (auto)
+    "sgemm": dict(cache_kind="static", linear_kernels="default"),  # the same with PyTorch's default fp32 kernels
+    "dynamic": dict(cache_kind="dynamic", linear_kernels="default"),  # the growing cache (the decoding before)
+    "compiled": dict(cache_kind="static", compile_step=True),  # only with --compile
+}
+IMPLEMENTATIONS = ("static", "sgemm", "dynamic", "hf")
 
 
 def build_lm(shape: str, device: torch.device):
@@ -80,8 +89,7 @@ def build_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> tuple[t
 def project_decode(lm, kind: str, ids, mask, span: int, cfg: bool, uniforms) -> torch.Tensor:
     b = ids.shape[0] // (2 if cfg else 1)
     sampling = SamplingSettings(1.0, top_k=TOP_K)
-    compiled = kind == "compiled"
-    decoder = IncrementalDecoder(lm, cache_kind="static" if compiled else kind, compile_step=compiled)
+    decoder = IncrementalDecoder(lm, **DECODERS[kind])
     chosen = torch.empty(b, span, dtype=torch.long, device=ids.device)
     logits = decoder.prefill(lm.get_input_embeddings()(ids), mask, max_new_tokens=span - 1)
     for step in range(span):
@@ -119,14 +127,9 @@ def run_case(
         ids, mask = torch.cat([ids, uncond_ids]), torch.cat([mask, uncond_mask])
     ids, mask = ids.to(device), mask.to(device)
     uniforms = uniform_draws(list(range(batch)), span)
-    calls = {
-        "static": lambda: project_decode(lm, "static", ids, mask, span, cfg, uniforms),
-        "dynamic": lambda: project_decode(lm, "dynamic", ids, mask, span, cfg, uniforms),
-        "hf": lambda: hf_decode(lm, ids, mask, span),
-    }
     names = IMPLEMENTATIONS + (("compiled",) if compile_step else ())
-    if compile_step:
-        calls["compiled"] = lambda: project_decode(lm, "compiled", ids, mask, span, cfg, uniforms)
+    calls = {name: functools.partial(project_decode, lm, name, ids, mask, span, cfg, uniforms) for name in DECODERS}
+    calls["hf"] = lambda: hf_decode(lm, ids, mask, span)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     tokens: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
@@ -150,9 +153,11 @@ def run_case(
         "span": span,
         "prompt_len": prompt_len,
         **{f"{name}_tokens_per_s": round(rate[name], 1) for name in names},
-        "static_over_dynamic": paired("static", "dynamic"),
         "static_over_hf": paired("static", "hf"),
+        "static_over_sgemm": paired("static", "sgemm"),
+        "sgemm_over_hf": paired("sgemm", "hf"),
         "dynamic_over_hf": paired("dynamic", "hf"),
+        "static_equals_sgemm_tokens": bool(torch.equal(tokens["static"], tokens["sgemm"])),
         "static_equals_dynamic_tokens": bool(torch.equal(tokens["static"], tokens["dynamic"])),
         **(
             {

@@ -16,6 +16,7 @@ from collections import Counter
 import torch
 
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
+from unicode_mllm.generation import answer
 from unicode_mllm.model.mllm import UniCodeMLLM
 
 
@@ -39,10 +40,10 @@ def main() -> None:
                 images.append(sample.image)
                 questions.append(f"What shape is the {obj.colour} object?")
                 truths.append((obj.colour, obj.shape))
-    answers = model.answer(images, questions, max_new_tokens=4, batch_size=32)
+    answers = answer(model, images, questions, max_new_tokens=4, batch_size=32)
     counts: Counter[str] = Counter()
-    for (colour, shape), answer in zip(truths, answers, strict=True):
-        word = (answer.split() or [""])[0]
+    for (colour, shape), reply in zip(truths, answers, strict=True):
+        word = (reply.split() or [""])[0]
         if word == shape:
             counts["right (the held-out shape)"] += 1
         elif (colour, word) in train_pairs:

@@ -35,6 +35,7 @@ from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld, score
 from unicode_mllm.data.shapes_dataset import write_shapes_dataset
 from unicode_mllm.evaluation.answers import is_correct
 from unicode_mllm.evaluation.writing_path import measure_writing_path
+from unicode_mllm.generation import answer
 from unicode_mllm.generation.image_generation import decode_token_ids
 from unicode_mllm.model import UniCodeMLLM
 from unicode_mllm.training import MLLMTrainConfig, train_mllm
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = model.code_shape
         images = decode_token_ids(model, torch.stack([target, path.forced.reshape(shape), path.greedy.reshape(shape)]))
         recon, forced_image, redraw = (tensor_to_pil(x) for x in images)
-        answers = model.answer([sample.image] * len(sample.qa), [q.question for q in sample.qa], max_new_tokens=8)
+        answers = answer(model, [sample.image] * len(sample.qa), [q.question for q in sample.qa], max_new_tokens=8)
         row = {
             "id": sample.id,
             "instruction": sample.instruction,

@@ -24,16 +24,16 @@ from unicode_mllm.lm.config import LMTrainConfig
 
 def main(out_dir: str, kill_after: int | None, resume: bool) -> None:
     if kill_after is not None:
-        save = pretrain._save_checkpoint
+        save = pretrain.LMTrainer.save_checkpoint
 
-        def save_then_die(manager, step, *args, **kwargs):
-            path = save(manager, step, *args, **kwargs)
-            if step == kill_after:
+        def save_then_die(trainer):
+            path = save(trainer)
+            if trainer.step == kill_after:
                 dist.barrier()  # every rank has taken part in the gather; rank 0 has written the checkpoint
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
 
-        pretrain._save_checkpoint = save_then_die
+        pretrain.LMTrainer.save_checkpoint = save_then_die
     cfg = load_config(LMTrainConfig, overrides=TINY)
     pretrain.train_lm(cfg, out_dir, resume=resume)
     state = AcceleratorState()  # the stage's, until another stage starts in this process

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import unicode_mllm.cli as cli
+from unicode_mllm.cli import evaluation as cli_evaluation
+from unicode_mllm.cli import inference as cli_inference
 from unicode_mllm.cli import main
 from unicode_mllm.generation import ChatSession
 from unicode_mllm.generation.chat_repl import run_chat
@@ -55,8 +56,8 @@ def no_model_load(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(cli, "_load_inference_model", refuse)
-    monkeypatch.setattr(cli, "_load_mllm", refuse)
+    monkeypatch.setattr(cli_inference, "_load_inference_model", refuse)
+    monkeypatch.setattr(cli_evaluation, "_load_mllm", refuse)
 
 
 @pytest.fixture(scope="module")

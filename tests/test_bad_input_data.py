@@ -14,10 +14,11 @@ from unicode_mllm.config import load_config
 from unicode_mllm.data.converters import convert_image_folder, convert_llava_json
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.data.shapes_dataset import write_shapes_dataset
-from unicode_mllm.data.shards import read_manifest, write_manifest, write_split
+from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.data.stream import SkipReport, StreamingDataset
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.evaluation.t2i import shapes_config_from_manifest
+from unicode_mllm.shard_manifest import read_manifest
 
 
 def _image(i: int, size: int = 8) -> Image.Image:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file
 
-from unicode_mllm.compression import (
+from unicode_mllm.addons.compression import (
     COMPRESSORS,
     CompressorConfig,
     adaptive_pool_tokens,

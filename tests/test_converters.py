@@ -11,9 +11,10 @@ from PIL import Image
 
 from unicode_mllm.data.converters import check_conversation, convert_image_folder, convert_llava_json
 from unicode_mllm.data.image_io import encode_png
-from unicode_mllm.data.shards import iter_split_records, read_manifest
+from unicode_mllm.data.shards import iter_split_records
 from unicode_mllm.data.stream import SkipReport, StreamingDataset
 from unicode_mllm.errors import UserError
+from unicode_mllm.shard_manifest import read_manifest
 
 
 def _image(i: int, size: int = 8) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -351,18 +352,18 @@ def test_cli_eval_tokenizer_writes_the_json_report(tiny_visual_tokenizer_dir, ti
     assert code == 2 and "pick exactly one image set" in stderr and stderr.count("\n") == 1
 
 
-def test_cli_eval_vqa_and_t2i_call_the_model_methods(tiny_mllm_dir, tiny_shapes_dir, tmp_path, capsys, monkeypatch):
-    """The commands reach the model only through answer()/generate_images(); fakes stand in for them here."""
-    from unicode_mllm.model import UniCodeMLLM
+def test_cli_eval_vqa_and_t2i_go_through_generation(tiny_mllm_dir, tiny_shapes_dir, tmp_path, capsys, monkeypatch):
+    """The commands reach the model only through generation.answer/generate_images; fakes stand in for them here."""
+    from unicode_mllm import generation
 
     oracle, kinds = _heldout_oracle()
     seen_kwargs = []
 
-    def fake_answer(self, images, questions, *, max_new_tokens=64, temperature=0.0, batch_size=8):
+    def fake_answer(model, images, questions, *, max_new_tokens=64, temperature=0.0, batch_size=8):
         seen_kwargs.append({"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size})
         return [oracle[(img.tobytes(), q)] for img, q in zip(images, questions, strict=True)]
 
-    monkeypatch.setattr(UniCodeMLLM, "answer", fake_answer, raising=False)
+    monkeypatch.setattr(generation, "answer", fake_answer)
     out = tmp_path / "vqa.json"
     code = main(["eval", "vqa", "--model", str(tiny_mllm_dir), "--data", str(tiny_shapes_dir), "--out", str(out)])
     _, stderr = capsys.readouterr()
@@ -374,14 +375,14 @@ def test_cli_eval_vqa_and_t2i_call_the_model_methods(tiny_mllm_dir, tiny_shapes_
 
     generate_kwargs = []
 
-    def fake_generate(self, prompts, *, num_images_per_prompt=1, temperature=1.0, top_k=None, top_p=None,
+    def fake_generate(model, prompts, *, num_images_per_prompt=1, temperature=1.0, top_k=None, top_p=None,
                       cfg_scale=1.0, seed=None, batch_size=8, depth_temperatures=None):  # fmt: skip
         assert num_images_per_prompt == 1 and batch_size == 4
         generate_kwargs.append({"temperature": temperature, "top_k": top_k, "cfg_scale": cfg_scale, "seed": seed,
                                 "depth_temperatures": depth_temperatures})  # fmt: skip
-        return [render_scene(parse_instruction(p), 64) for p in prompts]
+        return SimpleNamespace(images=[render_scene(parse_instruction(p), 64) for p in prompts])
 
-    monkeypatch.setattr(UniCodeMLLM, "generate_images", fake_generate, raising=False)
+    monkeypatch.setattr(generation, "generate_images", fake_generate)
     out = tmp_path / "t2i.json"
     args = ["eval", "t2i", "--model", str(tiny_mllm_dir), "--data", str(tiny_shapes_dir), "--count", "3"]
     sampling = ["--batch-size", "4", "--top-k", "5", "--cfg-scale", "2", "--seed", "7"]
@@ -400,7 +401,7 @@ def test_cli_eval_vqa_and_t2i_call_the_model_methods(tiny_mllm_dir, tiny_shapes_
 
 
 def test_cli_eval_vqa_and_t2i_run_the_real_tiny_model(tiny_mllm_dir, tiny_shapes_dir, tmp_path, capsys):
-    """The real UniCodeMLLM.answer/generate_images (random weights: the scores are not the point, the wiring is)."""
+    """The real generation.answer/generate_images (random weights: the scores are not the point, the wiring is)."""
     out = tmp_path / "vqa.json"
     args = ["eval", "vqa", "--model", str(tiny_mllm_dir), "--data", str(tiny_shapes_dir), "--split", "val"]
     code = main([*args, "--limit", "3", "--max-new-tokens", "2", "--batch-size", "2", "--out", str(out)])

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -314,17 +315,17 @@ def coco(tmp_path):
 
 @pytest.fixture
 def fake_generate(monkeypatch):
-    """UniCodeMLLM.generate_images replaced by a recorder that draws a flat 32 px image per prompt."""
-    from unicode_mllm.model import UniCodeMLLM
+    """generation.generate_images replaced by a recorder that draws a flat 32 px image per prompt."""
+    from unicode_mllm import generation
 
     calls = []
 
-    def fake(self, prompts, *, num_images_per_prompt=1, temperature=1.0, top_k=None, top_p=None, cfg_scale=1.0,
+    def fake(model, prompts, *, num_images_per_prompt=1, temperature=1.0, top_k=None, top_p=None, cfg_scale=1.0,
              seed=None, batch_size=8, depth_temperatures=None):  # fmt: skip
         calls.append({"prompts": list(prompts), "seed": seed, "top_k": top_k, "cfg_scale": cfg_scale})
-        return [Image.new("RGB", (32, 32), (len(p) * 7 % 256, 90, 160)) for p in prompts]
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), (len(p) * 7 % 256, 90, 160)) for p in prompts])
 
-    monkeypatch.setattr(UniCodeMLLM, "generate_images", fake, raising=False)
+    monkeypatch.setattr(generation, "generate_images", fake)
     return calls
 
 
@@ -420,9 +421,11 @@ def test_eval_t2i_reads_an_img2dataset_folder(fake_generate, tiny_mllm_dir, tmp_
 def test_eval_t2i_on_captions_without_weights_fails_before_loading_the_model(
     coco, no_inception_cache, tmp_path, capsys, monkeypatch
 ):
-    import unicode_mllm.cli as cli
+    import unicode_mllm.cli.evaluation as cli_evaluation
 
-    monkeypatch.setattr(cli, "_load_mllm", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(
+        cli_evaluation, "_load_mllm", lambda *a, **k: pytest.fail("the model was loaded before the check")
+    )
     captions, images = coco
     args = ["eval", "t2i", "--model", str(tmp_path), "--captions", str(captions), "--images", str(images)]
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "r.json"))
@@ -436,7 +439,7 @@ def test_eval_t2i_on_captions_without_weights_fails_before_loading_the_model(
 
 
 def test_eval_t2i_real_tiny_model_on_coco(coco, tiny_mllm_dir, tmp_path, capsys):
-    """The real UniCodeMLLM.generate_images (random weights: the numbers are not the point, the wiring is)."""
+    """The real generation.generate_images (random weights: the numbers are not the point, the wiring is)."""
     captions, images = coco
     out = tmp_path / "real.json"
     args = ["eval", "t2i", "--model", str(tiny_mllm_dir), "--captions", str(captions), "--images", str(images)]
@@ -450,13 +453,13 @@ def test_eval_t2i_real_tiny_model_on_coco(coco, tiny_mllm_dir, tmp_path, capsys)
 def test_eval_t2i_shapes_keeps_its_score_and_adds_fid_only_when_measurable(
     no_inception_cache, tiny_mllm_dir, tiny_shapes_dir, tmp_path, capsys, monkeypatch
 ):
+    from unicode_mllm import generation
     from unicode_mllm.data.shapes import parse_instruction, render_scene
-    from unicode_mllm.model import UniCodeMLLM
 
-    def draw(self, prompts, **kwargs):
-        return [render_scene(parse_instruction(p), 32) for p in prompts]
+    def draw(model, prompts, **kwargs):
+        return SimpleNamespace(images=[render_scene(parse_instruction(p), 32) for p in prompts])
 
-    monkeypatch.setattr(UniCodeMLLM, "generate_images", draw, raising=False)
+    monkeypatch.setattr(generation, "generate_images", draw)
     base = ["eval", "t2i", "--model", str(tiny_mllm_dir), "--data", str(tiny_shapes_dir), "--count", "3"]
     code, stdout, err = run(capsys, *base, "--out", str(tmp_path / "plain.json"))
     assert code == 0, err

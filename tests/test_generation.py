@@ -20,6 +20,7 @@ from unicode_mllm.generation import (
     ChatSettings,
     ImageSpanConstraint,
     SamplingSettings,
+    answer,
     answer_questions,
     choose_next_tokens,
     filter_logits,
@@ -296,9 +297,9 @@ def test_prompt_longer_than_the_lm_positions_is_one_user_error(model):
     with pytest.raises(UserError, match="at most 512 positions"):
         generate_images(model, [long_prompt])
     with pytest.raises(UserError, match="at most 512 positions"):
-        model.answer(None, " ".join(["where"] * 600))
+        answer(model, None, " ".join(["where"] * 600))
     with pytest.raises(UserError, match="empty"):
-        model.generate_images(["  "])
+        generate_images(model, ["  "])
 
 
 # ----- answers -------------------------------------------------------------------------------------
@@ -341,7 +342,8 @@ def test_answer_stops_at_eos_and_streams_exactly_the_text_it_returns(model):
 def test_answer_method_streams_and_returns_the_same_text(model, tmp_path):
     picture = Image.new("RGB", (48, 40), (200, 30, 30))  # another size: centre-cropped and resized
     streamed: dict[int, str] = {}
-    texts = model.answer(
+    texts = answer(
+        model,
         [picture, None],
         QUESTIONS[:2],
         max_new_tokens=15,
@@ -351,10 +353,10 @@ def test_answer_method_streams_and_returns_the_same_text(model, tmp_path):
         stream=lambda i, p: streamed.__setitem__(i, streamed.get(i, "") + p),
     )
     assert len(texts) == 2 and all(texts) and streamed == {0: texts[0], 1: texts[1]}
-    assert model.answer([picture, None], QUESTIONS[:2], max_new_tokens=15, temperature=1.0, top_k=20, seed=4) == texts
+    assert answer(model, [picture, None], QUESTIONS[:2], max_new_tokens=15, temperature=1.0, top_k=20, seed=4) == texts
     assert (
         "".join(stream_answer(model, picture, QUESTIONS[0], max_new_tokens=15))
-        == model.answer(picture, QUESTIONS[0], max_new_tokens=15)[0]
+        == answer(model, picture, QUESTIONS[0], max_new_tokens=15)[0]
     )
 
 
@@ -461,7 +463,7 @@ def test_cli_ask_streams_one_answer_and_pairs_several(capsys, tiny_mllm_dir, mod
         "where",
     )
     assert code == 0, err
-    assert out.strip() == model.answer(Image.open(a), "where", max_new_tokens=8)[0]
+    assert out.strip() == answer(model, Image.open(a), "where", max_new_tokens=8)[0]
     code, out, err = run(
         capsys,
         *("ask", "--model", str(tiny_mllm_dir), "--device", "cpu", "--max-new-tokens", "5"),
@@ -474,14 +476,14 @@ def test_cli_ask_streams_one_answer_and_pairs_several(capsys, tiny_mllm_dir, mod
 
 def test_cli_ask_reduce_answers_as_the_reduced_model(capsys, tiny_mllm_dir, tmp_path):
     """--reduce overrides the saved token reduction: the answer is the one the model gives with that config."""
-    from unicode_mllm.token_reduction.config import MustDropMergeConfig, TokenReductionConfig
+    from unicode_mllm.addons.token_reduction.config import MustDropMergeConfig, TokenReductionConfig
 
     picture = write_png(tmp_path / "a.png")
     reduced = UniCodeMLLM.from_pretrained(tiny_mllm_dir).eval()
     reduced.token_reduction = TokenReductionConfig(
         vision="mustdrop_merge", mustdrop_merge=MustDropMergeConfig(window=(2, 2), threshold=-1.0)
     )
-    expected = reduced.answer(Image.open(picture), "where", max_new_tokens=8)[0]
+    expected = answer(reduced, Image.open(picture), "where", max_new_tokens=8)[0]
     args = ("ask", "--model", str(tiny_mllm_dir), "--image", str(picture), "--max-new-tokens", "8", "--device", "cpu")
     reduce = ("--reduce", "vision=mustdrop_merge", "--reduce", "mustdrop_merge.threshold=-1")
     code, out, err = run(capsys, *args, *reduce, "where")
@@ -585,7 +587,7 @@ def test_cli_inference_errors_are_one_line(capsys, tiny_mllm_dir, tmp_path, args
 
 
 def test_cli_ask_in_bf16_loads_the_lm_in_bf16_and_answers(capsys, tiny_mllm_dir, tmp_path, monkeypatch):
-    import unicode_mllm.cli as cli
+    import unicode_mllm.cli.inference as cli
 
     loaded = []
     original = cli._load_inference_model

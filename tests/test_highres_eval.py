@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from unicode_mllm.addons.highres import build_view_generator
 from unicode_mllm.cli import main
-from unicode_mllm.compression import build_view_generator
 from unicode_mllm.constants import IMAGE_PLACEHOLDER_ID
 from unicode_mllm.data.image_io import pil_to_tensor
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator

@@ -19,8 +19,8 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from unicode_mllm.compression import (
-    CompressorConfig,
+from unicode_mllm.addons.compression import CompressorConfig, merge_blocks, merge_strided, split_blocks, split_strided
+from unicode_mllm.addons.highres import (
     DualPerspectiveEnhancement,
     InfLlavaDualPerspective,
     S2MultiScale,
@@ -28,10 +28,6 @@ from unicode_mllm.compression import (
     build_view_generator,
     compress_view_features,
     dual_perspective_crops,
-    merge_blocks,
-    merge_strided,
-    split_blocks,
-    split_strided,
 )
 from unicode_mllm.errors import ConfigError
 

@@ -20,9 +20,10 @@ from unicode_mllm.cli import main
 from unicode_mllm.config import config_from_dict
 from unicode_mllm.data.converters import convert_image_folder
 from unicode_mllm.data.image_policy import ImagePolicy, center_crop, random_resized_crop
-from unicode_mllm.data.shards import ShardInfo, SplitSummary, iter_split_records, write_manifest, write_split
+from unicode_mllm.data.shards import iter_split_records, write_manifest, write_split
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.shard_manifest import ShardInfo, SplitSummary
 
 skimage_data = pytest.importorskip("skimage.data")
 

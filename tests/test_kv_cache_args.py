@@ -27,10 +27,10 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from unicode_mllm.addons.token_reduction import TokenReductionConfig, decode_step, reduced_prefill, sequence_from_embeds
 from unicode_mllm.generation import IncrementalDecoder
 from unicode_mllm.kv_cache_args import CACHE, LEGACY_CACHE, cache_argument, output_cache
-from unicode_mllm.model.splice import position_ids_from_attention_mask
-from unicode_mllm.token_reduction import TokenReductionConfig, decode_step, reduced_prefill, sequence_from_embeds
+from unicode_mllm.splice import position_ids_from_attention_mask
 
 pytestmark = [
     pytest.mark.filterwarnings("error::FutureWarning"),

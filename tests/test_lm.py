@@ -270,6 +270,20 @@ def test_resume_continues_exactly(run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_reads_a_checkpoint_written_before_the_shared_training_loop(run, tmp_path):
+    """Stage-0 checkpoints before runtime/training_loop.py named the windows consumed `index`, not `batch`."""
+    cfg, out_dir, _ = run
+    old = tmp_path / "old"
+    shutil.copytree(out_dir, old)
+    atomic_write_json(old / "checkpoints" / "latest.json", {"name": "step-00000002", "step": 2})
+    state_file = old / "checkpoints" / "step-00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["data"] = {"epoch": state["data"]["epoch"], "index": state["data"].pop("batch")}
+    state_file.write_text(json.dumps(state))
+    train_lm(cfg, old, resume=True)
+    assert [r["train/loss"] for r in read_log(old)] == [r["train/loss"] for r in read_log(out_dir)]
+
+
 def test_train_lm_refuses_to_overwrite_or_resume_with_changed_numbers(run):
     cfg, out_dir, _ = run
     with pytest.raises(UserError, match="already holds checkpoints"):

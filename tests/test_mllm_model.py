@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSampleBuilder
 from unicode_mllm.errors import UserError
-from unicode_mllm.model import LoraSettings, UniCodeMLLM, add_multimodal_tokens
+from unicode_mllm.generation.batch_prefill import prefill_prompts
+from unicode_mllm.model import LoraSettings, UniCodeMLLM
+from unicode_mllm.model.special_tokens import add_multimodal_tokens
 from unicode_mllm.visual_tokenizer import LanguageCodebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
@@ -181,13 +183,12 @@ def test_padded_batch_gives_the_same_logits_as_one_by_one(tiny_lm_dir, vt_dir, s
             torch.testing.assert_close(batched[row, real], alone, atol=1e-5, rtol=1e-4)
 
 
-def test_generate_continues_the_spliced_prompt(tiny_lm_dir, vt_dir):
+def test_decoding_continues_the_spliced_prompt(tiny_lm_dir, vt_dir):
     model = load(tiny_lm_dir, vt_dir)
     samples = prompts(model)[:2]
-    batch = MLLMCollator(model.token_ids.pad, padding_side="left")(samples)
-    new = model.generate(
-        batch["input_ids"], batch["attention_mask"], batch["image_token_ids"], max_new_tokens=2, do_sample=False
-    )
+    decoder, logits = prefill_prompts(model, samples)  # left-padded, as generation pads
+    first = logits.argmax(dim=-1)
+    new = torch.stack([first, decoder.step(first).argmax(dim=-1)], dim=1)  # greedy
     assert new.shape == (2, 2)
     with torch.no_grad():
         for row, s in enumerate(samples):

@@ -14,6 +14,7 @@ from unicode_mllm.config import config_from_dict
 from unicode_mllm.data.mllm_samples import MLLMCollator, MLLMSample, MLLMSampleBuilder
 from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
+from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.model import UniCodeMLLM
 from unicode_mllm.training import (
     EvalSample,
@@ -92,9 +93,12 @@ def test_teacher_forced_exact_match_is_greedy_decoding(tiny_mllm_dir):
     codes = torch.randint(0, model.visual_tokenizer.config.num_codes, model.code_shape, generator=gen)
     image = model.visual_tokenizer.codes_to_token_ids(codes)
     prompt = builder.question_prompt(image, "What colour is the circle?")
-    greedy = model.generate(
-        prompt.input_ids[None], torch.ones_like(prompt.input_ids)[None], image[None], max_new_tokens=4, do_sample=False
-    )[0]
+    with torch.no_grad():  # greedy over the whole vocabulary, 4 tokens
+        decoder, logits = prefill_prompts(model, [prompt])
+        ids = [logits.argmax(dim=-1)]
+        for _ in range(3):
+            ids.append(decoder.step(ids[-1]).argmax(dim=-1))
+    greedy = torch.stack(ids, dim=1)[0]
     input_ids = torch.cat([prompt.input_ids, greedy])
     labels = torch.cat([torch.full_like(prompt.input_ids, -100), greedy])
     good = EvalSample(MLLMSample(input_ids, labels, image[None], "vqa"), "heldout", "colour")

@@ -47,7 +47,7 @@ def test_stage1_card_names_the_runs_figures(tiny_lm_dir, tiny_shapes_dir, tmp_pa
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     _check_card(card, final, result.final_dir / "train_config.yaml")
     assert "unicode-mllm train-tokenizer --config tiny.yaml" in card
-    from unicode_mllm.data.shards import read_manifest
+    from unicode_mllm.shard_manifest import read_manifest
 
     counts = ", ".join(f"{n} {s.num_samples}" for n, s in read_manifest(tiny_shapes_dir).splits.items())
     assert f"| {tiny_shapes_dir} | {counts} |" in card  # the shard folder it read, with its sample counts

@@ -10,23 +10,23 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from unicode_mllm.cli import main
-from unicode_mllm.compression import CompressorConfig
-from unicode_mllm.config import config_from_dict, config_to_dict
-from unicode_mllm.constants import IMAGE_PLACEHOLDER_ID
-from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSampleBuilder
-from unicode_mllm.errors import ConfigError, UserError
-from unicode_mllm.evaluation.compressor_ablation import ablation_compressor, ablation_config, parse_compressor_list
-from unicode_mllm.generation import prompt_builder
-from unicode_mllm.generation.reduced_decoding import ReducedDecoder
-from unicode_mllm.model import UniCodeMLLM
-from unicode_mllm.model.splice import splice_image_embeddings
-from unicode_mllm.token_reduction import (
+from unicode_mllm.addons.compression import CompressorConfig
+from unicode_mllm.addons.token_reduction import (
     FocusTextConfig,
     MustDropFilterConfig,
     MustDropMergeConfig,
     TokenReductionConfig,
 )
+from unicode_mllm.cli import main
+from unicode_mllm.config import config_from_dict, config_to_dict
+from unicode_mllm.constants import IMAGE_PLACEHOLDER_ID
+from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSampleBuilder
+from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.evaluation.compressor_ablation import ablation_compressor, ablation_config, parse_compressor_list
+from unicode_mllm.generation import answer, generate_images, prompt_builder
+from unicode_mllm.generation.reduced_decoding import ReducedDecoder
+from unicode_mllm.model import UniCodeMLLM
+from unicode_mllm.splice import splice_image_embeddings
 from unicode_mllm.training import MLLMTrainConfig, MLLMTrainer
 
 # transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
@@ -69,7 +69,7 @@ def test_identity_compressor_is_bit_identical_to_the_plain_reading(tiny_lm_dir, 
     model = UniCodeMLLM.from_components(
         tiny_lm_dir, tiny_visual_tokenizer_dir, compressor=CompressorConfig("identity")
     ).eval()
-    assert model.tokens_per_image == 64 and not model.compresses and model.read_grid_hw == (8, 8)
+    assert model.tokens_per_image == 64 and not model.read_hook.compresses and model.read_hook.read_grid_hw == (8, 8)
     images = random_token_ids(model, 2)
     plain = MLLMSampleBuilder(model.text_tokenizer, model.code_shape)
     builder = prompt_builder(model)
@@ -106,10 +106,10 @@ def test_files_without_compressor_keys_load_as_identity_and_answer_alike(base_mo
     base_model.save_pretrained(folder)
     (folder / "unicode_mllm.json").write_text(json.dumps(old))
     reloaded = UniCodeMLLM.from_pretrained(folder).eval()
-    assert reloaded.compressor_config == CompressorConfig() and not reloaded.token_reduction.enabled
+    assert reloaded.read_hook.compressor_config == CompressorConfig() and not reloaded.token_reduction.enabled
     images = list(random_token_ids(base_model, 3, seed=4))
     kwargs = {"max_new_tokens": 5}
-    assert reloaded.answer(images, QUESTIONS, **kwargs) == base_model.answer(images, QUESTIONS, **kwargs)
+    assert answer(reloaded, images, QUESTIONS, **kwargs) == answer(base_model, images, QUESTIONS, **kwargs)
     (folder / "unicode_mllm.json").write_text(json.dumps({**saved, "token_reduction": {"vison": "ficoco_v"}}))
     with pytest.raises(ConfigError, match="token_reduction: unknown key 'vison'"):
         UniCodeMLLM.from_pretrained(folder)
@@ -120,7 +120,8 @@ def test_files_without_compressor_keys_load_as_identity_and_answer_alike(base_mo
 
 def test_compressed_span_in_builder_prompts_and_mixed_batches(tiny_lm_dir, tiny_visual_tokenizer_dir):
     model = UniCodeMLLM.from_components(tiny_lm_dir, tiny_visual_tokenizer_dir, compressor=POOL).eval()
-    assert model.tokens_per_image == 16 == model.compressor.num_output_tokens(8, 8) and model.read_grid_hw == (4, 4)
+    assert model.tokens_per_image == 16 == model.compressor.num_output_tokens(8, 8)
+    assert model.read_hook.read_grid_hw == (4, 4)
     images = random_token_ids(model, 3, seed=1)
     builder = prompt_builder(model)
     assert builder.tokens_per_image == 16 and builder.uncompressed_tokens_per_image == 64
@@ -157,7 +158,7 @@ def test_compressed_span_in_builder_prompts_and_mixed_batches(tiny_lm_dir, tiny_
             images_per_sample=torch.tensor([2, 0]),
             image_is_uncompressed=batch["image_is_uncompressed"],
         )
-    answers = model.answer(list(images), QUESTIONS, max_new_tokens=4)
+    answers = answer(model, list(images), QUESTIONS, max_new_tokens=4)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
 
 
@@ -261,10 +262,10 @@ MERGE_ALL = TokenReductionConfig(
 
 def test_keep_all_reduction_answers_like_no_reduction(base_model, tiny_mllm_dir):
     images = list(random_token_ids(base_model, 3, seed=7))
-    plain = base_model.answer(images, QUESTIONS, max_new_tokens=6, batch_size=2)
+    plain = answer(base_model, images, QUESTIONS, max_new_tokens=6, batch_size=2)
     model = UniCodeMLLM.from_pretrained(tiny_mllm_dir).eval()
     model.token_reduction = KEEP_ALL
-    assert model.answer(images, QUESTIONS, max_new_tokens=6, batch_size=2) == plain
+    assert answer(model, images, QUESTIONS, max_new_tokens=6, batch_size=2) == plain
 
 
 def test_enabled_reduction_reduces_the_prompt_and_answers(base_model, tiny_mllm_dir, tmp_path):
@@ -280,16 +281,16 @@ def test_enabled_reduction_reduces_the_prompt_and_answers(base_model, tiny_mllm_
         decoder.prefill(batch["input_ids"], batch["attention_mask"], batch["image_token_ids"])
     prompt_length = batch["input_ids"].shape[1]
     assert decoder.cache.lengths()[0] <= prompt_length - (64 - 16)  # each row: 48 of its 64 image slots merged
-    answers = model.answer(images, QUESTIONS[:2], max_new_tokens=5)
+    answers = answer(model, images, QUESTIONS[:2], max_new_tokens=5)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     # Saved and reloaded with the model.
     model.save_pretrained(tmp_path / "m", copy_visual_tokenizer=False)
     assert UniCodeMLLM.from_pretrained(tmp_path / "m").token_reduction == MERGE_ALL
     # Never while an image may be written: answers that may hold images and drawings ignore the reduction.
     kwargs = {"max_new_tokens": 4, "allow_images": True}
-    assert model.answer(images, QUESTIONS[:2], **kwargs) == base_model.answer(images, QUESTIONS[:2], **kwargs)
-    drawn = model.generate_image_tokens("a red circle", seed=3, decode=False).token_ids
-    assert torch.equal(drawn, base_model.generate_image_tokens("a red circle", seed=3, decode=False).token_ids)
+    assert answer(model, images, QUESTIONS[:2], **kwargs) == answer(base_model, images, QUESTIONS[:2], **kwargs)
+    drawn = generate_images(model, "a red circle", seed=3, decode=False).token_ids
+    assert torch.equal(drawn, generate_images(base_model, "a red circle", seed=3, decode=False).token_ids)
 
 
 def test_reduction_with_a_compressor_and_bad_settings(tiny_lm_dir, tiny_visual_tokenizer_dir):
@@ -301,10 +302,8 @@ def test_reduction_with_a_compressor_and_bad_settings(tiny_lm_dir, tiny_visual_t
             vision="mustdrop_merge", mustdrop_merge=MustDropMergeConfig(threshold=-1.0)
         ),
     ).eval()
-    answers = model.answer(list(random_token_ids(model, 2, seed=2)), QUESTIONS[:2], max_new_tokens=3)
+    answers = answer(model, list(random_token_ids(model, 2, seed=2)), QUESTIONS[:2], max_new_tokens=3)
     assert len(answers) == 2
-    with pytest.raises(ConfigError, match="needs a trained FocusVisionSampler"):
-        model.token_reduction = TokenReductionConfig(vision="focus_sampler")
     with pytest.raises(ConfigError, match="does not exist: the LM has 2 layers"):
         model.token_reduction = TokenReductionConfig(llm="mustdrop", mustdrop=MustDropFilterConfig(layers=(5,)))
     resampler = UniCodeMLLM.from_components(
@@ -313,7 +312,7 @@ def test_reduction_with_a_compressor_and_bad_settings(tiny_lm_dir, tiny_visual_t
     with pytest.raises(ConfigError, match="returns no grid"):
         resampler.token_reduction = TokenReductionConfig(vision="mustdrop_merge")
     resampler.token_reduction = TokenReductionConfig(llm="focus_text", focus_text=FocusTextConfig(layer=1))  # no grid
-    assert len(resampler.eval().answer(list(random_token_ids(model, 1)), QUESTIONS[:1], max_new_tokens=2)) == 1
+    assert len(answer(resampler.eval(), list(random_token_ids(model, 1)), QUESTIONS[:1], max_new_tokens=2)) == 1
 
 
 # ----- the ablation command -------------------------------------------------------------------------------

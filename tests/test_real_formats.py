@@ -13,9 +13,9 @@ from skimage import data as skdata
 
 from unicode_mllm.cli import main
 from unicode_mllm.data.coco_vqa import convert_coco_captions, convert_vqav2
-from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset
 from unicode_mllm.errors import UserError
+from unicode_mllm.shard_manifest import read_manifest
 
 PHOTOS = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}
 

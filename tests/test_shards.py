@@ -11,15 +11,9 @@ import torch
 from PIL import Image
 
 from unicode_mllm.data.image_io import encode_png, load_image, pil_to_tensor, tensor_to_pil
-from unicode_mllm.data.shards import (
-    FORMAT_VERSION,
-    iter_split_records,
-    read_manifest,
-    shard_urls,
-    write_manifest,
-    write_split,
-)
+from unicode_mllm.data.shards import iter_split_records, shard_urls, write_manifest, write_split
 from unicode_mllm.errors import UserError
+from unicode_mllm.shard_manifest import FORMAT_VERSION, read_manifest
 
 
 def _image(seed: int, size: int = 8) -> Image.Image:

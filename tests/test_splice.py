@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from unicode_mllm.model.splice import image_counts, position_ids_from_attention_mask, splice_image_embeddings
+from unicode_mllm.splice import image_counts, position_ids_from_attention_mask, splice_image_embeddings
 
 P = IMAGE_PLACEHOLDER_ID
 S = 3  # slots per image

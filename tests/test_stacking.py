@@ -9,7 +9,7 @@ from einops import rearrange
 
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.visual_tokenizer import (
-    STACK_BUILDERS,
+    STACKS,
     HierarchicalStack,
     QuantizerSettings,
     QuantizerStack,
@@ -57,7 +57,7 @@ def warm_up(stack: QuantizerStack, steps: int = 2) -> None:
 def test_unknown_stacking_lists_the_known_names():
     with pytest.raises(ConfigError, match=r"stacking 'pq' is unknown; choose one of \['hq', 'rq', 'vq'\]"):
         build_stack("pq", z_channels=4, llm_width=8, num_codes=4)
-    assert sorted(STACK_BUILDERS) == ["hq", "rq", "vq"]
+    assert sorted(STACKS) == ["hq", "rq", "vq"]
 
 
 @pytest.mark.parametrize(

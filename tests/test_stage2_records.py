@@ -309,7 +309,7 @@ def test_the_7b_recipe_reads_its_sources(tiny_lm_dir, tiny_visual_tokenizer_dir,
 
 def test_a_second_split_converted_into_a_folder_keeps_the_first(tmp_path):
     """COCO train then val into one folder: the manifest lists both (was: only the last one written)."""
-    from unicode_mllm.data.shards import read_manifest
+    from unicode_mllm.shard_manifest import read_manifest
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 
 from unicode_mllm.data import stream as stream_module
 from unicode_mllm.data.image_io import encode_png, pil_to_tensor
-from unicode_mllm.data.shards import ShardInfo, SplitSummary, write_manifest, write_split
+from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.data.stream import SkipDelta, SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
+from unicode_mllm.shard_manifest import ShardInfo, SplitSummary
 
 
 def _image(i: int) -> Image.Image:

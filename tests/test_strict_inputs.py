@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import unicode_mllm.cli as cli
+import unicode_mllm.cli.inference as cli
 from tests.test_bad_input_training import _corrupt_every
 from tests.test_lm import TINY
 from unicode_mllm.cli import main

@@ -1,4 +1,4 @@
-"""Inference-time visual-token reduction (`unicode_mllm.token_reduction`): counts, mappings, exactness, batching.
+"""Inference-time visual-token reduction (`unicode_mllm.addons.token_reduction`): counts, mappings, exactness, batching.
 
 Tiny CPU models only: an in-memory 3-layer LLaMA (width 32, 4 heads over 2 KV heads) for the LM stage, and the
 saved tiny UniCodeMLLM (`tiny_mllm_dir`, 8x8x2 codes) for the end-to-end path. Tolerances are stated per test;
@@ -14,16 +14,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unicode_mllm.config import ConfigError
-from unicode_mllm.constants import IMAGE_PLACEHOLDER_ID
-from unicode_mllm.model.splice import position_ids_from_attention_mask, splice_image_embeddings
-from unicode_mllm.token_reduction import (
+from unicode_mllm.addons.token_reduction import (
     FiCoCoLLMConfig,
     FiCoCoLPruner,
     FiCoCoVisionConfig,
-    FocusSamplerConfig,
     FocusTextConfig,
-    FocusVisionSampler,
     MustDropFilterConfig,
     MustDropMergeConfig,
     PruneDecision,
@@ -38,15 +33,18 @@ from unicode_mllm.token_reduction import (
     ficoco_compress,
     ficoco_correlate,
     ficoco_vision_reduce,
-    generate_reduced,
     mustdrop_window_merge,
     reduce_image_tokens,
     reduced_prefill,
     reduction_for_mode,
     sequence_from_embeds,
 )
-from unicode_mllm.token_reduction.mustdrop_merge import window_members
-from unicode_mllm.token_reduction.prefill import prefill_allowed
+from unicode_mllm.addons.token_reduction.mustdrop_merge import window_members
+from unicode_mllm.addons.token_reduction.prefill import prefill_allowed
+from unicode_mllm.config import ConfigError
+from unicode_mllm.constants import IMAGE_PLACEHOLDER_ID
+from unicode_mllm.generation.reduced_decoding import ReducedDecoder
+from unicode_mllm.splice import position_ids_from_attention_mask, splice_image_embeddings
 
 # transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
 # fail here, not surface in users' terminals.
@@ -114,10 +112,12 @@ def test_config_json_round_trip_and_unknown_key():
         kv_policy="final_set",
         mustdrop_merge=MustDropMergeConfig(window=(3, 2), threshold=0.7),
         ficoco_l=FiCoCoLLMConfig(layers=(1, 2), num_drop=3, num_targets=2),
-        focus_sampler=FocusSamplerConfig(window=2, pool_sizes=(2, 1), max_tokens=9),
     )
     back = TokenReductionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
+    # Folders saved while FocusLLaVA's (never enabled) vision sampler existed carry its section: it loads as before.
+    retired = {"window": 4, "pool_sizes": [4, 2, 1], "router_hidden": 64, "max_tokens": None, "balance_weight": 0.01}
+    assert TokenReductionConfig.from_dict({**cfg.to_dict(), "focus_sampler": retired}) == cfg
     assert back.pruning_layers == (1, 2)
     with pytest.raises(ConfigError, match=r"unknown key 'mustdrop\.global_treshold' \(did you mean"):
         TokenReductionConfig.from_dict({"mustdrop": {"global_treshold": 0.1}})
@@ -145,8 +145,6 @@ def test_guard_refuses_reduction_while_generating_an_image(lm):
     sequence = sequence_from_embeds(embeds, mask, is_image)
     with pytest.raises(ValueError, match="must be off while generating an image"):
         reduced_prefill(lm, sequence, on, generation_mode="image")
-    with pytest.raises(ValueError, match="must be off while generating an image"):
-        generate_reduced(lm, sequence, on, generation_mode="image", max_new_tokens=2)
     vision_on = TokenReductionConfig(vision="mustdrop_merge")
     with pytest.raises(ValueError, match="must be off while generating an image"):
         reduce_image_tokens(torch.randn(1, 16, WIDTH), (4, 4), vision_on, generation_mode="image")
@@ -271,85 +269,6 @@ def test_ficoco_correlate_targets_only_kept_tokens():
     torch.testing.assert_close(
         (merged * new_sizes[..., None] * keep[..., None]).sum(dim=1), x.sum(dim=1), rtol=0, atol=1e-5
     )
-
-
-# ----- vision stage: FocusLLaVA sampler ---------------------------------------------------------------
-
-
-def forced_sampler(pool_index: int, **overrides) -> FocusVisionSampler:
-    sampler = FocusVisionSampler(8, FocusSamplerConfig(**overrides))
-    with torch.no_grad():
-        last = sampler.router[-1]
-        last.weight.zero_()
-        last.bias.fill_(-30.0)
-        last.bias[pool_index] = 30.0
-    return sampler
-
-
-def test_focus_sampler_shapes_counts_and_forced_experts():
-    torch.manual_seed(5)
-    x = torch.randn(2, 64, 8)
-    sampler = FocusVisionSampler(8, FocusSamplerConfig(window=4, pool_sizes=(4, 2, 1)))
-    out = sampler(x, (8, 8))
-    out.check()
-    chosen = sampler.route(x, (8, 8)).argmax(dim=-1)  # (2, 4 windows)
-    per_expert = torch.tensor([1, 4, 16])
-    assert out.counts.tolist() == per_expert[chosen].sum(dim=-1).tolist()
-    assert out.sizes.sum(dim=-1).tolist() == [64.0, 64.0]  # the routed regions tile the grid
-    assert out.tokens.shape == (2, int(out.counts.max()), 8)
-
-    assert sampler.out_len((8, 8)) == 64 and forced_sampler(0, max_tokens=10).out_len((8, 8)) == 10
-    fine = forced_sampler(2)(x, (8, 8))  # pool 1 everywhere: the input itself, in raster order
-    assert torch.equal(fine.tokens, x) and torch.equal(fine.assignment, torch.arange(64).expand(2, 64))
-    coarse = forced_sampler(0)(x, (8, 8))  # pool 4: one max per 4x4 window
-    grid = x.view(2, 8, 8, 8).permute(0, 3, 1, 2)
-    expected = F.max_pool2d(grid, 4).flatten(2).transpose(1, 2)  # (2, 4, 8)
-    assert torch.equal(coarse.tokens, expected) and coarse.src_index[0].tolist() == [0, 4, 32, 36]
-    with pytest.raises(ValueError, match="window 4 must divide the grid 6x8"):
-        sampler(torch.randn(1, 48, 8), (6, 8))
-
-
-def test_focus_sampler_budget_gradients_and_balance_loss():
-    torch.manual_seed(6)
-    x = torch.randn(3, 64, 8)
-    sampler = FocusVisionSampler(8, FocusSamplerConfig(max_tokens=10, balance_weight=0.5))
-    with torch.no_grad():
-        sampler.router[-1].bias.copy_(torch.tensor([-2.0, 0.0, 2.0]))  # mostly fine: over budget
-    out = sampler(x, (8, 8))
-    assert bool((out.counts <= 10).all()) and int(out.counts.max()) == 10
-    # The budget keeps the routed tokens with the largest gates: a window that lost a routed token never has
-    # a larger gate than a window that kept one.
-    with torch.no_grad():
-        gates = sampler.route(x, (8, 8))
-    window_gate, chosen = gates.max(dim=-1)  # (3, 4)
-    routed = torch.tensor([1, 4, 16])[chosen]  # (3, 4) routed tokens per window
-    for i in range(3):
-        cells = out.src_index[i][out.mask[i]]
-        window = (cells // 8 // 4) * 2 + (cells % 8) // 4
-        kept = torch.bincount(window, minlength=4)
-        lost, has_kept = kept < routed[i], kept > 0
-        if bool(lost.any()):
-            assert float(window_gate[i][lost].max()) <= float(window_gate[i][has_kept].min()) + 1e-7
-    (out.tokens.sum() + out.aux_loss).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sampler.router.parameters())
-
-    uniform = FocusVisionSampler(8, FocusSamplerConfig(balance_weight=0.5))
-    with torch.no_grad():
-        uniform.router[-1].weight.zero_()
-        uniform.router[-1].bias.zero_()
-    torch.testing.assert_close(uniform(x, (8, 8)).aux_loss, torch.tensor(0.5))
-    assert float(forced_sampler(1, balance_weight=0.5)(x, (8, 8)).aux_loss.detach()) > 1.4  # peaked: ~E * weight
-
-    # As the vision stage of a reduction config: the sampler must be the one the config describes.
-    cfg = TokenReductionConfig(vision="focus_sampler", focus_sampler=sampler.config)
-    via_config = reduce_image_tokens(x, (8, 8), cfg, generation_mode="text", sampler=sampler)
-    assert torch.equal(via_config.tokens, sampler(x, (8, 8)).tokens)
-    with pytest.raises(ValueError, match="needs the trained FocusVisionSampler"):
-        reduce_image_tokens(x, (8, 8), cfg, generation_mode="text")
-    with pytest.raises(ValueError, match="the sampler was built with"):
-        reduce_image_tokens(
-            x, (8, 8), TokenReductionConfig(vision="focus_sampler"), generation_mode="text", sampler=sampler
-        )
 
 
 # ----- the reduced prompt -------------------------------------------------------------------------
@@ -554,6 +473,15 @@ def test_decoding_with_keep_all_equals_the_plain_lm(lm):
     torch.testing.assert_close(steps, reference, rtol=0, atol=1e-5)
 
 
+def greedy_on_reduced_cache(lm, sequence, cfg, max_new_tokens: int) -> torch.Tensor:
+    """(b, max_new_tokens) greedy ids: reduced prefill, then `decode_step`s (`ReducedDecoder`'s two calls)."""
+    out = reduced_prefill(lm, sequence, cfg, generation_mode="text")
+    ids = [out.logits[:, -1].argmax(dim=-1)]
+    for _ in range(max_new_tokens - 1):
+        ids.append(decode_step(lm, out.cache, lm.get_input_embeddings()(ids[-1])[:, None]).argmax(dim=-1))
+    return torch.stack(ids, dim=1)
+
+
 def test_output_aware_final_set_cache_lengths_and_generation(lm):
     cfg = TokenReductionConfig(
         llm="focus_text", focus_text=FocusTextConfig(layer=1, keep_ratio=0.5), kv_policy="final_set"
@@ -569,9 +497,7 @@ def test_output_aware_final_set_cache_lengths_and_generation(lm):
     for _ in range(3):
         decode_step(lm, out.cache, torch.randn(2, 1, WIDTH))
     assert out.cache.lengths() == [21, 17, 17]
-    ids = generate_reduced(
-        lm, sequence_from_embeds(embeds, mask, is_image), cfg, generation_mode="text", max_new_tokens=4
-    )
+    ids = greedy_on_reduced_cache(lm, sequence_from_embeds(embeds, mask, is_image), cfg, max_new_tokens=4)
     assert ids.shape == (2, 4) and bool((ids >= 0).all()) and bool((ids < 97).all())
 
 
@@ -647,9 +573,12 @@ def test_unicode_mllm_reduced_reading_and_generation(tiny_mllm):
     prefill = reduced_prefill(model.lm, sequence, cfg, generation_mode="text")
     assert prefill.image_tokens_per_layer[0].tolist() == [16, 16]
     assert bool((prefill.image_tokens_per_layer[1] < 16).all())
-    ids = generate_reduced(
-        model.lm, sequence, cfg, generation_mode="text", max_new_tokens=3, pad_token_id=model.token_ids.pad
-    )
-    assert ids.shape == (2, 3)
+    decoder = ReducedDecoder(model, cfg)  # the answering loop's path: the same reduced prefill, then steps
+    logits = decoder.prefill(input_ids, mask, image_token_ids)
+    torch.testing.assert_close(logits, prefill.logits[:, -1].float(), rtol=0, atol=0)
+    ids = [logits.argmax(dim=-1)]
+    for _ in range(2):
+        ids.append(decoder.step(ids[-1]).argmax(dim=-1))
+    assert torch.stack(ids, dim=1).shape == (2, 3)
     with pytest.raises(ValueError, match="must be off while generating an image"):
         build_reduced_sequence(input_ids, spliced, image_embeds, (h, w), cfg, generation_mode="image")

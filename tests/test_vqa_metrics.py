@@ -10,7 +10,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from unicode_mllm import cli
+from unicode_mllm.cli import evaluation as cli_evaluation
 from unicode_mllm.cli import main
 from unicode_mllm.evaluation.answers import is_correct
 from unicode_mllm.evaluation.pope import PopeItem, eval_pope, is_unparseable, pope_yes_no
@@ -264,18 +264,18 @@ POPE_REPLIES = {f"q{i}": answer for i, (_, answer) in enumerate(POPE_SET)}
 
 @pytest.fixture
 def fake_answers(monkeypatch):
-    """UniCodeMLLM.answer replaced by the canned replies above; the keyword arguments it got are recorded."""
-    from unicode_mllm.model import UniCodeMLLM
+    """generation.answer replaced by the canned replies above; the keyword arguments it got are recorded."""
+    from unicode_mllm import generation
 
     calls = []
     replies = {**REPLIES, **GQA_REPLIES, **POPE_REPLIES}
 
-    def answer(self, images, questions, *, max_new_tokens=64, temperature=0.0, batch_size=8):
+    def answer(model, images, questions, *, max_new_tokens=64, temperature=0.0, batch_size=8):
         calls.append({"max_new_tokens": max_new_tokens, "temperature": temperature, "n": len(questions)})
         assert all(isinstance(image, Image.Image) and image.size == (48, 40) for image in images)
         return [replies[q] for q in questions]
 
-    monkeypatch.setattr(UniCodeMLLM, "answer", answer, raising=False)
+    monkeypatch.setattr(generation, "answer", answer)
     return calls
 
 
@@ -364,7 +364,7 @@ def test_cli_eval_pope(bench, model_copy, fake_answers, capsys):
 
 
 def test_cli_eval_vqa_and_pope_run_the_real_tiny_model(bench, model_copy, capsys, tmp_path):
-    """The real UniCodeMLLM.answer (random weights: the wiring is the point, not the scores)."""
+    """The real generation.answer (random weights: the wiring is the point, not the scores)."""
     args = ["--questions", bench / "questions.json", "--annotations", bench / "annotations.json"]
     opts = ["--images", bench / "val2014", "--limit", "2", "--max-new-tokens", "2", "--device", "cpu"]
     code, _, err = run(capsys, "eval", "vqa", "--model", model_copy, *args, *opts, "--out", tmp_path / "v.json")
@@ -382,7 +382,7 @@ def no_model_load(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(cli, "_load_mllm", refuse)
+    monkeypatch.setattr(cli_evaluation, "_load_mllm", refuse)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
 """Stage 1: train the visual tokenizer on image reconstruction with a codebook tied to the LLM's words.
 
-One `accelerate` loop: the encoder/decoder under the configured mixed precision while the quantizer
-stays fp32 (its adapter disables autocast), two optimizers (generator, discriminator), gradient
-clipping, the blend schedule after every step, DDP with `broadcast_buffers=False` and EMA statistics
-all-reduced by the quantizer, periodic atomic checkpoints with exact resume, logs (JSONL + curves PNG +
-reconstruction grids) and a final `save_pretrained`.
+A `TrainingStage` of the shared loop (runtime/training_loop.py): the encoder/decoder under the configured
+mixed precision while the quantizer stays fp32 (its adapter disables autocast), two optimizers (generator,
+discriminator), gradient clipping, the blend schedule after every step, DDP with `broadcast_buffers=False` and
+EMA statistics all-reduced by the quantizer, periodic atomic checkpoints with exact resume, logs (JSONL + curves
+PNG + reconstruction grids) and a final `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from tokenizer_training.losses import VQGANLoss
 from tokenizer_training.usage import UsageWindow
 from unicode_mllm.data.batches import DataPosition, EpochBatches
 from unicode_mllm.data.image_policy import check_fixed_size
-from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.image_metrics import psnr
 from unicode_mllm.quantizer_settings import QuantizerSettings
 from unicode_mllm.runtime.accelerator import stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
+    Checkpoint,
     CheckpointLayout,
     CheckpointManager,
     join_tensors,
@@ -45,11 +45,11 @@ from unicode_mllm.runtime.checkpoint import (
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
-from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, check_splits, run_stage
-from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
-from unicode_mllm.runtime.time_budget import out_of_time
+from unicode_mllm.runtime.run_files import RunFiles, check_splits
+from unicode_mllm.runtime.seeding import seed_everything
 from unicode_mllm.runtime.trackers import accelerator_kwargs
+from unicode_mllm.runtime.training_loop import CheckpointContents, TrainingStage, check_loss, run_stage
+from unicode_mllm.shard_manifest import read_manifest
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
@@ -120,8 +120,10 @@ def _lr_scheduler(
     return LambdaLR(optimizer, WarmupCosine(o.warmup_steps, total_steps, min_ratio))
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(TrainingStage):
     """Owns the models, optimizers, data and logs of one stage-1 run (usable step by step in tests)."""
+
+    description = "stage 1: tokenizer"
 
     def __init__(self, cfg: TokenizerTrainConfig, out_dir: str | Path | None = None):
         self.cfg = cfg
@@ -149,7 +151,6 @@ class TokenizerTrainer:
         self.usage = UsageWindow(q.num_codes, self.tokenizer.code_shape[2], cfg.train.usage_window)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
-        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last checkpoint written or loaded
         self._batches: EpochBatches | None = None
         self._reader_skips: dict[str, Any] = {}  # reader skip counts of a resumed run, until the stream exists
 
@@ -294,15 +295,9 @@ class TokenizerTrainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path | None:
-        """Save this step's checkpoint, unless it is the one just saved or loaded (a step folder is never
-        written twice: the end of `fit` follows the loop's own save)."""
-        if self._saved is not None and self._saved[0] == self.step:
-            return self._saved[1]
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            self._saved = (self.step, None)
+    def checkpoint_contents(self) -> CheckpointContents | None:
+        """The main process's: both models, both optimizers and schedules, the data position and the skips."""
+        if not self.accelerator.is_main_process:
             return None
         opt_tree, opt_tensors = split_tensors({"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()}, "optimizer")
         state = {
@@ -310,16 +305,14 @@ class TokenizerTrainer:
             "scheduler": {"g": self.sched_g.state_dict(), "d": self.sched_d.state_dict()},
             "data": self.position.to_dict(),
             "reader_skips": self.reader_skips_state(),
-            "rng": capture_rng_state(),
         }
         tensors = {
             "model": self.tokenizer.state_dict(),
-            "discriminator": acc.unwrap_model(self.disc).state_dict(),
+            "discriminator": self.accelerator.unwrap_model(self.disc).state_dict(),
             "optimizer": opt_tensors,
             "usage": self.usage.state_dict(),  # the logged usage of a resumed run then equals the uninterrupted one
         }
-        self._saved = (self.step, self.ckpt.save(self.step, tensors, state))
-        return self._saved[1]
+        return CheckpointContents(tensors, state)
 
     def checkpoint_layout(self) -> CheckpointLayout:
         """What a step folder of this run holds: resuming checks it whole and falls back past a damaged one."""
@@ -334,9 +327,7 @@ class TokenizerTrainer:
             optional=("usage",),  # older checkpoints
         )
 
-    def load_checkpoint(self, path: str | Path | None = None) -> None:
-        # CPU: the optimizer keeps its step counters there (no GPU sync per step)
-        ckpt = self.ckpt.load(path, layout=self.checkpoint_layout())
+    def load_state(self, ckpt: Checkpoint) -> None:
         self.tokenizer.load_state_dict(ckpt.tensors["model"])
         self.accelerator.unwrap_model(self.disc).load_state_dict(ckpt.tensors["discriminator"])
         optim = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
@@ -348,13 +339,9 @@ class TokenizerTrainer:
             self.usage.load_state_dict(ckpt.tensors["usage"])
         else:
             log.warning("checkpoint %s has no usage window (older format): usage restarts counting", ckpt.path)
-        self.step = ckpt.step
-        self._saved = (ckpt.step, ckpt.path)
         self.position = DataPosition(**ckpt.state["data"])
         self._reader_skips = ckpt.state.get("reader_skips", {})
         self._batches = None
-        restore_rng_state(ckpt.state["rng"])
-        log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
 
     def reader_skips_state(self) -> dict[str, Any]:
         """What the shard reader skipped so far (corrupt images, broken shards), as checkpoint JSON."""
@@ -364,69 +351,51 @@ class TokenizerTrainer:
         """One line, e.g. "skipped 10 of 40 samples (25.00%): 10 corrupt image"."""
         return SkipReport.from_state(self.reader_skips_state()).summary()
 
-    # ----- the run ---------------------------------------------------------------------------------
+    # ----- the run (runtime/training_loop.py's hooks) ----------------------------------------------------------
 
-    def fit(self, resume: bool | str = False, allow_changed: Sequence[str] = ()) -> TokenizerTrainResult:
-        """Train to `train.steps` under the run lock; `resume` (True or a step folder) continues the run in
-        out_dir, whose config.yaml the config must match but for `allow_changed` keys (`check_resume_config`)."""
-        with self.files.lock():
-            return self._fit(resume, allow_changed)
-
-    def _fit(self, resume: bool | str, allow_changed: Sequence[str]) -> TokenizerTrainResult:
-        cfg, acc = self.cfg, self.accelerator
-        if resume or self.step == 0:  # a trainer that has stepped or loaded continues its own run
-            self.files.start(resume, allow_changed)
+    def prepare_run(self, resume: bool | str) -> None:
+        cfg = self.cfg
         if resume:
             self.load_checkpoint(None if resume is True else resume)
         d = cfg.data  # every split it reads must exist before step 1
         check_splits(d.shards, {"data.train_split": [d.train_split], "data.eval_splits": d.eval_splits})
         check_fixed_size(d.image, read_manifest(d.shards).image_size(), cfg.model.image_size)  # not a skip per sample
-        self.files.write_config()
-        self.files.trim_metrics(self.step)
-        started = time.perf_counter()
-        last_eval: dict[str, float] = {}
-        with make_progress(disable=not acc.is_main_process) as progress, StopOnInterrupt(acc) as interrupt:
-            task = progress.add_task("stage 1: tokenizer", total=cfg.train.steps, completed=self.step, stats="")
-            while self.step < cfg.train.steps:
-                if interrupt.requested:
-                    interrupt.stop(self.step, self.save_checkpoint())
-                logs = self.train_step(self.next_batch())
-                if not math.isfinite(logs["total"]):
-                    self.save_checkpoint()
-                    raise UserError(f"loss became {logs['total']} at step {self.step}; lower optim.lr or check data")
-                step = self.step
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    logs["rel_distance"] = self.relative_distance()
-                    logs["seconds"] = round(time.perf_counter() - started, 2)
-                    self._log(logs)
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    grid = self.out_dir / "samples" / f"recon-{step:07d}.png"
-                    last_eval = self.evaluate(grid)
-                    self._log({"step": step, **last_eval})
-                    self.files.log_image("reconstructions", grid, step)
-                if step % cfg.train.ckpt_every == 0:
-                    self.save_checkpoint()
-                dist = logs.get("rel_distance")
-                progress.update(
-                    task,
-                    completed=step,
-                    stats=f"loss {logs['total']:.4f} psnr {logs['psnr']:.1f} usage {logs['usage']}"
-                    + (f" dist {dist:.3g}" if dist is not None else ""),
-                )
-                if out_of_time(started, cfg.train.max_minutes, self.accelerator.device):  # the same step on every rank
-                    log.warning(
-                        "train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step
-                    )
-                    break
-        self.save_checkpoint()
+        self.last_eval: dict[str, float] = {}
+
+    def run_step(self) -> dict[str, Any]:
+        logs = self.train_step(self.next_batch())
+        if not math.isfinite(logs["total"]):
+            self.save_checkpoint()
+            check_loss(logs["total"], self.step)
+        return logs
+
+    def record(self, logs: dict[str, Any], *, log_step: bool, eval_step: bool) -> None:
+        step = self.step
+        if log_step:
+            logs["rel_distance"] = self.relative_distance()
+            logs["seconds"] = round(time.perf_counter() - self.started, 2)
+            self.files.log(logs)
+        if eval_step:
+            grid = self.out_dir / "samples" / f"recon-{step:07d}.png"
+            self.last_eval = self.evaluate(grid)
+            self.files.log({"step": step, **self.last_eval})
+            self.files.log_image("reconstructions", grid, step)
+
+    def progress_stats(self, logs: dict[str, Any]) -> str:
+        dist = logs.get("rel_distance")
+        stats = f"loss {logs['total']:.4f} psnr {logs['psnr']:.1f} usage {logs['usage']}"
+        return stats + (f" dist {dist:.3g}" if dist is not None else "")
+
+    def finish(self) -> TokenizerTrainResult:
+        cfg, acc = self.cfg, self.accelerator
         # The whole run's skips, however short it was (after the checkpoint: a run stopped here resumes).
         SkipReport.from_state(
             self.reader_skips_state(), cfg.data.max_skip_fraction, setting="data.max_skip_fraction"
         ).check()
         final_dir = self.save_final()
-        metrics = {"step": self.step, "rel_distance": self.relative_distance(), **last_eval}
+        metrics = {"step": self.step, "rel_distance": self.relative_distance(), **self.last_eval}
         metrics["usage"] = self.usage.unique_per_depth()
-        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        metrics["seconds"] = round(time.perf_counter() - self.started, 1)
         metrics["data"] = self.reader_summary()
         self.files.write_final_metrics(metrics)
         if acc.is_main_process:
@@ -434,9 +403,6 @@ class TokenizerTrainer:
         self.files.finish("tokenizer", final_dir)  # the model card and the trackers' end
         log.info("stage 1 data: %s", metrics["data"])
         return TokenizerTrainResult(final_dir, self.step, metrics)
-
-    def _log(self, row: dict[str, Any]) -> None:
-        self.files.log(row)
 
     def plot(self) -> Path | None:
         return self.files.plot(

@@ -6,3 +6,8 @@ IMAGE_PLACEHOLDER_ID = -200  # negative, so it can never be a real vocabulary id
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a prompt (LLaVA convention)
 IMAGE_START = "<img>"
 IMAGE_END = "</img>"
+
+# The chat roles: the stage-0 corpus writes its question/answer lines with them and the stage-2 "plain"
+# template reuses them, so the LM has read them before it is instruction-tuned.
+USER_PREFIX = "USER:"
+ASSISTANT_PREFIX = "ASSISTANT:"

@@ -7,7 +7,7 @@ with a FutureWarning until its removal in 5.40, and names the output field `cach
 an alias that logs a deprecation). So the name is read from the signature of the module's `forward`.
 
 Used by every project call that passes a cache itself: `IncrementalDecoder` (whole LM) and the token-reduction
-layer loop (decoder layers). `UniCodeMLLM.generate` passes none: HF `generate` manages its own cache.
+layer loop (decoder layers).
 """
 
 from __future__ import annotations

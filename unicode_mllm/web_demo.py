@@ -18,6 +18,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -118,21 +119,72 @@ def _whole_number(value: float | str | None, name: str, *, empty: int | None) ->
 
 def build_app(model: UniCodeMLLM, work_dir: Path) -> gr.Blocks:
     """The page over `model`; drawings and chat images are written under `work_dir`."""
-    gr = require_gradio()
+    page = _Page(require_gradio(), model, work_dir)
+    gr = page.gr
+    with gr.Blocks(title="UniCode MLLM", analytics_enabled=False) as blocks:
+        gr.Markdown("## UniCode MLLM\nOne codebook for words and pictures: ask about an image, draw, reconstruct.")
+        with gr.Tab("Ask", id="ask"):
+            _ask_tab(page)
+        with gr.Tab("Draw", id="draw"):
+            _draw_tab(page)
+        with gr.Tab("Reconstruct", id="reconstruct"):
+            _reconstruct_tab(page)
+        with gr.Tab("Chat", id="chat"):
+            _chat_tab(page)
+    return blocks
+
+
+@dataclass
+class _Page:
+    """What every tab uses: gradio, the model (one request at a time on it: `lock`) and where files are written."""
+
+    gr: ModuleType
+    model: UniCodeMLLM
+    work_dir: Path
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def shown(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` as a request handler: under the lock, its errors shown as one line (`_shown`)."""
+        return _shown(self.gr, self.lock, fn)
+
+    def image_input(self, **box: Any) -> Any:
+        """An image box taking RGB uploads and pastes, drawn pixelated (`PAGE_CSS`)."""
+        return self.gr.Image(
+            type="pil", image_mode="RGB", sources=["upload", "clipboard"], elem_classes=["pixels"], **box
+        )
+
+
+def _ask_tab(page: _Page) -> None:
+    """An image and a question; the answer streams in as it is decoded."""
     from unicode_mllm import web_demo_actions as actions
 
-    lock = threading.Lock()
-    image_box: dict[str, Any] = {
-        "type": "pil",
-        "image_mode": "RGB",
-        "sources": ["upload", "clipboard"],
-        "elem_classes": ["pixels"],
-    }
+    gr, model = page.gr, page.model
 
     def ask(image: Any, question: str, max_new_tokens: float, temperature: float) -> Any:
         yield from actions.answer_stream(
             model, image, question, max_new_tokens=int(max_new_tokens), temperature=float(temperature)
         )
+
+    with gr.Row():
+        ask_image = page.image_input(label="image", elem_id="ask-image", height=280)
+        with gr.Column():
+            question = gr.Textbox(label="question", placeholder="what is in the picture?", elem_id="question")
+            with gr.Accordion("settings", open=False):
+                ask_tokens = gr.Slider(1, 256, value=64, step=1, label="max new tokens")
+                ask_temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy)")
+            ask_button = gr.Button("Ask", variant="primary", elem_id="ask-button")
+            answer = gr.Textbox(label="answer", lines=4, interactive=False, elem_id="answer")
+    ask_fn = page.shown(ask)
+    ask_inputs = [ask_image, question, ask_tokens, ask_temperature]
+    ask_button.click(ask_fn, ask_inputs, answer)
+    question.submit(ask_fn, ask_inputs, answer)
+
+
+def _draw_tab(page: _Page) -> None:
+    """An instruction and the sampling settings; the drawings, their files (PNG + code ids) and the seed."""
+    from unicode_mllm import web_demo_actions as actions
+
+    gr, model = page.gr, page.model
 
     def draw(
         instruction: str,
@@ -161,20 +213,69 @@ def build_app(model: UniCodeMLLM, work_dir: Path) -> gr.Blocks:
             seed=_whole_number(seed, "seed", empty=None),
             on_step=on_step,
         )
-        saved = actions.save_drawings(model, result, Path(tempfile.mkdtemp(prefix="draw_", dir=work_dir)))
+        saved = actions.save_drawings(model, result, Path(tempfile.mkdtemp(prefix="draw_", dir=page.work_dir)))
         gallery = [(str(png), f"#{i}") for i, (png, _) in enumerate(saved)]  # image_i.json holds its seed and ids
         files = [str(path) for pair in saved for path in pair]
         note = f"seed {result.seed}: `unicode-mllm generate --seed {result.seed}` with these settings redraws them"
         return gallery, files, note if result.seed is not None else "greedy (temperature 0): no seed involved"
+
+    with gr.Row():
+        with gr.Column():
+            instruction = gr.Textbox(label="instruction", placeholder="a red circle", elem_id="instruction")
+            with gr.Row():
+                cfg_scale = gr.Slider(1, 10, value=1, step=0.5, label="CFG scale (1 = no guidance)")
+                draw_temperature = gr.Slider(0, 2, value=1, step=0.05, label="temperature")
+            with gr.Row():
+                top_k = gr.Number(value=0, precision=0, minimum=0, label="top-k (0 = off)")
+                seed = gr.Textbox(value="", label="seed (empty = random)", elem_id="seed")  # Number sends 0
+            num_images = gr.Slider(1, actions.MAX_IMAGES, value=4, step=1, label="number of images")
+            draw_button = gr.Button("Draw", variant="primary", elem_id="draw-button")
+        with gr.Column():
+            gallery = gr.Gallery(label="drawings", columns=4, height=300, elem_id="gallery", buttons=["download"])
+            seed_note = gr.Markdown(elem_id="draw-seed")
+            downloads = gr.File(
+                label="images and their code ids (JSON)",
+                file_count="multiple",
+                elem_id="draw-files",
+                interactive=False,
+            )
+    draw_inputs = [instruction, cfg_scale, draw_temperature, top_k, seed, num_images]
+    draw_button.click(page.shown(draw), draw_inputs, [gallery, downloads, seed_note])
+
+
+def _reconstruct_tab(page: _Page) -> None:
+    """An image through the visual tokenizer: original | reconstruction, PSNR, and the code ids per depth."""
+    from unicode_mllm import web_demo_actions as actions
+
+    gr, model = page.gr, page.model
 
     def reconstruct(image: Any) -> tuple[Any, str, Any, str]:
         result = actions.reconstruct(model, image)
         picture, summary = actions.code_id_picture(result.codes, model.visual_tokenizer.config.num_codes)
         return result.pair, f"PSNR {result.psnr:.2f} dB", picture, summary
 
+    with gr.Row():
+        rec_input = page.image_input(label="image", elem_id="rec-image", height=280)
+        with gr.Column():
+            rec_button = gr.Button("Reconstruct", variant="primary", elem_id="rec-button")
+            rec_pair = gr.Image(
+                label="original | reconstruction", interactive=False, height=240, elem_classes=["pixels"]
+            )
+            rec_psnr = gr.Textbox(label="PSNR", interactive=False, elem_id="rec-psnr")
+    code_picture = gr.Image(label="code id at each position, one panel per depth", interactive=False)
+    code_summary = gr.Textbox(label="code usage", interactive=False)
+    rec_button.click(page.shown(reconstruct), rec_input, [rec_pair, rec_psnr, code_picture, code_summary])
+
+
+def _chat_tab(page: _Page) -> None:
+    """A conversation: messages with an optional image; Draw asks for a drawing in reply."""
+    from unicode_mllm import web_demo_actions as actions
+
+    gr, model = page.gr, page.model
+
     def chat(state: Any, text: str, image: Any, draw_it: bool = False) -> Any:
         if state is None:
-            state = actions.WebChat.start(model, work_dir)
+            state = actions.WebChat.start(model, page.work_dir)
         try:
             for messages in state.send(text, image, draw_it=draw_it):
                 yield state, messages, gr.update(), gr.update()
@@ -187,75 +288,20 @@ def build_app(model: UniCodeMLLM, work_dir: Path) -> gr.Blocks:
     def chat_draw(state: Any, text: str, image: Any) -> Any:
         yield from chat(state, text, image, draw_it=True)
 
-    with gr.Blocks(title="UniCode MLLM", analytics_enabled=False) as page:
-        gr.Markdown("## UniCode MLLM\nOne codebook for words and pictures: ask about an image, draw, reconstruct.")
-        with gr.Tab("Ask", id="ask"):
+    state = gr.State(None)
+    chatbot = gr.Chatbot(label="conversation", height=420, elem_id="chatbot", group_consecutive_messages=False)
+    with gr.Row():
+        chat_image = page.image_input(label="image for the next message", elem_id="chat-image", height=160)
+        with gr.Column(scale=3):
+            message = gr.Textbox(label="message", placeholder=actions.WEB_CHAT_HELP, elem_id="message")
             with gr.Row():
-                ask_image = gr.Image(**image_box, label="image", elem_id="ask-image", height=280)
-                with gr.Column():
-                    question = gr.Textbox(label="question", placeholder="what is in the picture?", elem_id="question")
-                    with gr.Accordion("settings", open=False):
-                        ask_tokens = gr.Slider(1, 256, value=64, step=1, label="max new tokens")
-                        ask_temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy)")
-                    ask_button = gr.Button("Ask", variant="primary", elem_id="ask-button")
-                    answer = gr.Textbox(label="answer", lines=4, interactive=False, elem_id="answer")
-            ask_fn = _shown(gr, lock, ask)
-            ask_inputs = [ask_image, question, ask_tokens, ask_temperature]
-            ask_button.click(ask_fn, ask_inputs, answer)
-            question.submit(ask_fn, ask_inputs, answer)
-        with gr.Tab("Draw", id="draw"):
-            with gr.Row():
-                with gr.Column():
-                    instruction = gr.Textbox(label="instruction", placeholder="a red circle", elem_id="instruction")
-                    with gr.Row():
-                        cfg_scale = gr.Slider(1, 10, value=1, step=0.5, label="CFG scale (1 = no guidance)")
-                        draw_temperature = gr.Slider(0, 2, value=1, step=0.05, label="temperature")
-                    with gr.Row():
-                        top_k = gr.Number(value=0, precision=0, minimum=0, label="top-k (0 = off)")
-                        seed = gr.Textbox(value="", label="seed (empty = random)", elem_id="seed")  # Number sends 0
-                    num_images = gr.Slider(1, actions.MAX_IMAGES, value=4, step=1, label="number of images")
-                    draw_button = gr.Button("Draw", variant="primary", elem_id="draw-button")
-                with gr.Column():
-                    gallery = gr.Gallery(
-                        label="drawings", columns=4, height=300, elem_id="gallery", buttons=["download"]
-                    )
-                    seed_note = gr.Markdown(elem_id="draw-seed")
-                    downloads = gr.File(
-                        label="images and their code ids (JSON)",
-                        file_count="multiple",
-                        elem_id="draw-files",
-                        interactive=False,
-                    )
-            draw_inputs = [instruction, cfg_scale, draw_temperature, top_k, seed, num_images]
-            draw_button.click(_shown(gr, lock, draw), draw_inputs, [gallery, downloads, seed_note])
-        with gr.Tab("Reconstruct", id="reconstruct"):
-            with gr.Row():
-                rec_input = gr.Image(**image_box, label="image", elem_id="rec-image", height=280)
-                with gr.Column():
-                    rec_button = gr.Button("Reconstruct", variant="primary", elem_id="rec-button")
-                    rec_pair = gr.Image(
-                        label="original | reconstruction", interactive=False, height=240, elem_classes=["pixels"]
-                    )
-                    rec_psnr = gr.Textbox(label="PSNR", interactive=False, elem_id="rec-psnr")
-            code_picture = gr.Image(label="code id at each position, one panel per depth", interactive=False)
-            code_summary = gr.Textbox(label="code usage", interactive=False)
-            rec_button.click(_shown(gr, lock, reconstruct), rec_input, [rec_pair, rec_psnr, code_picture, code_summary])
-        with gr.Tab("Chat", id="chat"):
-            state = gr.State(None)
-            chatbot = gr.Chatbot(label="conversation", height=420, elem_id="chatbot", group_consecutive_messages=False)
-            with gr.Row():
-                chat_image = gr.Image(**image_box, label="image for the next message", elem_id="chat-image", height=160)
-                with gr.Column(scale=3):
-                    message = gr.Textbox(label="message", placeholder=actions.WEB_CHAT_HELP, elem_id="message")
-                    with gr.Row():
-                        send_button = gr.Button("Send", variant="primary", elem_id="send-button")
-                        chat_draw_button = gr.Button("Draw", elem_id="chat-draw-button")
-            chat_outputs = [state, chatbot, message, chat_image]
-            chat_fn = _shown(gr, lock, chat)
-            send_button.click(chat_fn, [state, message, chat_image], chat_outputs)
-            message.submit(chat_fn, [state, message, chat_image], chat_outputs)
-            chat_draw_button.click(_shown(gr, lock, chat_draw), [state, message, chat_image], chat_outputs)
-    return page
+                send_button = gr.Button("Send", variant="primary", elem_id="send-button")
+                chat_draw_button = gr.Button("Draw", elem_id="chat-draw-button")
+    chat_outputs = [state, chatbot, message, chat_image]
+    chat_fn = page.shown(chat)
+    send_button.click(chat_fn, [state, message, chat_image], chat_outputs)
+    message.submit(chat_fn, [state, message, chat_image], chat_outputs)
+    chat_draw_button.click(page.shown(chat_draw), [state, message, chat_image], chat_outputs)
 
 
 def page_style(gr: ModuleType) -> dict[str, Any]:

@@ -27,12 +27,11 @@ from typing import Any
 from unicode_mllm.data.converters import (
     ConversionReport,
     ImageStorage,
-    _check_storage,
-    _finish,
+    ShardOutput,
     _load_json,
     _read_image,
+    _write,
 )
-from unicode_mllm.data.shards import write_split
 from unicode_mllm.errors import UserError
 
 VQAV2_IMAGE_PATTERN = "COCO_{subset}_{image_id:012d}.jpg"  # the file names of the COCO 2014 image zips
@@ -120,7 +119,7 @@ def convert_coco_captions(
     Returns the ConversionReport. Raises UserError when the file or image folder is missing, the file is
     not a COCO captions file, or no image could be converted.
     """
-    _check_storage(image_storage)
+    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
     src, root, out = Path(captions_json), Path(image_root), Path(out_dir)
     data = _load_json(src, "COCO captions file", dict, 'an object with "images" and "annotations"')
     images = _list_field(src, data, "images", "COCO captions file")
@@ -137,24 +136,20 @@ def convert_coco_captions(
             if not texts:
                 report.skip("no caption", file_name, f"{file_name}: image {image_id} has no caption in {src.name}")
                 continue
-            image = _read_image(report, root, file_name, file_name, file_name, image_storage, expected_size)
+            image = _read_image(report, root, file_name, file_name, file_name, output)
             if image is None:
                 continue
             meta = {"id": image_id, "source": file_name, "caption": texts[0], "captions": texts}
             yield {"key": f"{report.num_written:08d}", "meta": meta, **image}
             report.num_written += 1
 
-    summary = write_split(records(), out, split, maxcount, progress, overwrite=overwrite, total=len(file_names))
     config = {
         "converter": "coco_captions",
         "captions_json": str(src.resolve()),
         "image_root": str(root.resolve()),
         "split": split,
-        "image_storage": image_storage,
-        "expected_size": expected_size,
-        "maxcount": maxcount,
     }
-    return _finish(report, out, summary, config)
+    return _write(report, records(), config, output, total=len(file_names))
 
 
 # ------------------------------------------------------------------------------------------------ VQAv2
@@ -297,7 +292,7 @@ def convert_vqav2(
     not a VQAv2 file, the two files are of different subsets, the pattern is bad or needs a subset nobody
     gave, or no image could be converted.
     """
-    _check_storage(image_storage)
+    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
     q_src, root, out = Path(questions_json), Path(image_root), Path(out_dir)
     a_src = Path(annotations_json) if annotations_json is not None else None
     fields = _pattern_fields(image_pattern)
@@ -320,13 +315,12 @@ def convert_vqav2(
     def records() -> Iterator[dict[str, Any]]:
         for image_id, qa in qa_by_image.items():
             file_name = image_pattern.format(subset=subset, image_id=image_id)
-            image = _read_image(report, root, file_name, file_name, file_name, image_storage, expected_size)
+            image = _read_image(report, root, file_name, file_name, file_name, output)
             if image is None:
                 continue
             yield {"key": f"{report.num_written:08d}", "meta": {"id": image_id, "source": file_name, "qa": qa}, **image}
             report.num_written += 1
 
-    summary = write_split(records(), out, split, maxcount, progress, overwrite=overwrite, total=len(qa_by_image))
     config = {
         "converter": "vqav2",
         "questions_json": str(q_src.resolve()),
@@ -335,8 +329,5 @@ def convert_vqav2(
         "image_pattern": image_pattern,
         "subset": subset,
         "split": split,
-        "image_storage": image_storage,
-        "expected_size": expected_size,
-        "maxcount": maxcount,
     }
-    return _finish(report, out, summary, config)
+    return _write(report, records(), config, output, total=len(qa_by_image))

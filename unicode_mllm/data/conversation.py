@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from unicode_mllm.constants import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
+from unicode_mllm.constants import ASSISTANT_PREFIX, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, USER_PREFIX
 from unicode_mllm.errors import UserError
-from unicode_mllm.lm.corpus import ASSISTANT_PREFIX, USER_PREFIX
 
 EOS = "{eos}"  # stands for the text tokenizer's eos token in a template's text
 

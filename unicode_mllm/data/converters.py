@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
 from unicode_mllm.data.image_io import ANIMATED_IMAGE, ImageDecodeError, encode_png, frame_count, load_image
-from unicode_mllm.data.shards import SplitSummary, read_manifest, write_manifest, write_split
+from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.errors import UserError
+from unicode_mllm.shard_manifest import SplitSummary, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -107,25 +108,34 @@ def _is_dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
-def _check_storage(image_storage: str) -> None:
-    if image_storage not in ("png", "original"):
-        raise ValueError(f"image_storage {image_storage!r} is unknown; choose one of ['original', 'png']")
+@dataclass(frozen=True)
+class ShardOutput:
+    """How a converter writes its split: the image storage and size check, shard size, overwrite, progress bar
+    (the keyword options every converter takes)."""
+
+    image_storage: ImageStorage
+    expected_size: int | tuple[int, int] | None
+    maxcount: int
+    overwrite: bool
+    progress: bool
+
+    def __post_init__(self) -> None:
+        if self.image_storage not in ("png", "original"):
+            raise ValueError(f"image_storage {self.image_storage!r} is unknown; choose one of ['original', 'png']")
 
 
-def _image_record(
-    report: ConversionReport, path: Path, name: str, storage: ImageStorage, expected_size: Any
-) -> tuple[Any, str, Any]:
+def _image_record(report: ConversionReport, path: Path, name: str, output: ShardOutput) -> tuple[Any, str, Any]:
     """Decode (verify) an image; return (stored bytes, extension, decoded image). Raises ImageDecodeError.
 
     An animated file is stored as its first frame (PNG, even for "original": its own bytes hold every frame)
     and counted in `report` as a warning."""
-    img = load_image(path, expected_size=expected_size, name=name)
+    img = load_image(path, expected_size=output.expected_size, name=name)
     frames = frame_count(img)
     if frames > 1:
         report.warn(ANIMATED_IMAGE, name, f"{name}: animated image ({frames} frames): the first frame is used")
         return encode_png(img), "png", img
     ext = _KEEP_ORIGINAL.get(path.suffix.lower())
-    if storage == "original" and ext is not None:
+    if output.image_storage == "original" and ext is not None:
         return path.read_bytes(), ext, img
     return encode_png(img), "png", img
 
@@ -136,8 +146,7 @@ def _read_image(
     image_rel: str,
     name: str,
     label: str,
-    storage: ImageStorage,
-    expected_size: Any,
+    output: ShardOutput,
 ) -> dict[str, Any] | None:
     """The image fields of a record ({"image": bytes, "image_ext": ext}) for `root / image_rel`, or None after
     counting the skip under `name`: a path that leads outside `root` (never read), a missing, corrupt or
@@ -147,11 +156,33 @@ def _read_image(
         report.skip("image outside root", name, message)
         return None
     try:
-        data, ext, _ = _image_record(report, root / image_rel, label, storage, expected_size)
+        data, ext, _ = _image_record(report, root / image_rel, label, output)
     except ImageDecodeError as exn:
         report.skip(exn.reason, name, str(exn))
         return None
     return {"image": data, "image_ext": ext}
+
+
+def _write(
+    report: ConversionReport,
+    records: Iterable[dict[str, Any]],
+    converter_config: dict[str, Any],
+    output: ShardOutput,
+    total: int | None = None,
+) -> ConversionReport:
+    """Every converter's last step: write `records` as split `report.split` of `report.out_dir`, then the manifest,
+    whose generator_config is `converter_config` (converter, inputs, split, ...) and the storage options."""
+    out = report.out_dir
+    summary = write_split(
+        records, out, report.split, output.maxcount, output.progress, overwrite=output.overwrite, total=total
+    )
+    config = {
+        **converter_config,
+        "image_storage": output.image_storage,
+        "expected_size": output.expected_size,
+        "maxcount": output.maxcount,
+    }
+    return _finish(report, out, summary, config)
 
 
 def _finish(
@@ -223,7 +254,7 @@ def convert_image_folder(
     src = Path(folder)
     if captions_from not in ("sidecar", "none"):
         raise ValueError(f"captions_from {captions_from!r} is unknown; choose one of ['none', 'sidecar']")
-    _check_storage(image_storage)
+    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
     if not src.is_dir():
         raise UserError(f"{src}: no such image folder; check the path")
     candidates = src.rglob("*") if recursive else src.iterdir()
@@ -237,46 +268,50 @@ def convert_image_folder(
             + ("" if recursive else " (recursive=False)")
             + "; check the folder"
         )
-    out = Path(out_dir)
-    report = ConversionReport(out_dir=out, split=split, num_inputs=len(files))
-
-    def records() -> Iterator[dict[str, Any]]:
-        for path in files:
-            name = path.relative_to(src).as_posix()
-            if _is_dangling(path):
-                target = os.readlink(path)
-                report.skip("missing image", name, f"{path}: dangling symlink to {target}; fix or remove the link")
-                continue
-            caption = None
-            sidecar = path.with_suffix(".txt")
-            if captions_from == "sidecar" and sidecar.is_file():
-                try:
-                    caption = sidecar.read_text(encoding="utf-8").strip()
-                except (UnicodeDecodeError, OSError) as exn:
-                    report.skip("unreadable caption", name, f"{sidecar}: caption is not UTF-8 text ({exn})")
-                    continue
-            try:
-                data, ext, img = _image_record(report, path, name, image_storage, expected_size)
-            except ImageDecodeError as exn:
-                report.skip(exn.reason, name, str(exn))
-                continue
-            report.num_without_caption += caption is None and captions_from == "sidecar"
-            meta = {"source": name, "caption": caption, "height": img.height, "width": img.width}
-            yield {"key": f"{report.num_written:08d}", "image": data, "image_ext": ext, "meta": meta}
-            report.num_written += 1
-
-    summary = write_split(records(), out, split, maxcount, progress, overwrite=overwrite)
+    report = ConversionReport(out_dir=Path(out_dir), split=split, num_inputs=len(files))
+    records = _image_folder_records(report, src, files, captions_from, output)
     config = {
         "converter": "image_folder",
         "folder": str(src.resolve()),
         "split": split,
         "recursive": recursive,
         "captions_from": captions_from,
-        "image_storage": image_storage,
-        "expected_size": expected_size,
-        "maxcount": maxcount,
     }
-    return _finish(report, out, summary, config)
+    return _write(report, records, config, output)
+
+
+def _image_folder_records(
+    report: ConversionReport,
+    src: Path,
+    files: list[Path],
+    captions_from: str,
+    output: ShardOutput,
+) -> Iterator[dict[str, Any]]:
+    """The records of `convert_image_folder`, one per readable image of `files` (in order); skips are counted in
+    `report`."""
+    for path in files:
+        name = path.relative_to(src).as_posix()
+        if _is_dangling(path):
+            target = os.readlink(path)
+            report.skip("missing image", name, f"{path}: dangling symlink to {target}; fix or remove the link")
+            continue
+        caption = None
+        sidecar = path.with_suffix(".txt")
+        if captions_from == "sidecar" and sidecar.is_file():
+            try:
+                caption = sidecar.read_text(encoding="utf-8").strip()
+            except (UnicodeDecodeError, OSError) as exn:
+                report.skip("unreadable caption", name, f"{sidecar}: caption is not UTF-8 text ({exn})")
+                continue
+        try:
+            data, ext, img = _image_record(report, path, name, output)
+        except ImageDecodeError as exn:
+            report.skip(exn.reason, name, str(exn))
+            continue
+        report.num_without_caption += caption is None and captions_from == "sidecar"
+        meta = {"source": name, "caption": caption, "height": img.height, "width": img.width}
+        yield {"key": f"{report.num_written:08d}", "image": data, "image_ext": ext, "meta": meta}
+        report.num_written += 1
 
 
 def normalise_roles(conversations: Any) -> Any:
@@ -385,57 +420,56 @@ def convert_llava_json(
     record could be converted.
     """
     src, root = Path(json_path), Path(image_root)
-    _check_storage(image_storage)
+    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
     data = _load_json(src, "LLaVA JSON file", list, "a list of records")
     if not root.is_dir():
         raise UserError(f"{root}: no such image root folder; check the path")
-    out = Path(out_dir)
-    report = ConversionReport(out_dir=out, split=split, num_inputs=len(data))
-    seen_ids: set[str] = set()
-
-    def records() -> Iterator[dict[str, Any]]:
-        for index, record in enumerate(data):
-            if not isinstance(record, dict):
-                report.skip("malformed record", f"#{index}", f"record #{index}: not an object")
-                continue
-            name = str(record.get("id", f"#{index}"))
-            image_rel = record.get("image")
-            if image_rel is not None and not isinstance(image_rel, str):
-                report.skip("malformed record", name, f"record {name}: 'image' must be one path string")
-                continue
-            conversations = normalise_roles(record.get("conversations"))
-            problem = check_conversation(conversations, has_image=image_rel is not None)
-            if problem is not None:
-                report.skip(problem[0], name, f"record {name}: {problem[1]}")
-                continue
-            out_record: dict[str, Any] = {"key": f"{report.num_written:08d}", "image": None}
-            if image_rel is not None:
-                label = f"record {name} ({image_rel})"
-                image = _read_image(report, root, image_rel, name, label, image_storage, expected_size)
-                if image is None:
-                    continue
-                out_record.update(image)
-            else:
-                report.num_text_only += 1
-            if "id" in record:
-                # Compared as JSON text, so the int 1 and the string "1" are different ids, as they are in the file.
-                id_text = json.dumps(record["id"], sort_keys=True)
-                if id_text in seen_ids:
-                    message = f"record {name}: id repeats an earlier record's; kept, but give it a new id"
-                    report.warn("duplicate id", name, message)
-                seen_ids.add(id_text)
-            out_record["meta"] = {"id": record.get("id"), "image_source": image_rel, "conversations": conversations}
-            yield out_record
-            report.num_written += 1
-
-    summary = write_split(records(), out, split, maxcount, progress, overwrite=overwrite)
+    report = ConversionReport(out_dir=Path(out_dir), split=split, num_inputs=len(data))
     config = {
         "converter": "llava_json",
         "json_path": str(src.resolve()),
         "image_root": str(root.resolve()),
         "split": split,
-        "image_storage": image_storage,
-        "expected_size": expected_size,
-        "maxcount": maxcount,
     }
-    return _finish(report, out, summary, config)
+    return _write(report, _llava_records(report, data, root, output), config, output)
+
+
+def _llava_records(
+    report: ConversionReport, data: list[Any], root: Path, output: ShardOutput
+) -> Iterator[dict[str, Any]]:
+    """The records of `convert_llava_json`, one per valid LLaVA record of `data` (in order); skips counted in
+    `report`."""
+    seen_ids: set[str] = set()
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            report.skip("malformed record", f"#{index}", f"record #{index}: not an object")
+            continue
+        name = str(record.get("id", f"#{index}"))
+        image_rel = record.get("image")
+        if image_rel is not None and not isinstance(image_rel, str):
+            report.skip("malformed record", name, f"record {name}: 'image' must be one path string")
+            continue
+        conversations = normalise_roles(record.get("conversations"))
+        problem = check_conversation(conversations, has_image=image_rel is not None)
+        if problem is not None:
+            report.skip(problem[0], name, f"record {name}: {problem[1]}")
+            continue
+        out_record: dict[str, Any] = {"key": f"{report.num_written:08d}", "image": None}
+        if image_rel is not None:
+            label = f"record {name} ({image_rel})"
+            image = _read_image(report, root, image_rel, name, label, output)
+            if image is None:
+                continue
+            out_record.update(image)
+        else:
+            report.num_text_only += 1
+        if "id" in record:
+            # Compared as JSON text, so the int 1 and the string "1" are different ids, as they are in the file.
+            id_text = json.dumps(record["id"], sort_keys=True)
+            if id_text in seen_ids:
+                message = f"record {name}: id repeats an earlier record's; kept, but give it a new id"
+                report.warn("duplicate id", name, message)
+            seen_ids.add(id_text)
+        out_record["meta"] = {"id": record.get("id"), "image_source": image_rel, "conversations": conversations}
+        yield out_record
+        report.num_written += 1

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor
 
 from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from unicode_mllm.data.conversation import ConversationTemplate, ImageRead, ImageWrite, Turn, get_template
+from unicode_mllm.data.conversation import (
+    ConversationTemplate,
+    ImageRead,
+    ImageWrite,
+    RenderedConversation,
+    Turn,
+    get_template,
+)
 from unicode_mllm.data.stream import SkipDelta
 from unicode_mllm.errors import UserError
 from unicode_mllm.token_layout import (
@@ -312,6 +319,12 @@ class MLLMSampleBuilder:
             return self._skip(MISSING_IMAGE, sample_id, "no image to decompress")
         if not self._check_image(image_token_ids, sample_id):
             return None
+        turns = self._decompression_turns(image_token_ids)
+        return self.conversation(turns, [image_token_ids], "decompression", sample_id, uncompressed_reads=True)
+
+    def _decompression_turns(self, image_token_ids: Tensor) -> list[Turn]:
+        """The T turns of a decompression sample: the (h, w, d) image read in the first, its part k written in
+        answer to `prompts.decompression` in turn k."""
         segments = split_into_segments(image_token_ids, self.num_segments)
         total = len(segments)
         turns = []
@@ -319,7 +332,7 @@ class MLLMSampleBuilder:
             ask = self.prompts.decompression.format(part=k + 1, total=total)
             user = (ImageRead(0), ask) if k == 0 else ask
             turns.append(Turn(user, (ImageWrite(segment, opens=k == 0, closes=k == total - 1),)))
-        return self.conversation(turns, [image_token_ids], "decompression", sample_id, uncompressed_reads=True)
+        return turns
 
     def shortest_length(self, task: str) -> int:
         """Tokens of the shortest sample `task` can produce with this template and code shape: the image span
@@ -329,29 +342,13 @@ class MLLMSampleBuilder:
         if task == "text_to_image":
             turns, images, full = [Turn("", (ImageWrite(dummy.reshape(-1)),))], [], False
         elif task == "decompression":
-            segments = split_into_segments(dummy, self.num_segments)
-            turns = [
-                Turn(
-                    (ImageRead(0), self.prompts.decompression.format(part=1, total=len(segments)))
-                    if k == 0
-                    else self.prompts.decompression.format(part=k + 1, total=len(segments)),
-                    (ImageWrite(seg, opens=k == 0, closes=k == len(segments) - 1),),
-                )
-                for k, seg in enumerate(segments)
-            ]
-            images, full = [dummy], True
+            turns, images, full = self._decompression_turns(dummy), [dummy], True
         elif task in ("vqa", "caption"):
             question = self.prompts.caption if task == "caption" else "x"
             turns, images, full = [Turn((ImageRead(0), question), "x")], [dummy], False
         else:
             raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
-        strict, self.skips.strict = self.skips.strict, True
-        try:
-            sample = self._build(turns, images, task, "", check_length=False, uncompressed_reads=full)
-        finally:
-            self.skips.strict = strict
-        assert sample is not None  # strict builds return a sample or raise
-        return len(sample)
+        return len(self._build_strict(turns, images, task, uncompressed_reads=full))
 
     # ----- prompts for inference ----------------------------------------------------------------
 
@@ -361,7 +358,7 @@ class MLLMSampleBuilder:
         Use prompt "" for the unconditional branch of classifier-free guidance.
         """
         dummy = torch.full(self.code_shape, -1, dtype=torch.long)  # never emitted: the prompt stops at <img>
-        sample = self._prompt([Turn(prompt, (ImageWrite(dummy.reshape(-1)),))], [])
+        sample = self._build_strict([Turn(prompt, (ImageWrite(dummy.reshape(-1)),))], [], "prompt")
         start = int((sample.input_ids == self.image_start_id).nonzero()[-1, 0])
         return sample.input_ids[: start + 1].clone()
 
@@ -369,13 +366,16 @@ class MLLMSampleBuilder:
         """A one-turn prompt (image, question), ending with the assistant role; labels all IGNORE_INDEX."""
         user = (ImageRead(0), question) if image_token_ids is not None else question
         images = [image_token_ids] if image_token_ids is not None else []
-        return self._prompt([Turn(user, None)], images)
+        return self._build_strict([Turn(user, None)], images, "prompt")
 
-    def _prompt(self, turns: Sequence[Turn], images: Sequence[Tensor | None]) -> MLLMSample:
-        # A prompt that cannot be built is always an error: there is no sample to skip at inference.
+    def _build_strict(
+        self, turns: Sequence[Turn], images: Sequence[Tensor | None], task: str, uncompressed_reads: bool = False
+    ) -> MLLMSample:
+        """A build whose every problem raises, whatever `strict` says: an inference prompt or the up-front
+        length check has no sample to skip. No length check."""
         strict, self.skips.strict = self.skips.strict, True
         try:
-            sample = self._build(turns, images, "prompt", "", check_length=False)
+            sample = self._build(turns, images, task, "", check_length=False, uncompressed_reads=uncompressed_reads)
         finally:
             self.skips.strict = strict
         assert sample is not None  # strict builds return a sample or raise
@@ -424,14 +424,45 @@ class MLLMSampleBuilder:
         check_length: bool,
         uncompressed_reads: bool = False,
     ) -> MLLMSample | None:
-        tok = self.text_tokenizer
+        """Render the turns, tokenize them, expand each image marker into its span, then check the length (when
+        `check_length`); each step returns None after counting a skip (or raises, strict)."""
+        rendered = self._render(turns, images, task, sample_id)
+        if rendered is None:
+            return None
+        tokens = self._tokenize(rendered, sample_id)
+        if tokens is None:
+            return None
+        expanded = self._expand_images(*tokens, rendered, images, uncompressed_reads, sample_id)
+        if expanded is None:
+            return None
+        input_ids, is_labelled, read_images, spans = expanded
+        if self.template.add_bos and self.text_tokenizer.bos_token_id is not None:
+            input_ids = torch.cat([torch.tensor([self.text_tokenizer.bos_token_id]), input_ids])
+            is_labelled = torch.cat([torch.tensor([False]), is_labelled])
+            spans = [(s + 1, e + 1) for s, e in spans]
+        labels = input_ids.masked_fill(~is_labelled, IGNORE_INDEX)
+        if check_length:
+            fitted = self._fit_length(input_ids, labels, spans, task, sample_id)
+            if fitted is None:
+                return None
+            input_ids, labels = fitted
+        h, w, d = self.code_shape
+        image_token_ids = torch.stack(read_images) if read_images else torch.zeros(0, h, w, d, dtype=torch.long)
+        is_uncompressed = torch.full((len(read_images),), uncompressed_reads, dtype=torch.bool)
+        return MLLMSample(input_ids, labels, image_token_ids, task, sample_id, is_uncompressed)
+
+    def _render(
+        self, turns: Sequence[Turn], images: Sequence[Tensor | None], task: str, sample_id: str
+    ) -> RenderedConversation | None:
+        """The template's text of the turns, once every image is there with the code shape, every `ImageRead`
+        names one of them and no message holds a special token's text."""
         for image in images:
             if image is None:
                 return self._skip(MISSING_IMAGE, sample_id, f"{task} sample without its image")
             if not self._check_image(image, sample_id):
                 return None
         try:
-            rendered = self.template.render(turns, tok.eos_token)
+            rendered = self.template.render(turns, self.text_tokenizer.eos_token)
         except ValueError as exn:
             return self._skip(TEMPLATE_MISMATCH, sample_id, str(exn))
         for part in rendered.images:
@@ -443,7 +474,11 @@ class MLLMSampleBuilder:
                 found = sorted({t for text in texts for t in self._reserved_text if t in text})
                 if found:
                     return self._skip(TEMPLATE_MISMATCH, sample_id, f"message text contains special tokens {found}")
+        return rendered
 
+    def _tokenize(self, rendered: RenderedConversation, sample_id: str) -> tuple[Tensor, Tensor] | None:
+        """ids (t,) of the rendered text and labelled (t,) bool: the tokens inside a reply's labelled range."""
+        tok = self.text_tokenizer
         encoded = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor(encoded["input_ids"], dtype=torch.long)  # (t,)
         offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)  # (t, 2)
@@ -460,7 +495,20 @@ class MLLMSampleBuilder:
                     f"(characters {start}-{end}); the template's separators do not fall on token boundaries",
                 )
             labelled |= inside
+        return ids, labelled
 
+    def _expand_images(
+        self,
+        ids: Tensor,
+        labelled: Tensor,
+        rendered: RenderedConversation,
+        images: Sequence[Tensor | None],
+        uncompressed_reads: bool,
+        sample_id: str,
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[tuple[int, int]]] | None:
+        """Each image marker of `ids` (t,) expanded into its span: read slots (never labelled) or written ids
+        (labelled as the reply is). Returns (input_ids (t',), labelled (t',), the (h, w, d) images read in span
+        order, [start, end) of every image span with its `<img>`/`</img>`)."""
         markers = (ids == self.image_marker_id).nonzero()[:, 0].tolist()
         if len(markers) != len(rendered.images):
             return self._skip(
@@ -468,7 +516,6 @@ class MLLMSampleBuilder:
                 sample_id,
                 f"{len(markers)} image markers among the tokens for {len(rendered.images)} images",
             )
-        # Expand each marker into its span: read slots (never labelled) or written ids (labelled as the reply is).
         pieces_ids: list[Tensor] = []
         pieces_labelled: list[Tensor] = []
         read_images: list[Tensor] = []
@@ -496,15 +543,14 @@ class MLLMSampleBuilder:
             prev = marker + 1
         pieces_ids.append(ids[prev:])
         pieces_labelled.append(labelled[prev:])
-        input_ids = torch.cat(pieces_ids)
-        is_labelled = torch.cat(pieces_labelled)
-        if self.template.add_bos and tok.bos_token_id is not None:
-            input_ids = torch.cat([torch.tensor([tok.bos_token_id]), input_ids])
-            is_labelled = torch.cat([torch.tensor([False]), is_labelled])
-            spans = [(s + 1, e + 1) for s, e in spans]
-        labels = input_ids.masked_fill(~is_labelled, IGNORE_INDEX)
+        return torch.cat(pieces_ids), torch.cat(pieces_labelled), read_images, spans
 
-        if check_length and len(input_ids) > self.max_length:
+    def _fit_length(
+        self, input_ids: Tensor, labels: Tensor, spans: Sequence[tuple[int, int]], task: str, sample_id: str
+    ) -> tuple[Tensor, Tensor] | None:
+        """(input_ids, labels) within max_length (`overflow`: skip, or truncate but never through an image span),
+        with at least one labelled token left."""
+        if len(input_ids) > self.max_length:
             if self.overflow == "skip":
                 return self._skip(
                     TOO_LONG, sample_id, f"{task} sample has {len(input_ids)} tokens, max_length is {self.max_length}"
@@ -520,12 +566,9 @@ class MLLMSampleBuilder:
                 )
             input_ids, labels = input_ids[:cut], labels[:cut]
             self.skips.truncated += 1
-        if check_length and not bool((labels != IGNORE_INDEX).any()):
+        if not bool((labels != IGNORE_INDEX).any()):
             return self._skip(NO_LABELS, sample_id, f"{task} sample has no labelled token")
-        h, w, d = self.code_shape
-        image_token_ids = torch.stack(read_images) if read_images else torch.zeros(0, h, w, d, dtype=torch.long)
-        is_uncompressed = torch.full((len(read_images),), uncompressed_reads, dtype=torch.bool)
-        return MLLMSample(input_ids, labels, image_token_ids, task, sample_id, is_uncompressed)
+        return input_ids, labels
 
 
 # The collated keys `UniCodeMLLM.forward` takes: `model(**{k: batch[k] for k in MODEL_INPUTS})`.

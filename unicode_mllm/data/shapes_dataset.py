@@ -9,9 +9,10 @@ from typing import Any
 
 from unicode_mllm.config import config_to_dict
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld, add_gaussian_noise, jpeg_roundtrip, score
-from unicode_mllm.data.shards import SplitSummary, write_manifest, write_split
+from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.errors import UserError
 from unicode_mllm.runtime.progress import track
+from unicode_mllm.shard_manifest import SplitSummary
 from unicode_mllm.viz import caption_grid
 
 GRID_NAME = "samples.png"

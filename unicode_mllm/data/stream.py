@@ -55,8 +55,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from unicode_mllm.data.image_io import ImageDecodeError, load_image, normalise_size, pil_to_tensor
 from unicode_mllm.data.image_policy import ImagePolicy
-from unicode_mllm.data.shards import HAS_IMAGE_FIELD, read_manifest
+from unicode_mllm.data.shards import HAS_IMAGE_FIELD
 from unicode_mllm.errors import UserError
+from unicode_mllm.shard_manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 

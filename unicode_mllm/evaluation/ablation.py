@@ -23,7 +23,7 @@ hand-over). `separate` learns a codebook of its own whose codes are new ids appe
 vocabulary (`VisualTokenizer.from_language_codebook`); the LM is grown by those rows, initialised
 from that codebook, so that it reads each code as a distinct vector from the first step.
 
-Columns (`ablation.md`): VQA exact match on held-out images (greedy `UniCodeMLLM.answer`), text-to-
+Columns (`ablation.md`): VQA exact match on held-out images (greedy `generation.answer`), text-to-
 image `overall` on seen instructions (shapes analyser), the mean of the per-object shape, colour and
 position scores on those instructions (graded where `overall`, all-or-nothing per scene, sits at 0), and
 reconstruction PSNR on the held-out split. Everything else (per kind, per group, val and photo PSNR,
@@ -175,86 +175,29 @@ def run_ablation(
     Returns one row of metrics per setting. Raises UserError when the LM declares fewer positions
     than stage 2's `data.max_length`.
     """
-    from tokenizer_training.compare_modes import mode_config
-    from unicode_mllm.config import load_config
-    from unicode_mllm.evaluation.stage_evaluation import evaluate_mllm, evaluate_visual_tokenizer
-    from unicode_mllm.pipeline import (
-        MLLM_PRESET,
-        DemoProfile,
-        check_lm_positions,
-        get_profile,
-        load_stage_configs,
-        preset_path,
-        train_stage0,
-        train_stage1,
-        train_stage2,
-        write_demo_data,
-    )
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.pipeline import load_stage_configs
 
     out_dir = Path(out_dir)
-    if isinstance(profile, str):
-        if profile not in ABLATION_PROFILES:
-            raise UserError(f"ablation profile {profile!r} is unknown; choose one of {list(ABLATION_PROFILES)}")
-        profile = get_profile(profile)
-    if not isinstance(profile, DemoProfile):
-        raise TypeError(f"profile must be a profile name or a DemoProfile, got {type(profile).__name__}")
+    profile = _demo_profile(profile)
     if not settings:
         raise ValueError("settings is empty; give at least one AblationSetting")
     started = time.perf_counter()
     lm_cfg, tokenizer_cfg, mllm_cfg = load_stage_configs(profile)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm_dir, data_dir = _shared_inputs(out_dir, profile, (lm_cfg, tokenizer_cfg, mllm_cfg), lm_dir, data_dir)
 
-    if data_dir is None:
-        data_dir = out_dir / "data" / f"shapes{tokenizer_cfg.model.image_size}"
-        write_demo_data(profile.data, tokenizer_cfg.model.image_size, data_dir)
-    data_dir = Path(data_dir)
-    if not (data_dir / "manifest.json").is_file():
-        raise UserError(f"data folder {data_dir} has no manifest.json; pass a shapes shard folder")
-    if lm_dir is None:
-        lm_dir, _ = train_stage0(lm_cfg, out_dir / "lm")
-    lm_dir = Path(lm_dir)
-    check_lm_positions(lm_dir, mllm_cfg.data.max_length)
-
-    tokenizers: dict[str, dict[str, Any]] = {}
+    tokenizers: dict[str, dict[str, Any]] = {}  # settings with the same codebook mode share one stage-1 run
     rows: list[dict[str, Any]] = []
     for number, setting in enumerate(settings, start=1):
         log.info("ablation %d/%d: %s", number, len(settings), setting.label)
         mode = setting.codebook_mode
-        if mode not in tokenizers:  # settings with the same codebook mode share one stage-1 run
-            run = out_dir / "tokenizer" / mode
-            tok = train_stage1(mode_config(tokenizer_cfg, mode), lm_dir, data_dir, run, tokenizer_cfg.train.max_minutes)
-            scores = evaluate_visual_tokenizer(tok.final_dir, data_dir, profile.evaluation, run / "eval", device)
-            tokenizers[mode] = {"dir": tok.final_dir, "steps": tok.steps, "train": tok.metrics, "eval": scores.scores}
-        tok_info = tokenizers[mode]
-        setting_dir = out_dir / setting.key
-        stage2_lm, note = prepare_stage2_lm(lm_dir, tok_info["dir"], setting_dir / "stage2_lm")
-        cfg = load_config(MLLMTrainConfig, preset_path(MLLM_PRESET), [*profile.mllm_overrides, *setting.mllm_overrides])
-        mllm = train_stage2(
-            cfg, stage2_lm, tok_info["dir"], data_dir, out_dir / "mllm" / setting.key, cfg.train.max_minutes
-        )
-        result = evaluate_mllm(mllm.final_dir, data_dir, profile.evaluation, profile.sampling, setting_dir, device)
-        evaluation = result.metrics()
-        heldout_scores = tok_info["eval"]["heldout"]
-        row = {
-            "key": setting.key,
-            "label": setting.label,
-            "codebook_mode": mode,
-            "mllm_overrides": list(setting.mllm_overrides),
-            "stage2_lm_note": note,
-            "vqa_heldout_exact": evaluation["vqa"]["accuracy"],
-            "t2i_seen_overall": evaluation["t2i"]["groups"]["seen"]["overall"],
-            "t2i_heldout_overall": evaluation["t2i"]["groups"]["heldout"]["overall"],
-            "t2i_seen_attributes": t2i_attribute_score(evaluation["t2i"]["groups"]["seen"]),
-            "psnr_heldout": heldout_scores["psnr"],
-            "psnr_val": tok_info["eval"]["val"]["psnr"],
-            "tokenizer_steps": tok_info["steps"],
-            "mllm_steps": mllm.steps,
-            "tokenizer": {"train": tok_info["train"], "eval": tok_info["eval"]},
-            "mllm": {"train": mllm.metrics, "eval": evaluation},
-        }
+        if mode not in tokenizers:
+            tokenizers[mode] = _train_tokenizer(
+                out_dir / "tokenizer" / mode, tokenizer_cfg, mode, lm_dir, data_dir, profile, device
+            )
+        row = _train_and_evaluate_setting(out_dir, setting, tokenizers[mode], lm_dir, data_dir, profile, device)
         rows.append(row)
-        (setting_dir / "row.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+        (out_dir / setting.key / "row.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
 
     summary = {
         "rows": rows,
@@ -269,6 +212,96 @@ def run_ablation(
     _write_table(out_dir, summary)
     log.info("ablation table: %s", out_dir / "ablation.md")
     return rows
+
+
+def _demo_profile(profile: str | DemoProfile) -> DemoProfile:
+    """The profile named (quick or full), or the one given; UserError for another name."""
+    from unicode_mllm.pipeline import DemoProfile, get_profile
+
+    if isinstance(profile, str):
+        if profile not in ABLATION_PROFILES:
+            raise UserError(f"ablation profile {profile!r} is unknown; choose one of {list(ABLATION_PROFILES)}")
+        profile = get_profile(profile)
+    if not isinstance(profile, DemoProfile):
+        raise TypeError(f"profile must be a profile name or a DemoProfile, got {type(profile).__name__}")
+    return profile
+
+
+def _shared_inputs(
+    out_dir: Path, profile: DemoProfile, configs: tuple, lm_dir: str | Path | None, data_dir: str | Path | None
+) -> tuple[Path, Path]:
+    """(stage-0 LM, shapes data) that every setting starts from: the ones given, else written into out_dir.
+    configs: the profile's stage-0, stage-1 and stage-2 configs."""
+    from unicode_mllm.pipeline import check_lm_positions, train_stage0, write_demo_data
+
+    lm_cfg, tokenizer_cfg, mllm_cfg = configs
+    if data_dir is None:
+        data_dir = out_dir / "data" / f"shapes{tokenizer_cfg.model.image_size}"
+        write_demo_data(profile.data, tokenizer_cfg.model.image_size, data_dir)
+    data_dir = Path(data_dir)
+    if not (data_dir / "manifest.json").is_file():
+        raise UserError(f"data folder {data_dir} has no manifest.json; pass a shapes shard folder")
+    if lm_dir is None:
+        lm_dir, _ = train_stage0(lm_cfg, out_dir / "lm")
+    lm_dir = Path(lm_dir)
+    check_lm_positions(lm_dir, mllm_cfg.data.max_length)
+    return lm_dir, data_dir
+
+
+def _train_tokenizer(
+    run: Path, tokenizer_cfg: Any, mode: str, lm_dir: Path, data_dir: Path, profile: DemoProfile, device: str
+) -> dict[str, Any]:
+    """Stage 1 with codebook `mode` into `run`, evaluated as the demo evaluates it: its folder, steps and scores."""
+    from tokenizer_training.compare_modes import mode_config
+    from unicode_mllm.evaluation.stage_evaluation import evaluate_visual_tokenizer
+    from unicode_mllm.pipeline import train_stage1
+
+    tok = train_stage1(mode_config(tokenizer_cfg, mode), lm_dir, data_dir, run, tokenizer_cfg.train.max_minutes)
+    scores = evaluate_visual_tokenizer(tok.final_dir, data_dir, profile.evaluation, run / "eval", device)
+    return {"dir": tok.final_dir, "steps": tok.steps, "train": tok.metrics, "eval": scores.scores}
+
+
+def _train_and_evaluate_setting(
+    out_dir: Path,
+    setting: AblationSetting,
+    tok_info: dict[str, Any],
+    lm_dir: Path,
+    data_dir: Path,
+    profile: DemoProfile,
+    device: str,
+) -> dict[str, Any]:
+    """Stage 2 of one setting from its tokenizer (`_train_tokenizer`'s), evaluated as the demo evaluates it; the
+    setting's row of the table (and every number behind it)."""
+    from unicode_mllm.config import load_config
+    from unicode_mllm.evaluation.stage_evaluation import evaluate_mllm
+    from unicode_mllm.pipeline import MLLM_PRESET, preset_path, train_stage2
+    from unicode_mllm.training import MLLMTrainConfig
+
+    setting_dir = out_dir / setting.key
+    stage2_lm, note = prepare_stage2_lm(lm_dir, tok_info["dir"], setting_dir / "stage2_lm")
+    cfg = load_config(MLLMTrainConfig, preset_path(MLLM_PRESET), [*profile.mllm_overrides, *setting.mllm_overrides])
+    mllm = train_stage2(
+        cfg, stage2_lm, tok_info["dir"], data_dir, out_dir / "mllm" / setting.key, cfg.train.max_minutes
+    )
+    result = evaluate_mllm(mllm.final_dir, data_dir, profile.evaluation, profile.sampling, setting_dir, device)
+    evaluation = result.metrics()
+    return {
+        "key": setting.key,
+        "label": setting.label,
+        "codebook_mode": setting.codebook_mode,
+        "mllm_overrides": list(setting.mllm_overrides),
+        "stage2_lm_note": note,
+        "vqa_heldout_exact": evaluation["vqa"]["accuracy"],
+        "t2i_seen_overall": evaluation["t2i"]["groups"]["seen"]["overall"],
+        "t2i_heldout_overall": evaluation["t2i"]["groups"]["heldout"]["overall"],
+        "t2i_seen_attributes": t2i_attribute_score(evaluation["t2i"]["groups"]["seen"]),
+        "psnr_heldout": tok_info["eval"]["heldout"]["psnr"],
+        "psnr_val": tok_info["eval"]["val"]["psnr"],
+        "tokenizer_steps": tok_info["steps"],
+        "mllm_steps": mllm.steps,
+        "tokenizer": {"train": tok_info["train"], "eval": tok_info["eval"]},
+        "mllm": {"train": mllm.metrics, "eval": evaluation},
+    }
 
 
 def _write_table(out_dir: Path, summary: dict[str, Any]) -> None:

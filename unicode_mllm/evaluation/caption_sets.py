@@ -30,10 +30,9 @@ from PIL import Image
 from unicode_mllm.data.image_io import ImageDecodeError, load_image
 from unicode_mllm.data.image_policy import ImagePolicy, center_crop
 from unicode_mllm.errors import UserError
-from unicode_mllm.evaluation.skips import SkipCounts
+from unicode_mllm.evaluation.skips import SkipCounts, shard_images
 
 NO_CAPTION = "no caption"
-TEXT_ONLY = "text-only sample"
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class CaptionSet:
     @classmethod
     def shards(cls, data_dir: str | Path, split: str | None = None) -> CaptionSet:
         """A shard or img2dataset folder; `split` defaults to `val` when the folder has it, else its only split."""
-        from unicode_mllm.data.shards import read_manifest
+        from unicode_mllm.shard_manifest import read_manifest
 
         manifest = read_manifest(data_dir)
         if split is None:
@@ -150,27 +149,16 @@ class CaptionSet:
             yield CaptionedImage(file_name, caption, center_crop(image, size))
 
     def _iter_shards(self, size: int, skips: SkipCounts) -> Iterator[CaptionedImage]:
-        from unicode_mllm.data.stream import SkipReport, StreamingDataset
+        from unicode_mllm.data.stream import StreamingDataset
 
         assert self.split is not None, "CaptionSet.shards sets split"
         policy = ImagePolicy(resize="center_crop")
         stream = StreamingDataset(
             self.path, self.split, shuffle=False, image_format="pil", image_size=size, image_policy=policy
         )
-        report = SkipReport()
-        try:
-            for sample in stream:
-                if not report.add(sample):  # a tally record: skips only
-                    continue
-                name = f"{sample['shard']}:{sample['key']}"
-                if sample["image"] is None:
-                    skips.skip(TEXT_ONLY, name)
-                    continue
-                caption = _first_caption(sample["meta"])
-                if caption is None:
-                    skips.skip(NO_CAPTION, name, f"{name}: sample has no caption or captions")
-                    continue
-                yield CaptionedImage(name, caption, sample["image"])
-        finally:
-            # Counted even when the consumer stops early (count reached): what was read so far is reported.
-            skips.add_counts(dict(report.skipped), report.broken_shards)
+        for name, sample in shard_images(stream, skips):
+            caption = _first_caption(sample["meta"])
+            if caption is None:
+                skips.skip(NO_CAPTION, name, f"{name}: sample has no caption or captions")
+                continue
+            yield CaptionedImage(name, caption, sample["image"])

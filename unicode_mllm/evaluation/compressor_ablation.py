@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from unicode_mllm.compression import COMPRESSORS, CompressorConfig
+from unicode_mllm.addons.compression import COMPRESSORS, CompressorConfig
 from unicode_mllm.config import config_from_dict, config_to_dict
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator
 from unicode_mllm.errors import UserError

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unicode_mllm.compression import ViewGenerator, ViewGeneratorConfig, compress_view_features
+from unicode_mllm.addons.highres import ViewGenerator, ViewGeneratorConfig, compress_view_features
 from unicode_mllm.data.conversation import get_template
 from unicode_mllm.data.image_io import pil_to_tensor
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS, MLLMCollator, MLLMSample, MLLMSampleBuilder
@@ -152,8 +152,8 @@ class ViewReadingModel(nn.Module):
         if generator.out_width() != model.compressor.in_width:
             raise UserError(
                 f"view generator {generator.name!r} returns {generator.out_width()}-wide tokens but compressor "
-                f"{model.compressor_config.name!r} reads {model.compressor.in_width}; use S^2 merge='token' or a "
-                "compressor with a matching input_width"
+                f"{model.read_hook.compressor_config.name!r} reads {model.compressor.in_width}; use S^2 "
+                "merge='token' or a compressor with a matching input_width"
             )
         self.model = model
         self.generator = generator

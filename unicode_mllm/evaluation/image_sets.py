@@ -22,11 +22,10 @@ from PIL import Image
 from unicode_mllm.data.image_io import ImageDecodeError, load_image
 from unicode_mllm.errors import UserError
 from unicode_mllm.evaluation.photos import PHOTO_NAMES, load_photos
-from unicode_mllm.evaluation.skips import SkipCounts
+from unicode_mllm.evaluation.skips import SkipCounts, shard_images
 from unicode_mllm.visual_tokenizer.reconstruct import fit_square
 
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-TEXT_ONLY = "text-only sample"
 SYMLINK_LOOP = "symlink loop"
 MISSING_IMAGE = "missing image"  # load_image's reason for a file that is not there
 PHOTO_UNAVAILABLE = "photo unavailable"
@@ -82,24 +81,13 @@ class ImageSet:
             yield NamedImage(name, fit_square(image, size), image.size, scene)
 
     def _iter_shards(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image, dict[str, Any] | None]]:
-        from unicode_mllm.data.stream import SkipReport, StreamingDataset
+        from unicode_mllm.data.stream import StreamingDataset
 
         assert self.path is not None and self.split is not None, "ImageSet.shards sets path and split"
         stream = StreamingDataset.from_folder(self.path, self.split, shuffle=False, image_format="pil")
-        report = SkipReport()
-        try:
-            for sample in stream:
-                if not report.add(sample):  # a tally record: skips only
-                    continue
-                name = f"{sample['shard']}:{sample['key']}"
-                if sample["image"] is None:
-                    skips.skip(TEXT_ONLY, name)
-                    continue
-                scene = sample["meta"].get("scene")
-                yield name, sample["image"], scene if isinstance(scene, dict) else None
-        finally:
-            # Counted even when the consumer stops early (limit): what was read so far is reported.
-            skips.add_counts(dict(report.skipped), report.broken_shards)
+        for name, sample in shard_images(stream, skips):
+            scene = sample["meta"].get("scene")
+            yield name, sample["image"], scene if isinstance(scene, dict) else None
 
     def _iter_folder(self, skips: SkipCounts) -> Iterator[tuple[str, Image.Image, None]]:
         assert self.path is not None, "ImageSet.folder sets path"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 MAX_NAMES_PER_REASON = 20  # names kept per reason in reports; the counts are always complete
+TEXT_ONLY = "text-only sample"
 
 
 class SkipCounts:
@@ -57,3 +58,23 @@ class SkipCounts:
             "names": {reason: list(names) for reason, names in self.names.items()},
             "broken_shards": list(self.broken_shards),
         }
+
+
+def shard_images(stream: Iterable[dict[str, Any]], skips: SkipCounts) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, sample) of each sample of a shard stream (`data.stream.StreamingDataset`) that has an image; the
+    stream's own skips and the text-only samples are counted in `skips`."""
+    from unicode_mllm.data.stream import SkipReport
+
+    report = SkipReport()
+    try:
+        for sample in stream:
+            if not report.add(sample):  # a tally record: skips only
+                continue
+            name = f"{sample['shard']}:{sample['key']}"
+            if sample["image"] is None:
+                skips.skip(TEXT_ONLY, name)
+                continue
+            yield name, sample
+    finally:
+        # Counted even when the consumer stops early (a limit or count reached): what was read so far is reported.
+        skips.add_counts(dict(report.skipped), report.broken_shards)

@@ -136,10 +136,11 @@ def evaluate_mllm(
     out_dir: Path,
     device: str | torch.device = "cpu",
 ) -> MLLMEvaluation:
-    """Greedy VQA on held-out questions (`UniCodeMLLM.answer`) and text-to-image on seen and held-out
-    instructions (`UniCodeMLLM.generate_images`, scored by the shapes analyser); writes the full JSON
+    """Greedy VQA on held-out questions (`generation.answer`) and text-to-image on seen and held-out
+    instructions (`generation.generate_images`, scored by the shapes analyser); writes the full JSON
     reports and the two figures into `out_dir`."""
     from unicode_mllm.evaluation import SkipCounts, eval_t2i, eval_vqa, shapes_config_from_manifest, shapes_t2i_prompts
+    from unicode_mllm.generation import answer, generate_images
     from unicode_mllm.model import UniCodeMLLM
     from unicode_mllm.viz import caption_grid
 
@@ -152,8 +153,13 @@ def evaluate_mllm(
     predictions: list[str] = []
 
     def answer_fn(images: list, questions: list[str]) -> list[str]:
-        answers = mllm.answer(
-            images, questions, max_new_tokens=sizes.max_answer_tokens, temperature=0.0, batch_size=sizes.batch_size
+        answers = answer(
+            mllm,
+            images,
+            questions,
+            max_new_tokens=sizes.max_answer_tokens,
+            temperature=0.0,
+            batch_size=sizes.batch_size,
         )
         predictions.extend(answers)
         return answers
@@ -181,7 +187,8 @@ def evaluate_mllm(
     batch_index = itertools.count()
 
     def generate_fn(batch_prompts: list[str]) -> list:
-        return mllm.generate_images(
+        return generate_images(
+            mllm,
             batch_prompts,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -189,7 +196,7 @@ def evaluate_mllm(
             cfg_scale=sampling.cfg_scale,
             seed=sampling.seed + next(batch_index),
             batch_size=sizes.batch_size,
-        )
+        ).images
 
     t2i_grid = out_dir / "t2i-generations.png"
     t2i = eval_t2i(

@@ -2,7 +2,7 @@
 
 The model is reached only through `generate_fn(prompts) -> images` (one RGB PIL image per prompt, any
 size), so this module does not depend on how the model samples; the CLI passes
-`UniCodeMLLM.generate_images`.
+`generation.generate_images`' images.
 
 Shapes world (`eval_t2i`), GenEval-style, for seen and held-out colour+shape pairs. Prompts are the world's
 drawing instructions:
@@ -80,7 +80,7 @@ def shapes_config_from_manifest(data_dir: str | Path) -> ShapesConfig:
     source's generator_config as `source_generator` (followed through repeated tokenizing).
     """
     from unicode_mllm.config import config_from_dict
-    from unicode_mllm.data.shards import read_manifest
+    from unicode_mllm.shard_manifest import read_manifest
 
     config = read_manifest(data_dir).source_generator_config()
     raw = config.get("shapes") if isinstance(config, dict) else None

@@ -223,72 +223,88 @@ def eval_visual_tokenizer(
     if perceptual is None:
         logger.info("LPIPS %s", lpips_note)
     metrics, rfid_note = _rfid_metrics(rfid, inception_weights, device, batch_size)
-    usage = CodeUsage(vt.config.num_codes, vt.code_shape[2])
+    tally = _Tally(CodeUsage(vt.config.num_codes, vt.code_shape[2]), _shapes_config(images, size), grid_count)
     skips = SkipCounts()
-    scores: list[ImageScores] = []
-    pairs: list[tuple[str, Image.Image]] = []
-    num_resized = 0
-    shapes_cfg = _shapes_config(images, size)
-    scene_scores: tuple[list[ShapesScore], list[ShapesScore]] = ([], [])
-    scenes_complete = shapes_cfg is not None
 
     def run(batch: list[NamedImage]) -> None:
-        nonlocal num_resized, scenes_complete
-        num_resized += sum(item.original_size != (size, size) for item in batch)
         x = torch.stack([pil_to_tensor(item.image) for item in batch]).to(device)  # (b, 3, H, W) in [-1, 1]
         codes, rec = reconstruct_batch(vt, x)
-        usage.add(codes)
-        p, s = psnr(x, rec).tolist(), ssim(x, rec).tolist()
         with torch.no_grad():
             lp = perceptual(x, rec).tolist() if perceptual is not None else [None] * len(batch)
         if metrics is not None:
             metrics.add(x, real=True)  # originals, already at the tokenizer's size
             metrics.add(rec, real=False)
-        for i, item in enumerate(batch):
-            scores.append(ImageScores(item.name, p[i], s[i], lp[i]))
-            if scenes_complete and item.scene is None:
-                scenes_complete = False  # fidelity is reported for whole sets only
-            if scenes_complete:
-                scene = Scene.from_dict(item.scene)
-                scene_scores[0].append(score(tensor_to_pil(rec[i].cpu()), scene, shapes_cfg))
-                scene_scores[1].append(score(item.image, scene, shapes_cfg))
-            if len(pairs) < grid_count:
-                pairs.append((f"{item.name} {p[i]:.1f} dB", side_by_side(item.image, rec[i])))
+        tally.add(batch, size, codes, x, rec, lp)
 
     description = f"evaluating tokenizer on {images.kind}"
     run_in_batches(images.iter(size, skips), run, batch_size=batch_size, limit=limit, description=description)
+    scores = tally.scores
     if not scores:
         raise UserError(f"no usable images in {images.describe()}; {skips.summary()}")
 
     source = images.describe()
     if images.kind == "photos":
         source["names"] = [s.name for s in scores]
-    written = None
-    if grid_path is not None:
-        written = Path(grid_path)
-        written.parent.mkdir(parents=True, exist_ok=True)
-        caption_grid([img for _, img in pairs], [cap for cap, _ in pairs], columns=4, cell_size=256).save(written)
-    rfid_scores = None
-    if metrics is not None and len(scores) < 2:
-        rfid_note = f"not measured: FID needs at least 2 images, got {len(scores)}"
-    elif metrics is not None:
-        rfid_scores = metrics.compute()
+    written = tally.write_grid(grid_path) if grid_path is not None else None
+    rfid_scores, rfid_note = _rfid_scores(metrics, len(scores), rfid_note)
     return TokenizerEvalResult(
         tokenizer=source_name,
         source=source,
         image_size=size,
         code_shape=tuple(vt.code_shape),  # type: ignore[arg-type]
         per_image=scores,
-        usage=usage,
+        usage=tally.usage,
         lpips_note=lpips_note,
         lpips_is_random_trunk=perceptual is not None and perceptual.is_random_trunk,
         skips=skips,
-        num_resized=num_resized,
+        num_resized=tally.num_resized,
         grid_path=written,
-        scene_fidelity=SceneFidelity.from_scores(*scene_scores) if scenes_complete and scene_scores[0] else None,
+        scene_fidelity=tally.scene_fidelity(),
         rfid=rfid_scores,
         rfid_note=rfid_note,
     )
+
+
+class _Tally:
+    """What `eval_visual_tokenizer` collects batch by batch: per-image scores, code usage, the images resized,
+    the analyser's scene scores (shapes shards whose every image carries its scene) and the grid's pairs."""
+
+    def __init__(self, usage: CodeUsage, shapes_cfg: ShapesConfig | None, grid_count: int):
+        self.usage = usage
+        self.shapes_cfg = shapes_cfg
+        self.grid_count = grid_count
+        self.scores: list[ImageScores] = []
+        self.num_resized = 0
+        self.scenes: tuple[list[ShapesScore], list[ShapesScore]] = ([], [])  # (reconstructions, originals)
+        self.scenes_complete = shapes_cfg is not None
+        self.pairs: list[tuple[str, Image.Image]] = []
+
+    def add(self, batch: list[NamedImage], size: int, codes, x, rec, lpips: list[float | None]) -> None:
+        """One batch: codes of the images, x (b, 3, H, W) originals and rec their reconstructions in [-1, 1]."""
+        self.num_resized += sum(item.original_size != (size, size) for item in batch)
+        self.usage.add(codes)
+        p, s = psnr(x, rec).tolist(), ssim(x, rec).tolist()
+        for i, item in enumerate(batch):
+            self.scores.append(ImageScores(item.name, p[i], s[i], lpips[i]))
+            if self.scenes_complete and item.scene is None:
+                self.scenes_complete = False  # fidelity is reported for whole sets only
+            if self.scenes_complete:
+                scene = Scene.from_dict(item.scene)
+                self.scenes[0].append(score(tensor_to_pil(rec[i].cpu()), scene, self.shapes_cfg))
+                self.scenes[1].append(score(item.image, scene, self.shapes_cfg))
+            if len(self.pairs) < self.grid_count:
+                self.pairs.append((f"{item.name} {p[i]:.1f} dB", side_by_side(item.image, rec[i])))
+
+    def scene_fidelity(self) -> SceneFidelity | None:
+        return SceneFidelity.from_scores(*self.scenes) if self.scenes_complete and self.scenes[0] else None
+
+    def write_grid(self, grid_path: str | Path) -> Path:
+        """The PNG grid of the first `grid_count` original | reconstruction pairs."""
+        written = Path(grid_path)
+        written.parent.mkdir(parents=True, exist_ok=True)
+        images, captions = [img for _, img in self.pairs], [cap for cap, _ in self.pairs]
+        caption_grid(images, captions, columns=4, cell_size=256).save(written)
+        return written
 
 
 def _rfid_metrics(
@@ -308,6 +324,17 @@ def _rfid_metrics(
         logger.info("rFID %s", note)
         return None, note
     return DistributionMetrics(extractor, device=device, batch_size=batch_size), note
+
+
+def _rfid_scores(
+    metrics: DistributionMetrics | None, num_images: int, note: str
+) -> tuple[DistributionScores | None, str]:
+    """(rFID scores, note) once every image was fed: None and the reason when not measured."""
+    if metrics is None:
+        return None, note
+    if num_images < 2:
+        return None, f"not measured: FID needs at least 2 images, got {num_images}"
+    return metrics.compute(), note
 
 
 def _shapes_config(images: ImageSet, size: int) -> ShapesConfig | None:

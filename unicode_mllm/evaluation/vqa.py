@@ -2,7 +2,7 @@
 
 The model is reached only through `answer_fn(images, questions) -> answers` (lists of equal length,
 images as RGB PIL images at their stored size), so this module does not depend on how the model
-answers; the CLI passes `UniCodeMLLM.answer` with greedy decoding. Questions are sent in batches of
+answers; the CLI passes `generation.answer` with greedy decoding. Questions are sent in batches of
 `batch_size`.
 
 Scoring, per question (`metric`):
@@ -542,15 +542,9 @@ def eval_vqa_shapes(
 ) -> VQAResult:
     """`eval_vqa` on the questions of a shard split (shapes, or `data from-vqav2` shards)."""
     skips = SkipCounts()
-    return eval_vqa(
-        answer_fn,
-        shapes_vqa_items(data_dir, split, skips),
-        batch_size=batch_size,
-        limit=limit,
-        source={"kind": "shapes", "data_dir": str(data_dir), "split": split},
-        skips=skips,
-        metric=metric,
-    )
+    source = {"kind": "shapes", "data_dir": str(data_dir), "split": split}
+    items = shapes_vqa_items(data_dir, split, skips)
+    return eval_vqa(answer_fn, items, batch_size=batch_size, limit=limit, source=source, skips=skips, metric=metric)
 
 
 def eval_vqa_jsonl(
@@ -564,15 +558,9 @@ def eval_vqa_jsonl(
 ) -> VQAResult:
     """`eval_vqa` on the questions of a JSONL file."""
     skips = SkipCounts()
-    return eval_vqa(
-        answer_fn,
-        jsonl_vqa_items(path, skips, image_root),
-        batch_size=batch_size,
-        limit=limit,
-        source={"kind": "jsonl", "path": str(path)},
-        skips=skips,
-        metric=metric,
-    )
+    source = {"kind": "jsonl", "path": str(path)}
+    items = jsonl_vqa_items(path, skips, image_root)
+    return eval_vqa(answer_fn, items, batch_size=batch_size, limit=limit, source=source, skips=skips, metric=metric)
 
 
 def eval_vqa_files(

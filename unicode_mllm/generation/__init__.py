@@ -1,11 +1,13 @@
 """Inference: sampling, the constrained image span, classifier-free guidance, answers and drawings.
 
-Flat exports; see each module's docstring. `UniCodeMLLM.answer` and `UniCodeMLLM.generate_images` are
-thin entry points over `answer_questions` and `generate_images`.
+Flat exports; see each module's docstring. The two entry points: `answer(model, images, questions)` (the reply
+texts) and `generate_images(model, prompts)` (ids, pixels and `.images`); this package sits above `model/`, which
+knows nothing of it.
 """
 
 from unicode_mllm.generation.answering import (
     Answer,
+    answer,
     answer_questions,
     generate_answers,
     question_prompts,
@@ -54,6 +56,7 @@ __all__ = [
     "ImageSpanConstraint",
     "IncrementalDecoder",
     "SamplingSettings",
+    "answer",
     "answer_questions",
     "check_cfg_scale",
     "check_prompt_text",

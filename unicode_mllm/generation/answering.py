@@ -8,7 +8,7 @@ holds pad, bos, `<image>`, `</img>` or ids past the text vocabulary, and holds `
 returned apart from the text (where `<image>` marks the spot).
 
 Token reduction: when `model.token_reduction` is enabled, the prompts' image spans are reduced
-(`unicode_mllm.token_reduction`: vision-stage merges before the splice, in-LM pruning during prefill) and
+(`unicode_mllm.addons.token_reduction`: vision-stage merges before the splice, in-LM pruning during prefill) and
 decoding runs on the reduced KV cache (`ReducedDecoder`); the text handling below is the same. It is
 switched off (`reduction_for_mode(..., "image")`) when `allow_images` lets a reply write an image.
 
@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from unicode_mllm.addons.token_reduction.guard import reduction_for_mode
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
 from unicode_mllm.data.mllm_samples import MLLMSample
 from unicode_mllm.errors import UserError
-from unicode_mllm.generation.batch_prefill import prefill_prompts
+from unicode_mllm.generation.batch_prefill import DEFAULT_BATCH_SIZE, check_batching, prefill_prompts
 from unicode_mllm.generation.constrained_span import OUTSIDE, image_span_constraint
 from unicode_mllm.generation.image_inputs import ImageInput, images_to_token_ids
-from unicode_mllm.generation.incremental_decoding import CACHE_KINDS, evaluation_mode, model_device
+from unicode_mllm.generation.incremental_decoding import evaluation_mode, model_device
 from unicode_mllm.generation.prompts import (
     check_fits,
     check_prompt_text,
@@ -41,15 +42,8 @@ from unicode_mllm.generation.prompts import (
     prompt_builder,
     reply_stop_strings,
 )
-from unicode_mllm.generation.sampling import (
-    SamplingSettings,
-    choose_next_tokens,
-    resolve_seed,
-    row_seed,
-    uniform_draws,
-)
+from unicode_mllm.generation.sampling import SamplingSettings, choose_next_tokens, row_seeds, uniform_draws
 from unicode_mllm.token_layout import sequence_to_grid
-from unicode_mllm.token_reduction.guard import reduction_for_mode
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM
@@ -57,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_BATCH_SIZE = 8
 
 StreamCallback = Callable[[int, str], None]  # (question index, text piece)
 LogitsProcessor = Callable[[Tensor, int], Tensor]  # ((b, V) raw logits of one batch, step) -> (b, V)
@@ -237,10 +230,7 @@ def _iter_answers(
     """
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if cache_kind not in CACHE_KINDS:
-        raise UserError(f"cache_kind must be one of {list(CACHE_KINDS)}, got {cache_kind!r}")
+    check_batching(batch_size, cache_kind)
     sampling = SamplingSettings(temperature, top_k, top_p)
     limit = max_positions(model.lm)
     budgets = []
@@ -248,13 +238,13 @@ def _iter_answers(
         check_fits(len(p), 1, limit, f"prompt {i}")
         budgets.append(max_new_tokens if limit is None else min(max_new_tokens, limit - len(p)))
     _warn_short_budgets(budgets, max_new_tokens, limit)
-    request_seed = None if sampling.is_greedy else resolve_seed(seed)
+    request_seed = sampling.request_seed(seed)
     stops = reply_stop_strings(model.template) if stop_strings is None else tuple(stop_strings)
     answers: list[Answer] = []
     with evaluation_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
-            seeds = None if request_seed is None else [row_seed(request_seed, first_index + i) for i in chunk]
+            seeds = row_seeds(request_seed, (first_index + i for i in chunk))
             for event in _decode_batch(
                 model,
                 [prompts[i] for i in chunk],
@@ -324,6 +314,23 @@ def answer_questions(
 ) -> list[Answer]:
     """Answer each question about its image (None: text only); see `generate_answers` for the settings."""
     return generate_answers(model, question_prompts(model, images, questions), stream=stream, **settings)
+
+
+def answer(
+    model: UniCodeMLLM, images: ImageInput | Sequence[ImageInput] | None, questions: str | Sequence[str], **settings
+) -> list[str]:
+    """Answer each question about its image: one stripped reply per question (`answer_questions`' texts).
+
+    images: one per question, each a PIL image, an image path, a (3, H, W) float tensor in [-1, 1] or pre-extracted
+    (h, w, d) int64 LLM token ids; None (or a None entry) for text only. A single question (a str) goes with a
+    single image, not in a list. settings: `generate_answers`' (greedy by default; the model's `token_reduction`,
+    when enabled, shortens the prompts' image spans, and is off with `allow_images`).
+    Raises UserError for an empty question, a bad image or a prompt longer than the LM's positions.
+    """
+    if isinstance(questions, str):
+        questions = [questions]
+        images = images if images is None or isinstance(images, list | tuple) else [images]
+    return [a.text for a in answer_questions(model, images, questions, **settings)]
 
 
 def stream_answer(model: UniCodeMLLM, image: ImageInput, question: str, **settings) -> Iterator[str]:

@@ -13,13 +13,24 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from unicode_mllm.addons.token_reduction.config import TokenReductionConfig
 from unicode_mllm.data.mllm_samples import MLLMCollator, MLLMSample
-from unicode_mllm.generation.incremental_decoding import IncrementalDecoder, model_device
+from unicode_mllm.errors import UserError
+from unicode_mllm.generation.incremental_decoding import CACHE_KINDS, IncrementalDecoder, model_device
 from unicode_mllm.generation.reduced_decoding import ReducedDecoder
-from unicode_mllm.token_reduction.config import TokenReductionConfig
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM
+
+DEFAULT_BATCH_SIZE = 8  # prompts decoded together, answers and images alike
+
+
+def check_batching(batch_size: int, cache_kind: str) -> None:
+    """UserError for a batch size below 1 or an unknown KV cache kind (answers and text-to-image alike)."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if cache_kind not in CACHE_KINDS:
+        raise UserError(f"cache_kind must be one of {list(CACHE_KINDS)}, got {cache_kind!r}")
 
 
 def prefill_prompts(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -24,11 +24,10 @@ from torch import Tensor
 from unicode_mllm.data.image_io import tensor_to_pil
 from unicode_mllm.data.mllm_samples import MLLMSample
 from unicode_mllm.errors import UserError
-from unicode_mllm.generation.batch_prefill import prefill_prompts
+from unicode_mllm.generation.batch_prefill import DEFAULT_BATCH_SIZE, check_batching, prefill_prompts
 from unicode_mllm.generation.constrained_span import image_span_constraint
 from unicode_mllm.generation.guidance import check_cfg_scale, mix_guidance
 from unicode_mllm.generation.incremental_decoding import (
-    CACHE_KINDS,
     evaluation_mode,
     model_device,
     supports_static_cache,
@@ -40,13 +39,7 @@ from unicode_mllm.generation.prompts import (
     prompt_builder,
     prompt_sample,
 )
-from unicode_mllm.generation.sampling import (
-    SamplingSettings,
-    choose_next_tokens,
-    resolve_seed,
-    row_seed,
-    uniform_draws,
-)
+from unicode_mllm.generation.sampling import SamplingSettings, choose_next_tokens, row_seeds, uniform_draws
 from unicode_mllm.token_layout import sequence_to_grid
 
 if TYPE_CHECKING:
@@ -54,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 8
 _DECODE_CHUNK = 16  # images decoded to pixels per visual-tokenizer call
 
 
@@ -137,69 +129,88 @@ def generate_image_sequences(
     """
     cfg_scale = check_cfg_scale(cfg_scale)
     use_cfg = cfg_scale != 1.0 if use_cfg is None else use_cfg
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if cache_kind not in CACHE_KINDS:
-        raise UserError(f"cache_kind must be one of {list(CACHE_KINDS)}, got {cache_kind!r}")
+    per_depth = _check_settings(
+        model, sampling, batch_size=batch_size, use_cache=use_cache, cache_kind=cache_kind, compile_step=compile_step
+    )
+    span = model.num_write_tokens  # h*w*d, asked of the tokenizer, never recomputed here
+    if not prompts:
+        return torch.zeros(0, span + 1, dtype=torch.long), None, None
+    limit = max_positions(model.lm)
+    for i, p in enumerate(prompts):
+        if int(p.input_ids[-1]) != model.token_ids.image_start:
+            raise UserError(f"prompt {i} does not end with <img>; build it with text_to_image_prompt")
+        check_fits(len(p), span + 1, limit, f"image prompt {i}")
+    uncond = unconditional_prompt(model) if use_cfg else None
+    request_seed = sampling.request_seed(seed)
+    seeds = row_seeds(request_seed, range(len(prompts)))
+    decoding = {"use_cache": use_cache, "cache_kind": cache_kind, "compile_step": compile_step}
+    out = []
+    with evaluation_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            chunk_seeds = None if seeds is None else seeds[start : start + len(chunk)]
+            out.append(_decode_spans(model, chunk, uncond, chunk_seeds, per_depth, cfg_scale, **decoding))
+    return torch.cat(out), request_seed, seeds
+
+
+def _check_settings(
+    model: UniCodeMLLM,
+    sampling: SamplingSettings,
+    *,
+    batch_size: int,
+    use_cache: bool,
+    cache_kind: str,
+    compile_step: bool,
+) -> list[SamplingSettings]:
+    """UserError for settings `generate_image_sequences` cannot run; returns the sampling settings per code depth."""
+    check_batching(batch_size, cache_kind)
     if compile_step and (cache_kind == "dynamic" or not use_cache or not supports_static_cache(model.lm)):
         raise UserError(
             "compile_step needs the static KV cache: use_cache=True, cache_kind 'auto' or 'static', and an LM "
             f"that supports it ({type(model.lm).__name__} does{'' if supports_static_cache(model.lm) else ' not'})"
         )
-    if not prompts:
-        return torch.zeros(0, model.num_write_tokens + 1, dtype=torch.long), None, None
-    ids = model.token_ids
-    span = model.num_write_tokens  # h*w*d, asked of the tokenizer, never recomputed here
     depth = model.code_shape[2]  # codes are written depth-first per position: step s is at depth s % d
     if sampling.depth_temperatures is not None and len(sampling.depth_temperatures) != depth:
         raise UserError(
             f"depth temperatures {list(sampling.depth_temperatures)} give {len(sampling.depth_temperatures)} "
             f"values; this model writes {depth} codes per position: give {depth}"
         )
-    per_depth = [sampling.at_depth(k) for k in range(depth)]
-    limit = max_positions(model.lm)
-    for i, p in enumerate(prompts):
-        if int(p.input_ids[-1]) != ids.image_start:
-            raise UserError(f"prompt {i} does not end with <img>; build it with text_to_image_prompt")
-        check_fits(len(p), span + 1, limit, f"image prompt {i}")
-    uncond = unconditional_prompt(model) if use_cfg else None
-    request_seed = None if sampling.is_greedy else resolve_seed(seed)
-    seeds = None if request_seed is None else [row_seed(request_seed, i) for i in range(len(prompts))]
+    return [sampling.at_depth(k) for k in range(depth)]
+
+
+def _decode_spans(
+    model: UniCodeMLLM,
+    chunk: list[MLLMSample],
+    uncond: MLLMSample | None,
+    seeds: list[int] | None,
+    per_depth: list[SamplingSettings],
+    cfg_scale: float,
+    **decoding: Any,
+) -> Tensor:
+    """One batch: b prompts (plus b unconditional rows with guidance) -> (b, h*w*d + 1) codes and `</img>`, CPU."""
+    b, span, depth = len(chunk), model.num_write_tokens, len(per_depth)
     device = model_device(model.lm)
-    out = []
-    with evaluation_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            b = len(chunk)
-            rows = chunk + [uncond] * b if uncond is not None else chunk  # cond rows first, then theirs
-            # No token reduction here, whatever model.token_reduction says: a turn that writes an image reads
-            # every token of its context (token_reduction/guard.py).
-            # span - 1 steps follow the prefill (the last code needs none): the static cache holds prompt + span - 1.
-            decoder, logits = prefill_prompts(
-                model,
-                rows,
-                use_cache=use_cache,
-                max_new_tokens=span - 1,
-                cache_kind=cache_kind,
-                compile_step=compile_step,
-            )  # logits (rows, V)
-            constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=False)
-            state = constraint.initial_state(b, inside=True, device=device)
-            uniforms = None if seeds is None else uniform_draws(seeds[start : start + b], span)  # (b, n), CPU
-            chosen = torch.empty(b, span, dtype=torch.long, device=device)
-            for step in range(span):
-                step_logits = mix_guidance(logits, cfg_scale) if uncond is not None else logits  # (b, V)
-                step_logits = constraint.apply(step_logits, state)
-                draws = None if uniforms is None else uniforms[:, step]
-                next_ids = choose_next_tokens(step_logits, per_depth[step % depth], draws)
-                state = constraint.advance(state, next_ids)
-                chosen[:, step] = next_ids
-                if step + 1 < span:  # the last code needs no forward: `</img>` is forced after it
-                    logits = decoder.step(next_ids.repeat(2) if uncond is not None else next_ids)
-            assert bool(constraint.is_complete(state).all()), f"span states {state.tolist()} after {span} codes"
-            close = torch.full((b, 1), ids.image_end, dtype=torch.long, device=device)
-            out.append(torch.cat([chosen, close], dim=1).cpu())
-    return torch.cat(out), request_seed, seeds
+    rows = chunk + [uncond] * b if uncond is not None else chunk  # cond rows first, then theirs
+    # No token reduction here, whatever model.token_reduction says: a turn that writes an image reads
+    # every token of its context (addons/token_reduction/guard.py).
+    # span - 1 steps follow the prefill (the last code needs none): the static cache holds prompt + span - 1.
+    decoder, logits = prefill_prompts(model, rows, max_new_tokens=span - 1, **decoding)  # logits (rows, V)
+    constraint = image_span_constraint(model, logits.shape[-1], allow_image_start=False)
+    state = constraint.initial_state(b, inside=True, device=device)
+    uniforms = None if seeds is None else uniform_draws(seeds, span)  # (b, n), CPU
+    chosen = torch.empty(b, span, dtype=torch.long, device=device)
+    for step in range(span):
+        step_logits = mix_guidance(logits, cfg_scale) if uncond is not None else logits  # (b, V)
+        step_logits = constraint.apply(step_logits, state)
+        draws = None if uniforms is None else uniforms[:, step]
+        next_ids = choose_next_tokens(step_logits, per_depth[step % depth], draws)
+        state = constraint.advance(state, next_ids)
+        chosen[:, step] = next_ids
+        if step + 1 < span:  # the last code needs no forward: `</img>` is forced after it
+            logits = decoder.step(next_ids.repeat(2) if uncond is not None else next_ids)
+    assert bool(constraint.is_complete(state).all()), f"span states {state.tolist()} after {span} codes"
+    close = torch.full((b, 1), model.token_ids.image_end, dtype=torch.long, device=device)
+    return torch.cat([chosen, close], dim=1).cpu()
 
 
 def generate_images(

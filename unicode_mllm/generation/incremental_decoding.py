@@ -19,6 +19,11 @@ compiled once per LM and kept for its lifetime; the static cache is then sized u
 (the extra slots are masked like the other unused ones: the same tokens). The prefill stays eager. Measured on the
 CPU: 1.05-1.16x the eager static steps at configs/lm/small.yaml's shape, batch 8, after ~40 s of compiling
 (BENCHMARKS.md); the case for it is the GPU, where a fixed-shape step removes the per-kernel launch overhead.
+
+Linear kernels (`linear_kernels`, CPU): "auto" (the default) runs the LM's large fp32 linear layers through oneDNN's
+inner product on packed copies of their weights while decoding (`onednn_linears.py`: 1.19-1.23x HF `generate` at
+configs/lm/small.yaml's shape, batch 8, the same tokens; BENCHMARKS.md), "onednn" every fp32 linear layer, "default"
+leaves them to PyTorch's sgemm. Compiled steps keep the default kernels.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unicode_mllm.generation.onednn_linears import LINEAR_KERNELS, OneDNNLinears, onednn_linears
 from unicode_mllm.kv_cache_args import LEGACY_STATE_CACHE, cache_argument, output_cache
-from unicode_mllm.model.splice import position_ids_from_attention_mask
+from unicode_mllm.splice import position_ids_from_attention_mask
 
 
 @contextmanager
@@ -111,12 +117,24 @@ class IncrementalDecoder:
     "dynamic" (module docstring); "static" on an LM without static-cache support raises ValueError.
     """
 
-    def __init__(self, lm: Any, *, use_cache: bool = True, cache_kind: str = "auto", compile_step: bool = False):
+    def __init__(
+        self,
+        lm: Any,
+        *,
+        use_cache: bool = True,
+        cache_kind: str = "auto",
+        compile_step: bool = False,
+        linear_kernels: str = "auto",
+    ):
         if cache_kind not in CACHE_KINDS:
             raise ValueError(f"cache_kind must be one of {CACHE_KINDS}; got {cache_kind!r}")
+        if linear_kernels not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernels must be one of {LINEAR_KERNELS}; got {linear_kernels!r}")
         if compile_step and (cache_kind == "dynamic" or not use_cache):
             raise ValueError("compile_step needs the static KV cache (cache_kind 'auto' or 'static', use_cache=True)")
         self.lm = lm
+        self.linear_kernels = linear_kernels
+        self._linears = OneDNNLinears(lm, "default")  # packed at prefill (`onednn_linears`), when autograd is off
         self.compile_step = compile_step
         self.use_cache = use_cache
         self.cache_kind = cache_kind
@@ -135,7 +153,11 @@ class IncrementalDecoder:
         if self._logits_to_keep:
             inputs["logits_to_keep"] = 1  # only the last position's logits: (b, 1, V) instead of (b, t, V)
         inputs[self._cache_argument] = self.cache
-        out = (self.lm if lm is None else lm)(use_cache=self.use_cache, **inputs)
+        if lm is None:
+            with self._linears.active():
+                out = self.lm(use_cache=self.use_cache, **inputs)
+        else:  # the compiled LM: its graph holds the default kernels
+            out = lm(use_cache=self.use_cache, **inputs)
         if self.use_cache:
             self.cache = output_cache(out)
         return out.logits[:, -1].float()  # (b, V): sampling and guidance in fp32 for a bf16 LM
@@ -155,6 +177,7 @@ class IncrementalDecoder:
         if max_new_tokens is not None and max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
         self.cache = None
+        self._linears = onednn_linears(self.lm, "default" if self.compile_step else self.linear_kernels)
         self.attention_mask = attention_mask.long()
         self.inputs_embeds = None if self.use_cache else inputs_embeds
         positions = position_ids_from_attention_mask(self.attention_mask)

@@ -86,9 +86,9 @@ def conversation_prompt(builder: MLLMSampleBuilder, turns: Sequence[Turn], image
     Goes through the builder's prompt path (strict, no length check) so that earlier replies, written
     images and read images are laid out exactly as in training.
     """
-    # The builder has no public multi-turn prompt entry; `_prompt` is the one its own
+    # The builder has no public multi-turn prompt entry; `_build_strict` is the one its own
     # `question_prompt` and `text_to_image_prompt` use.
-    return builder._prompt(turns, list(images))
+    return builder._build_strict(turns, list(images), "prompt")
 
 
 def reply_stop_strings(template: ConversationTemplate | str) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """`ReducedDecoder`: `IncrementalDecoder`'s interface over a token-reduced prompt (text answers only).
 
 The prompt's images are read as the model reads them (`UniCodeMLLM.read_image_embeds`, after its compressor),
-spliced, reduced by `unicode_mllm.token_reduction` (vision stage: `build_reduced_sequence`; LLM stage:
+spliced, reduced by `unicode_mllm.addons.token_reduction` (vision stage: `build_reduced_sequence`; LLM stage:
 `reduced_prefill`) and decoded one token at a time on the reduced KV cache (`decode_step`). Its `prefill`
 and `step` return (b, V) fp32 logits like `IncrementalDecoder`'s, so the answering loop (constraints,
 sampling, stop strings, streaming) is the same with and without reduction. The generation mode is always
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from unicode_mllm.addons.token_reduction.config import TokenReductionConfig
+from unicode_mllm.addons.token_reduction.decode import decode_step
+from unicode_mllm.addons.token_reduction.kv_cache import ReducedKVCache
+from unicode_mllm.addons.token_reduction.prefill import reduced_prefill
+from unicode_mllm.addons.token_reduction.reduce import build_reduced_sequence
 from unicode_mllm.errors import UserError
-from unicode_mllm.token_reduction.config import TokenReductionConfig
-from unicode_mllm.token_reduction.decode import decode_step
-from unicode_mllm.token_reduction.kv_cache import ReducedKVCache
-from unicode_mllm.token_reduction.prefill import reduced_prefill
-from unicode_mllm.token_reduction.reduce import build_reduced_sequence
 
 if TYPE_CHECKING:
     from unicode_mllm.model.mllm import UniCodeMLLM
@@ -55,8 +55,8 @@ class ReducedDecoder:
         spliced = model.splice_image_embeds(input_ids, image_embeds, attention_mask, images_per_sample)
         n = 0 if image_embeds is None else image_embeds.shape[1]
         # A compressor without an output grid (resampler) gives a (1, n) pseudo-grid: only llm-stage reductions,
-        # which never look at the grid, accept it (`UniCodeMLLM.token_reduction` checks that).
-        grid_hw = model.read_grid_hw or (1, max(n, 1))
+        # which never look at the grid, accept it (`ReadHook.token_reduction` checks that).
+        grid_hw = model.read_hook.read_grid_hw or (1, max(n, 1))
         sequence = build_reduced_sequence(
             input_ids, spliced, image_embeds, grid_hw, self.config, generation_mode="text", reading=model.reading
         )

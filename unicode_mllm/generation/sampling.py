@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,10 @@ class SamplingSettings:
             return all(t == 0.0 for t in self.depth_temperatures)
         return self.temperature == 0.0
 
+    def request_seed(self, seed: int | None) -> int | None:
+        """The request's seed (`resolve_seed(seed)`), or None when greedy: nothing is drawn then."""
+        return None if self.is_greedy else resolve_seed(seed)
+
     def at_depth(self, depth: int) -> SamplingSettings:
         """The settings for a code at `depth` of its position (itself without depth temperatures)."""
         if self.depth_temperatures is None:
@@ -79,6 +83,11 @@ def row_seed(seed: int, index: int) -> int:
     streams; `seed + index` would hand image 1 of seed 0 the draws of image 0 of seed 1.
     """
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def row_seeds(request_seed: int | None, indices: Iterable[int]) -> list[int] | None:
+    """`row_seed` of each row index, or None for a greedy request (no seed)."""
+    return None if request_seed is None else [row_seed(request_seed, i) for i in indices]
 
 
 def uniform_draws(seeds: Sequence[int], num_steps: int) -> Tensor:

@@ -6,6 +6,7 @@ Example:
     embedding_structure_report(model_dir)["nn_same_group"]
 """
 
+from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.lm.config import (
     CorpusConfig,
     LMLoopConfig,
@@ -17,7 +18,6 @@ from unicode_mllm.lm.config import (
 from unicode_mllm.lm.corpus import build_corpus, sample_document
 from unicode_mllm.lm.inspect import DEFAULT_WORD_GROUPS, embedding_structure_report
 from unicode_mllm.lm.pretrain import (
-    DataPosition,
     PackedWindows,
     WarmupCosine,
     build_model,

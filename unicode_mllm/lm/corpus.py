@@ -24,14 +24,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from unicode_mllm.constants import ASSISTANT_PREFIX, USER_PREFIX
 from unicode_mllm.data.shapes import ShapesSample, ShapesWorld
 from unicode_mllm.lm.config import CorpusConfig
 from unicode_mllm.runtime.progress import track
 
 CORPUS_SPLITS: dict[str, str] = {"train": "train", "val": "val"}  # corpus split -> shapes world split
-
-USER_PREFIX = "USER:"
-ASSISTANT_PREFIX = "ASSISTANT:"
 
 
 def sample_document(sample: ShapesSample) -> str:

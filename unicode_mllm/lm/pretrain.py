@@ -19,21 +19,19 @@ Run folder (`train.out_dir`):
     lm_config.yaml         the resolved config
     model/                 the final `save_pretrained` folder (model + text tokenizer + lm_config.yaml)
 
-Resume is exact: the checkpoint holds everything the next step depends on (weights, AdamW moments,
-schedule position, RNG, and the data position as (epoch, windows consumed); each epoch's window order
-is a pure function of (seed, epoch)), so a resumed run logs the same losses as an uninterrupted one.
+The run is a `TrainingStage` of the shared loop (runtime/training_loop.py), as stages 1 and 2 are. Resume is
+exact: the checkpoint holds everything the next step depends on (weights, AdamW moments, schedule position, RNG,
+and the data position as (epoch, windows consumed); each epoch's window order is a pure function of (seed,
+epoch)), so a resumed run logs the same losses as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,52 +42,39 @@ from einops import rearrange
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from unicode_mllm.config import config_to_dict, dump_config
+from unicode_mllm.config import config_to_dict
+from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.errors import UserError
 from unicode_mllm.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig
 from unicode_mllm.lm.corpus import build_corpus, encode_corpus
 from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
 from unicode_mllm.runtime.accelerator import configure_deepspeed, is_deepspeed, is_fsdp, stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
+    Checkpoint,
     CheckpointLayout,
     CheckpointManager,
     atomic_write_json,
-    atomic_write_text,
-    join_tensors,
-    load_shard,
-    replace_dir,
-    split_tensors,
     tensor_shapes,
-    write_errors_as_user_errors,
 )
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
-from unicode_mllm.runtime.model_card import write_model_card
-from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import StopOnInterrupt, start_run
-from unicode_mllm.runtime.run_lock import RunLock
-from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
-from unicode_mllm.runtime.sharded import (
-    check_zero_launch,
-    gather_optimizer_state,
-    gather_tensors,
-    load_full_optimizer_state,
-    load_zero_partition_state,
-    zero_launch,
-    zero_partition_state,
+from unicode_mllm.runtime.run_files import CHECKPOINTS_DIRNAME, RunFileNames, RunFiles
+from unicode_mllm.runtime.seeding import seed_everything
+from unicode_mllm.runtime.trackers import accelerator_kwargs
+from unicode_mllm.runtime.training_loop import (
+    CheckpointContents,
+    TrainingStage,
+    load_optimizer,
+    model_and_optimizer,
+    run_stage,
 )
-from unicode_mllm.runtime.trackers import accelerator_kwargs, end_trackers, log_row, start_trackers
-from unicode_mllm.viz import plot_curves
 
 log = logging.getLogger(__name__)
 
-MODEL_DIRNAME = "model"
 TEXT_TOKENIZER_DIRNAME = "text_tokenizer"
-CHECKPOINT_DIRNAME = "checkpoints"
-LOG_FILENAME = "log.jsonl"
-CURVE_FILENAME = "loss_curve.png"
-METRICS_FILENAME = "metrics.json"
-CONFIG_FILENAME = "lm_config.yaml"
+# The other files of the run folder (the list above): its config, metrics log, curves, final metrics, final model
+# folder and the config in that folder.
+FILE_NAMES = RunFileNames("lm_config.yaml", "log.jsonl", "loss_curve.png", "metrics.json", "model", "lm_config.yaml")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -175,19 +160,12 @@ def build_scheduler(
 # ------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class DataPosition:
-    """Where the packed stream stands: the epoch and how many of its windows were consumed."""
-
-    epoch: int = 0
-    index: int = 0
-
-
 class PackedWindows:
     """A token stream cut into (seq_len + 1)-token windows, served in a seeded order that changes per epoch.
 
     Epoch e starts the windows at an offset in [0, seq_len) and shuffles them, both drawn from
-    (seed, e) alone, so a `DataPosition` is all a resumed run needs. Consecutive windows share one
+    (seed, e) alone, so a `DataPosition` is all a resumed run needs (its `batch` counts windows here, so a
+    resume under another number of processes continues at the same window). Consecutive windows share one
     token, so every token of the stream is a target once per epoch. A batch never straddles two epochs:
     the windows left over at an epoch's end are skipped.
 
@@ -216,7 +194,7 @@ class PackedWindows:
 
         Raises UserError when the stream cannot fill one batch.
         """
-        epoch, index = position.epoch, position.index
+        epoch, index = position.epoch, position.batch
         for _ in range(2):
             offset, order = self._order(epoch)
             if index + batch_size <= len(order):
@@ -261,35 +239,6 @@ def evaluate(model: torch.nn.Module, windows: Tensor, batch_size: int, max_batch
 # ------------------------------------------------------------------------------------------ train
 
 
-def _logged_rows(path: Path, step: int) -> list[dict[str, Any]]:
-    """The log's rows up to `step`; a line cut by a crash or a full disk is dropped, not fatal to the resume."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            row = json.loads(line)
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                rows.append(row)
-    return rows
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _save_final(
-    model: LlamaForCausalLM, text_tokenizer: PreTrainedTokenizerBase, cfg: LMTrainConfig, final: Path
-) -> None:
-    """Write the `save_pretrained` folder beside `final`, then swap it into place (never half a folder)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    with write_errors_as_user_errors(f"the final model {final}", "free space and rerun with --resume"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        text_tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / CONFIG_FILENAME, dump_config(cfg))
-        replace_dir(tmp, final)
-
-
 def train_lm(
     cfg: LMTrainConfig, out_dir: str | Path | None = None, resume: bool = False, allow_changed: Sequence[str] = ()
 ) -> Path:
@@ -301,245 +250,222 @@ def train_lm(
     the run's lm_config.yaml in other keys than `allow_changed` and those safe to change
     (run_files.RESUME_MAY_CHANGE), or when the corpus is too small for one batch or one held-out window.
     """
-    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.train.out_dir)
-    with RunLock(out_dir):  # the main process's, for the whole run
-        return _train_lm(cfg, out_dir, resume, allow_changed)
+    return run_stage(LMTrainer, cfg, out_dir, resume, allow_changed)
 
 
-def _train_lm(cfg: LMTrainConfig, out_dir: Path, resume: bool, allow_changed: Sequence[str]) -> Path:
-    cfg = replace(cfg, train=replace(cfg.train, out_dir=out_dir))  # the resolved config names where it went
-    tcfg = cfg.train
-    device = select_device(tcfg.device)
-    accelerator = stage_accelerator(
-        "train-lm",
-        fsdp=True,  # checkpoints and the final model gathered to full tensors (runtime/sharded.py)
-        deepspeed=True,  # the same, the optimizer's state kept in ZeRO's partitions
-        cpu=device.type == "cpu",
-        mixed_precision=accelerate_precision(tcfg.mixed_precision, device),
-        **accelerator_kwargs(tcfg, out_dir),  # train.log_with's tracker (runtime/trackers.py)
-    )
-    is_main = accelerator.is_main_process
-    zero = is_deepspeed(accelerator)
+class LMTrainer(TrainingStage):
+    """One stage-0 run: the corpus and text tokenizer, the model and its optimizer, built when the run starts
+    (`prepare_run`: a resumed run reuses the run's text tokenizer and loads the weights before `prepare`)."""
 
-    # The same refusals, config check and clean-up as stages 1 and 2.
-    start_run(
-        out_dir, resume, cfg, allow_changed, is_main=is_main, config_name=CONFIG_FILENAME, final_dirname=MODEL_DIRNAME
-    )
-    manager = CheckpointManager(out_dir / CHECKPOINT_DIRNAME, keep_last=tcfg.keep_last)
-    start_trackers(accelerator, cfg)
+    description = "stage 0: LM"
+    file_names = FILE_NAMES
 
-    started = time.perf_counter()
-    train_docs = build_corpus(cfg.corpus, "train", show_progress=is_main)
-    val_docs = build_corpus(cfg.corpus, "val")
-    tokenizer_dir = out_dir / TEXT_TOKENIZER_DIRNAME
-    if resume:
-        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        check_text_tokenizer(text_tokenizer)
-    else:
-        text_tokenizer = train_text_tokenizer(train_docs, cfg.text_tokenizer)
-        if is_main:
-            text_tokenizer.save_pretrained(tokenizer_dir)
-    if is_main:  # on resume too: the settings a resume was allowed to change are the run's from now on
-        atomic_write_text(out_dir / CONFIG_FILENAME, dump_config(cfg))
-    # Word splits only in the training stream: held-out loss is measured on the canonical encoding.
-    train_ids = encode_corpus(train_docs, text_tokenizer, cfg.corpus.split_word_rate, seed=tcfg.seed)
-    val_ids = encode_corpus(val_docs, text_tokenizer)
-    seen_ids = int((torch.bincount(train_ids, minlength=len(text_tokenizer)) > 0).sum())
-    log.info(
-        "corpus: %d train / %d held-out tokens; text tokenizer: %d tokens, %d of them occur in the training text",
-        train_ids.numel(),
-        val_ids.numel(),
-        len(text_tokenizer),
-        seen_ids,
-    )
-    data = PackedWindows(train_ids, tcfg.seq_len, tcfg.seed)
-    held_out = eval_windows(val_ids, tcfg.seq_len)
-
-    seed_everything(tcfg.seed)
-    model = build_model(cfg.model, text_tokenizer)
-    num_parameters = sum(p.numel() for p in model.parameters())
-    checkpoint = None
-    if resume:  # checked whole against this model; a damaged newest checkpoint falls back to an older one
-        layout = CheckpointLayout(
-            tensors={"model": tensor_shapes(model.state_dict())} | ({} if zero else {"optimizer": None}),
-            state=("optimizer", "scheduler", "rng", "data", "elapsed_s"),
+    def __init__(self, cfg: LMTrainConfig, out_dir: str | Path | None = None):
+        out_dir = Path(out_dir) if out_dir is not None else Path(cfg.train.out_dir)
+        self.cfg = replace(cfg, train=replace(cfg.train, out_dir=out_dir))  # the resolved config names where it went
+        self.out_dir = out_dir
+        tcfg = self.cfg.train
+        device = select_device(tcfg.device)
+        self.accelerator = stage_accelerator(
+            "train-lm",
+            fsdp=True,  # checkpoints and the final model gathered to full tensors (runtime/sharded.py)
+            deepspeed=True,  # the same, the optimizer's state kept in ZeRO's partitions
+            cpu=device.type == "cpu",
+            mixed_precision=accelerate_precision(tcfg.mixed_precision, device),
+            **accelerator_kwargs(tcfg, out_dir),  # train.log_with's tracker (runtime/trackers.py)
         )
-        checkpoint = manager.load(layout=layout)
-        log.info("resuming %s from %s", out_dir, checkpoint.path.name)
-        model.load_state_dict(checkpoint.tensors["model"])
-    optimizer = build_optimizer(model, cfg.optim)
-    # The scheduler stays out of `prepare`: accelerate steps a prepared scheduler once per process, and
-    # ours counts optimizer steps.
-    scheduler = build_scheduler(optimizer, cfg.optim, tcfg.steps)
-    if zero:  # the engine steps, clips and accumulates (configure_deepspeed)
-        configure_deepspeed(accelerator, stage="train-lm", grad_clip=cfg.optim.grad_clip)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    sharded = is_fsdp(accelerator) or zero
+        self.zero = is_deepspeed(self.accelerator)
+        self.ckpt = CheckpointManager(out_dir / CHECKPOINTS_DIRNAME, keep_last=tcfg.keep_last)
+        self.files = RunFiles(out_dir, self.accelerator, self.cfg, FILE_NAMES)
+        self.step = 0
+        self.position = DataPosition()
+        self.elapsed_before = 0.0  # seconds the run took before this resume
+        # The running window of the logged loss: resumed from the checkpoint, so the first row after a resume still
+        # averages every step since the last row, not only those since the resume.
+        self.losses: list[float] = []
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.global_batch = tcfg.batch_size * processes
+        self.rank_slice = slice(rank * tcfg.batch_size, (rank + 1) * tcfg.batch_size)
 
-    step, position, elapsed_before = 0, DataPosition(), 0.0
-    log_path = out_dir / LOG_FILENAME
-    if checkpoint is not None:
-        state = checkpoint.state
-        # After prepare, so torch moves the AdamW moments onto the parameters' device.
-        if zero:  # the weights were loaded before `prepare`; the optimizer is this rank's ZeRO partitions
-            saved = state["optimizer"]
-            check_zero_launch(saved.get("zero") if isinstance(saved, dict) else None, accelerator, checkpoint.path)
-            local = load_shard(checkpoint.path, "optimizer", accelerator.process_index)
-            load_zero_partition_state(optimizer.optimizer, join_tensors(saved["partitions"], local))
+    def elapsed(self) -> float:
+        """Seconds of the whole run so far, resumes included."""
+        return self.elapsed_before + time.perf_counter() - self.run_started
+
+    # ----- set-up ----------------------------------------------------------------------------------------------
+
+    def prepare_run(self, resume: bool | str) -> None:
+        self.run_started = time.perf_counter()
+        self._prepare_data(bool(resume))
+        seed_everything(self.cfg.train.seed)
+        model = build_model(self.cfg.model, self.text_tokenizer)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.raw_model = model
+        checkpoint = None
+        if resume:  # checked whole against this model; a damaged newest checkpoint falls back to an older one
+            checkpoint = self.ckpt.load(layout=self.checkpoint_layout())
+            log.info("resuming %s from %s", self.out_dir, checkpoint.path.name)
+            model.load_state_dict(checkpoint.tensors["model"])
+        optimizer = build_optimizer(model, self.cfg.optim)
+        # The scheduler stays out of `prepare`: accelerate steps a prepared scheduler once per process, and
+        # ours counts optimizer steps.
+        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.steps)
+        if self.zero:  # the engine steps, clips and accumulates (configure_deepspeed)
+            configure_deepspeed(self.accelerator, stage="train-lm", grad_clip=self.cfg.optim.grad_clip)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.raw_model = self.accelerator.unwrap_model(self.model)
+        if checkpoint is not None:  # after prepare, so torch moves the AdamW moments onto the parameters' device
+            self.restore(checkpoint)
+        self.start_step = self.step
+        self.model.train()
+
+    def _prepare_data(self, resume: bool) -> None:
+        """The corpus, the text tokenizer (trained, or the run's own on resume) and the token streams."""
+        cfg, is_main = self.cfg, self.accelerator.is_main_process
+        train_docs = build_corpus(cfg.corpus, "train", show_progress=is_main)
+        val_docs = build_corpus(cfg.corpus, "val")
+        tokenizer_dir = self.out_dir / TEXT_TOKENIZER_DIRNAME
+        if resume:
+            self.text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            check_text_tokenizer(self.text_tokenizer)
         else:
-            load_full_optimizer_state(optimizer, join_tensors(state["optimizer"], checkpoint.tensors["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        position = DataPosition(**state["data"])
-        step, elapsed_before = checkpoint.step, float(state["elapsed_s"])
-        restore_rng_state(state["rng"])
-        rows = _logged_rows(log_path, step)  # drop what the lost run logged after
-    else:
-        rows = []
-    if is_main:
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-
-    global_batch = tcfg.batch_size * accelerator.num_processes
-    rank_slice = slice(accelerator.process_index * tcfg.batch_size, (accelerator.process_index + 1) * tcfg.batch_size)
-    grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf  # inf: measure, never clip
-    # The running window of the logged loss: resumed from the checkpoint, so the first row after a resume still
-    # averages every step since the last row, not only those since the resume.
-    losses: list[float] = list(checkpoint.state.get("loss_window", [])) if checkpoint is not None else []
-    last_train_loss = next((r["train/loss"] for r in reversed(rows) if "train/loss" in r), None)
-    val_loss = next((r["val/loss"] for r in reversed(rows) if "val/loss" in r), None)
-    loop_started = time.perf_counter()
-
-    model.train()
-    with make_progress(disable=not is_main) as progress, StopOnInterrupt(accelerator) as interrupt:
-        task = progress.add_task("stage 0: LM", total=tcfg.steps, completed=step, stats="")
-        while step < tcfg.steps:
-            if interrupt.requested:  # single process only (StopOnInterrupt): this is the main process
-                elapsed = elapsed_before + time.perf_counter() - started
-                saved = _save_checkpoint(
-                    manager, step, raw_model, optimizer, scheduler, position, cfg, elapsed, losses, main=True
-                )
-                interrupt.stop(step, saved)
-            windows, position = data.next_batch(position, global_batch)
-            loss = lm_loss(model, windows[rank_slice].to(accelerator.device))
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(float(accelerator.reduce(loss.detach(), "mean")))
-
-            row: dict[str, Any] = {}
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                last_train_loss = sum(losses) / len(losses)
-                row.update({"train/loss": last_train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm)})
-                losses.clear()
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                with accelerator.autocast():
-                    val_loss = evaluate(raw_model, held_out, tcfg.batch_size, tcfg.eval_batches)
-                row.update({"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
-            if row:
-                row = {"step": step, **row, "tokens": step * global_batch * tcfg.seq_len}
-                row["elapsed_s"] = round(elapsed_before + time.perf_counter() - started, 3)
-                if is_main:
-                    _append_jsonl(log_path, row)
-                log_row(accelerator, row)  # the tracker's curves at metrics.jsonl's steps
-                rows.append(row)
-            if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
-                elapsed = elapsed_before + time.perf_counter() - started
-                if is_main or sharded:  # under FSDP/DeepSpeed every rank takes part in gathering the full tensors
-                    _save_checkpoint(
-                        manager,
-                        step,
-                        raw_model,
-                        optimizer,
-                        scheduler,
-                        position,
-                        cfg,
-                        elapsed,
-                        losses,
-                        main=is_main,
-                        zero=zero_launch(accelerator) if zero else None,
-                    )
-                accelerator.wait_for_everyone()
-            progress.update(task, completed=step, stats=f"loss {last_train_loss or float('nan'):.3f} lr {lr:.1e}")
-
-    steps_run = step - (checkpoint.step if checkpoint is not None else 0)
-    final = out_dir / MODEL_DIRNAME
-    full = accelerator.get_state_dict(model) if sharded else None  # FSDP: a collective, the whole model on rank 0
-    if is_main:
-        if full is not None:  # saved from a whole copy rebuilt on the main process
-            with torch.random.fork_rng():
-                raw_model = build_model(cfg.model, text_tokenizer)
-            raw_model.load_state_dict(full)
-        _save_final(raw_model, text_tokenizer, cfg, final)
-        plot_curves(
-            rows,
-            {"next-token loss (nats)": ["train/loss", "val/loss"]},
-            out_dir / CURVE_FILENAME,
-            log_scale=("next-token loss (nats)",),
+            self.text_tokenizer = train_text_tokenizer(train_docs, cfg.text_tokenizer)
+            if is_main:
+                self.text_tokenizer.save_pretrained(tokenizer_dir)
+        # Word splits only in the training stream: held-out loss is measured on the canonical encoding.
+        train_ids = encode_corpus(train_docs, self.text_tokenizer, cfg.corpus.split_word_rate, seed=cfg.train.seed)
+        val_ids = encode_corpus(val_docs, self.text_tokenizer)
+        seen_ids = int((torch.bincount(train_ids, minlength=len(self.text_tokenizer)) > 0).sum())
+        log.info(
+            "corpus: %d train / %d held-out tokens; text tokenizer: %d tokens, %d of them occur in the training text",
+            train_ids.numel(),
+            val_ids.numel(),
+            len(self.text_tokenizer),
+            seen_ids,
         )
-        loop_seconds = time.perf_counter() - loop_started
-        metrics = {
-            "steps": tcfg.steps,
-            "seconds": round(elapsed_before + time.perf_counter() - started, 1),
-            "seconds_per_step_this_run": round(loop_seconds / steps_run, 4) if steps_run else None,
-            "train_loss": last_train_loss,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(val_loss) if val_loss is not None else None,
-            "num_parameters": num_parameters,
-            "vocab_size": len(text_tokenizer),
+        self.corpus_figures = {
             "vocab_tokens_in_corpus": seen_ids,
             "corpus_tokens": {"train": train_ids.numel(), "val": val_ids.numel()},
-            "tokens_seen": tcfg.steps * global_batch * tcfg.seq_len,
-            "device": str(accelerator.device),
-            "mixed_precision": accelerator.mixed_precision,
-            "model_dir": str(final),
         }
-        atomic_write_json(out_dir / METRICS_FILENAME, metrics)
-        write_model_card(final, "lm", cfg, out_dir / METRICS_FILENAME, data_section="corpus")
-        log.info("stage 0: held-out loss %.4f (ppl %.3f); model in %s", val_loss, math.exp(val_loss), final)
-    end_trackers(accelerator)
-    accelerator.wait_for_everyone()
-    return final
+        self.data = PackedWindows(train_ids, cfg.train.seq_len, cfg.train.seed)
+        self.held_out = eval_windows(val_ids, cfg.train.seq_len)
 
+    # ----- one step ----------------------------------------------------------------------------------------
 
-def _save_checkpoint(
-    manager: CheckpointManager,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    position: DataPosition,
-    cfg: LMTrainConfig,
-    elapsed_s: float,
-    loss_window: list[float] | None = None,
-    main: bool = True,
-    zero: dict[str, int] | None = None,
-) -> Path | None:
-    """On the main process; under FSDP on every rank (the full tensors are gathered to the main process, which
-    alone writes: None elsewhere). The same files whoever wrote them. Under DeepSpeed (`zero`: its launch,
-    `zero_launch`) on every rank too: the full fp32 weights, and each rank's own ZeRO partitions of the optimizer
-    in optimizer.rank{R}.safetensors of the same atomic folder."""
-    run_state = {
-        "scheduler": scheduler.state_dict(),
-        "rng": capture_rng_state(),
-        "data": asdict(position),
-        "config": config_to_dict(cfg),
-        "elapsed_s": elapsed_s,
-        "loss_window": list(loss_window or []),  # losses since the last logged row
-    }
-    if zero is not None:  # keep_vars: the parameters themselves, whose ZeRO attributes say how to gather them
-        model_state = gather_tensors(model.state_dict(keep_vars=True).items(), main)
-        optimizer_tree, local = split_tensors(zero_partition_state(optimizer.optimizer), "zero")
-        state = {"optimizer": {"zero": zero, "partitions": optimizer_tree}, **run_state}
-        path = manager.save_collective(step, {"model": model_state}, state, "optimizer", local)
-        return path if main else None
-    model_state = gather_tensors(model.state_dict().items(), main)
-    optimizer_state = gather_optimizer_state(optimizer, main)
-    if not main:
-        return None
-    optimizer_tree, optimizer_tensors = split_tensors(optimizer_state)
-    state = {"optimizer": optimizer_tree, **run_state}
-    return manager.save(step, {"model": model_state, "optimizer": optimizer_tensors}, state)
+    def run_step(self) -> dict[str, Any]:
+        acc = self.accelerator
+        windows, self.position = self.data.next_batch(self.position, self.global_batch)
+        loss = lm_loss(self.model, windows[self.rank_slice].to(acc.device))
+        acc.backward(loss)
+        grad_clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else math.inf  # inf: measure
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), grad_clip)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.losses.append(float(acc.reduce(loss.detach(), "mean")))
+        return {"lr": lr, "grad_norm": grad_norm}
+
+    def record(self, logs: dict[str, Any], *, log_step: bool, eval_step: bool) -> None:
+        """One row for the step, its train and held-out figures together."""
+        tcfg = self.cfg.train
+        row: dict[str, Any] = {}
+        if log_step:
+            train_loss = sum(self.losses) / len(self.losses)
+            row.update({"train/loss": train_loss, "train/lr": logs["lr"], "train/grad_norm": float(logs["grad_norm"])})
+            self.losses.clear()
+        if eval_step:
+            with self.accelerator.autocast():
+                val_loss = evaluate(self.raw_model, self.held_out, tcfg.batch_size, tcfg.eval_batches)
+            row.update({"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
+        if row:
+            row = {"step": self.step, **row, "tokens": self.step * self.global_batch * tcfg.seq_len}
+            row["elapsed_s"] = round(self.elapsed(), 3)
+            self.files.log(row)
+
+    def progress_stats(self, logs: dict[str, Any]) -> str:
+        return f"loss {self.last_logged('train/loss') or float('nan'):.3f} lr {logs['lr']:.1e}"
+
+    def last_logged(self, key: str) -> float | None:
+        """The latest logged value of `key` in this run's log, resumes included (main process; None elsewhere)."""
+        return next((row[key] for row in reversed(self.files.rows) if key in row), None)
+
+    # ----- checkpoints -------------------------------------------------------------------------------------
+
+    def checkpoint_contents(self) -> CheckpointContents | None:
+        """The model and the optimizer (`model_and_optimizer`: every rank takes part under FSDP and DeepSpeed),
+        the schedule, the data position, the config, the run's time and the losses since the last logged row."""
+        run_state = {
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.position.to_dict(),
+            "config": config_to_dict(self.cfg),
+            "elapsed_s": self.elapsed(),
+            "loss_window": list(self.losses),
+        }
+
+        def weights() -> Any:  # keep_vars under DeepSpeed: the parameters, whose ZeRO attributes say how to gather
+            return self.raw_model.state_dict(keep_vars=self.zero).items()
+
+        return model_and_optimizer(self.accelerator, weights, self.optimizer, "model", run_state)
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        return CheckpointLayout(
+            tensors={"model": tensor_shapes(self.raw_model.state_dict())} | ({} if self.zero else {"optimizer": None}),
+            state=("optimizer", "scheduler", "rng", "data", "elapsed_s"),
+        )
+
+    def load_state(self, checkpoint: Checkpoint) -> None:
+        """All but the weights, which `prepare_run` loaded before `prepare`."""
+        state = checkpoint.state
+        load_optimizer(self.accelerator, self.optimizer, checkpoint)
+        self.scheduler.load_state_dict(state["scheduler"])
+        data = state["data"]  # {"epoch", "batch"}; stage-0 checkpoints before the shared loop said "index"
+        self.position = DataPosition(int(data["epoch"]), int(data["batch"] if "batch" in data else data["index"]))
+        self.elapsed_before = float(state["elapsed_s"])
+        self.losses = list(state.get("loss_window", []))
+
+    # ----- the end -----------------------------------------------------------------------------------------
+
+    def finish(self) -> Path:
+        """The final model (gathered whole under FSDP and DeepSpeed), loss curve, metrics.json and model card."""
+        acc, tcfg = self.accelerator, self.cfg.train
+        steps_run = self.step - self.start_step
+        sharded = is_fsdp(acc) or self.zero
+        full = acc.get_state_dict(self.model) if sharded else None  # FSDP: a collective, the whole model on rank 0
+        final = self.files.save_final(lambda tmp: self._save_model(tmp, full))
+        if acc.is_main_process:
+            self.files.plot(
+                {"next-token loss (nats)": ["train/loss", "val/loss"]}, log_scale=("next-token loss (nats)",)
+            )
+            val_loss, loop_seconds = self.last_logged("val/loss"), time.perf_counter() - self.started
+            metrics = {
+                "steps": tcfg.steps,
+                "seconds": round(self.elapsed(), 1),
+                "seconds_per_step_this_run": round(loop_seconds / steps_run, 4) if steps_run else None,
+                "train_loss": self.last_logged("train/loss"),
+                "val_loss": val_loss,
+                "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+                "num_parameters": self.num_parameters,
+                "vocab_size": len(self.text_tokenizer),
+                **self.corpus_figures,
+                "tokens_seen": tcfg.steps * self.global_batch * tcfg.seq_len,
+                "device": str(acc.device),
+                "mixed_precision": acc.mixed_precision,
+                "model_dir": str(final),
+            }
+            atomic_write_json(self.files.final_metrics_path, metrics)
+            log.info("stage 0: held-out loss %.4f (ppl %.3f); model in %s", val_loss, math.exp(val_loss), final)
+        self.files.finish("lm", final, data_section="corpus")  # the model card and the trackers' end
+        acc.wait_for_everyone()
+        return final
+
+    def _save_model(self, tmp: Path, full: dict[str, Tensor] | None) -> None:
+        """The `save_pretrained` folder with the text tokenizer; from a whole copy rebuilt on the main process when
+        the model is sharded (`full`: its gathered state dict)."""
+        model = self.raw_model
+        if full is not None:
+            with torch.random.fork_rng():
+                model = build_model(self.cfg.model, self.text_tokenizer)
+            model.load_state_dict(full)
+        model.save_pretrained(tmp)
+        self.text_tokenizer.save_pretrained(tmp)

@@ -8,25 +8,21 @@ merge for export) without a model class of our own, and still never copies HF's 
 
 Reading an image: its (h, w, d) token ids go through the LM's *own current* input-embedding layer and
 are either summed over depth (`aggregated`, h*w embeddings, the default) or laid out one per id
-(`interleaved`, h*w*d embeddings), then spliced over the placeholder span (`model/splice.py`).
+(`interleaved`, h*w*d embeddings), then spliced over the placeholder span (`unicode_mllm/splice.py`).
 Writing an image: the LM emits `<img>` + h*w*d ids (raster order, depth-first) + `</img>` as ordinary
 next tokens (`token_layout.py` gives the order).
 
-Compressor (`unicode_mllm.compression`, whose docstring lists the methods): with `aggregated` reading a visual-token
-compressor may sit between the h*w summed embeddings and the LM; an image read then takes
-`compressor.num_output_tokens(h, w)` slots (`tokens_per_image`, which the sample builders and prompts use).
-It never touches what the LM writes (text-to-image and decompression targets keep all h*w*d codes), and
-decompression samples read the uncompressed grid. `identity` (the default) changes nothing. Trainable
-compressors are submodules, so stage 2 trains and checkpoints them with the LM.
-
-Token reduction (`unicode_mllm.token_reduction`): `model.token_reduction` (a `TokenReductionConfig`, off by
-default) shortens the image spans of *text answers* at inference (`answer`, chat replies); it is off for
-any turn that may write an image.
+Add-ons (`unicode_mllm.addons`): every image read goes through one hook, `read_hook` (`addons/read_hook.py`),
+built from the config's `compressor` (a visual-token compressor between the h*w summed embeddings and the LM;
+an image read then takes `tokens_per_image` slots) and `token_reduction` (inference-time reduction of the
+image spans of *text answers*). The hook holds their checks and their part of the saved folder; its modules
+(the compressor) are submodules of the model, so stage 2 trains and checkpoints them with the LM. Neither
+touches what the LM writes (text-to-image and decompression targets keep all h*w*d codes).
 
 Saved layout (`save_pretrained`):
 
     unicode_mllm.json        reading mode, code shape, special token ids, template, where the tokenizer is,
-                             the compressor (name + options) and the token-reduction config
+                             the add-ons: the compressor (name + options) and the token-reduction config
     config.json              the Hugging Face entry (`hf_auto.UniCodeMLLMHFConfig`: model_type "unicode_mllm",
                              auto_map, the name of unicode_mllm.json): `transformers.AutoModel.from_pretrained`
                              loads the folder after `import unicode_mllm` (or with trust_remote_code=True)
@@ -48,16 +44,16 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from unicode_mllm.compression import CompressorConfig
+from unicode_mllm.addons.compression import CompressorConfig
+from unicode_mllm.addons.read_hook import AddonsConfig, ReadHook
+from unicode_mllm.addons.token_reduction.config import TokenReductionConfig
 from unicode_mllm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from unicode_mllm.errors import ConfigError, UserError
+from unicode_mllm.errors import UserError
 from unicode_mllm.hf_auto import UniCodeMLLMHFConfig, auto_map, write_auto_file
 from unicode_mllm.model.special_tokens import MultimodalTokenIds, add_multimodal_tokens
-from unicode_mllm.model.splice import SplicedInputs, splice_image_embeddings
 from unicode_mllm.runtime.model_folders import (
     LANGUAGE_MODEL,
     MLLM_CONFIG,
@@ -66,8 +62,8 @@ from unicode_mllm.runtime.model_folders import (
     require_language_model,
     require_mllm,
 )
+from unicode_mllm.splice import SplicedInputs, splice_image_embeddings
 from unicode_mllm.token_layout import READING_MODES, ReadingMode  # shared with data/
-from unicode_mllm.token_reduction.config import TokenReductionConfig
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer, aggregate_embeddings
 
 log = logging.getLogger(__name__)
@@ -75,7 +71,6 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = MLLM_CONFIG
 LM_DIR = "lm"
 VISUAL_TOKENIZER_DIR = "visual_tokenizer"
-COMPRESSOR_WEIGHTS = "compressor.safetensors"
 HF_CONFIG_NAME = "config.json"
 # What transformers' Auto classes pass on to a registered model's from_pretrained besides the folder.
 _AUTO_KWARGS = (
@@ -127,8 +122,7 @@ class UniCodeMLLMConfig:
     visual_tokenizer: str = VISUAL_TOKENIZER_DIR  # relative to the saved folder, or an absolute reference
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, data mixture)
-    compressor: CompressorConfig = field(default_factory=CompressorConfig)
-    token_reduction: TokenReductionConfig = field(default_factory=TokenReductionConfig)
+    addons: AddonsConfig = field(default_factory=AddonsConfig)  # stored as its own top-level entries
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,8 +132,7 @@ class UniCodeMLLMConfig:
             "token_ids": self.token_ids.to_dict(),
             "template": self.template,
             "visual_tokenizer": self.visual_tokenizer,
-            "compressor": self.compressor.to_dict(),
-            "token_reduction": self.token_reduction.to_dict(),
+            **self.addons.to_dict(),
             "extra": self.extra,
         }
 
@@ -150,10 +143,7 @@ class UniCodeMLLMConfig:
         if data.get("reading") not in READING_MODES:
             raise UserError(f"{source}: reading {data.get('reading')!r} is unknown; one of {list(READING_MODES)}")
         _check_config_types(data, source)
-        compressor = CompressorConfig.from_dict(data.get("compressor", {}), source=f"{source}: compressor")
-        token_reduction = TokenReductionConfig.from_dict(
-            data.get("token_reduction", {}), source=f"{source}: token_reduction"
-        )  # ConfigError naming the key
+        addons = AddonsConfig.from_dict(data, source)  # ConfigError naming the key
         try:
             token_ids = MultimodalTokenIds.from_dict(data["token_ids"])
         except TypeError as e:  # unknown or missing names
@@ -165,8 +155,7 @@ class UniCodeMLLMConfig:
             template=data.get("template", "plain"),
             visual_tokenizer=data.get("visual_tokenizer", VISUAL_TOKENIZER_DIR),
             extra=dict(data.get("extra", {})),
-            compressor=compressor,
-            token_reduction=token_reduction,
+            addons=addons,
         )
 
 
@@ -195,13 +184,12 @@ class UniCodeMLLM(nn.Module):
     text_tokenizer: gains `<img>`, `</img>`, `<image>` and a pad token where missing.
     reading: `aggregated` (h*w embeddings per image read) or `interleaved` (h*w*d).
     template: the conversation template name the data uses (recorded, see `data/conversation.py`).
-    compressor: the visual-token compressor of image reads (default `identity`); built at the LM's width
-        and held as the submodule `compressor` (trained in stage 2 with the LM when it has parameters).
-    token_reduction: inference-time reduction for text answers (default off); see `token_reduction`.
+    compressor, token_reduction: the add-ons of image reads (default `identity` and off), handed to the
+        reading hook `read_hook`, whose modules become submodules (`compressor`, trained in stage 2 with the
+        LM when it has parameters).
 
     Raises UserError when the visual codebook's width is not the LM's, a code's token id is not one of
-    the LM's ids, a non-identity compressor is paired with `interleaved` reading, or the token-reduction
-    config does not fit the model.
+    the LM's ids, or the add-ons do not fit the model (`ReadHook`).
     """
 
     def __init__(
@@ -219,12 +207,6 @@ class UniCodeMLLM(nn.Module):
         super().__init__()
         if reading not in READING_MODES:
             raise UserError(f"reading {reading!r} is unknown; choose one of {list(READING_MODES)}")
-        compressor = compressor or CompressorConfig()
-        if reading != "aggregated" and compressor.name != "identity":
-            raise UserError(
-                f"compressor {compressor.name!r} needs reading='aggregated' (it merges the h*w summed code "
-                f"embeddings); reading={reading!r} can only use compressor 'identity'"
-            )
         width = lm.get_input_embeddings().weight.shape[1]
         if visual_tokenizer.config.llm_width != width:
             raise UserError(
@@ -244,14 +226,18 @@ class UniCodeMLLM(nn.Module):
         self.visual_tokenizer_source = visual_tokenizer_source
         visual_tokenizer.requires_grad_(False)
         visual_tokenizer.eval()
-        self.compressor_config = compressor
-        self.compressor = compressor.build(width)  # a submodule: its parameters train and save with the model
         h, w, _ = self.code_shape
-        try:  # now, not at the first image
-            self.compressor.num_output_tokens(h, w)
-        except ValueError as e:
-            raise ConfigError(f"compressor {compressor.name!r} cannot read the {h}x{w} code grid: {e}") from None
-        self.token_reduction = token_reduction or TokenReductionConfig()
+        num_layers = getattr(lm.config, "num_hidden_layers", None)
+        self.read_hook = ReadHook(
+            AddonsConfig(compressor or CompressorConfig(), token_reduction or TokenReductionConfig()),
+            reading=reading,
+            grid_hw=(h, w),
+            uncompressed_tokens=self.uncompressed_tokens_per_image,
+            width=width,
+            num_layers=num_layers if isinstance(num_layers, int) else None,
+        )
+        for name, module in self.read_hook.modules().items():  # their parameters train and save with the model
+            self.add_module(name, module)
 
     # ----- sizes and config -----------------------------------------------------------------------
 
@@ -267,59 +253,17 @@ class UniCodeMLLM(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        """Embeddings one read image takes: the compressor's `num_output_tokens(h, w)` (h*w for `identity`)
-        with aggregated reading, h*w*d with interleaved."""
-        if self.reading != "aggregated":
-            return self.uncompressed_tokens_per_image
-        h, w, _ = self.code_shape
-        return self.compressor.num_output_tokens(h, w)
-
-    @property
-    def read_grid_hw(self) -> tuple[int, int] | None:
-        """The raster grid of one read image's embeddings (the compressor's output grid), None when they are
-        no grid (resamplers, interleaved reading)."""
-        if self.reading != "aggregated":
-            return None
-        h, w, _ = self.code_shape
-        return self.compressor.output_grid(h, w)
-
-    @property
-    def compresses(self) -> bool:
-        """Whether image reads go through a compressor other than `identity`."""
-        return self.compressor_config.name != "identity"
+        """Embeddings one read image takes (`ReadHook.tokens_per_image`: the compressor's span)."""
+        return self.read_hook.tokens_per_image
 
     @property
     def token_reduction(self) -> TokenReductionConfig:
-        """Inference-time token reduction of text answers (`TokenReductionConfig()` = off)."""
-        return self._token_reduction
+        """Inference-time token reduction of text answers, the reading hook's (checked when set)."""
+        return self.read_hook.token_reduction
 
     @token_reduction.setter
     def token_reduction(self, config: TokenReductionConfig) -> None:
-        self._token_reduction = self._checked_token_reduction(config)
-
-    def _checked_token_reduction(self, config: TokenReductionConfig) -> TokenReductionConfig:
-        if not isinstance(config, TokenReductionConfig):
-            raise UserError(f"token_reduction must be a TokenReductionConfig, got {type(config).__name__}")
-        if not config.enabled:
-            return config
-        num_layers = getattr(self.lm.config, "num_hidden_layers", None)
-        try:
-            config.validate(num_layers=num_layers if isinstance(num_layers, int) else None)
-        except ValueError as e:
-            raise ConfigError(f"token_reduction: {e}") from None
-        if self.reading != "aggregated":
-            raise ConfigError(f"token reduction needs reading='aggregated', this model reads {self.reading!r}")
-        if config.vision == "focus_sampler":
-            raise ConfigError(
-                "token_reduction.vision='focus_sampler' needs a trained FocusVisionSampler, which UniCodeMLLM does "
-                "not hold or train; use mustdrop_merge or ficoco_v, or an llm-stage reduction"
-            )
-        if config.vision != "none" and self.read_grid_hw is None:
-            raise ConfigError(
-                f"token_reduction.vision={config.vision!r} works on a token grid, but compressor "
-                f"{self.compressor_config.name!r} returns no grid; use vision='none' with an llm-stage reduction"
-            )
-        return config
+        self.read_hook.token_reduction = config
 
     @property
     def num_write_tokens(self) -> int:
@@ -332,8 +276,7 @@ class UniCodeMLLM(nn.Module):
             code_shape=self.code_shape,
             token_ids=self.token_ids,
             template=self.template,
-            compressor=self.compressor_config,
-            token_reduction=self.token_reduction,
+            addons=self.read_hook.config,
         )
 
     def train(self, mode: bool = True) -> UniCodeMLLM:
@@ -370,33 +313,13 @@ class UniCodeMLLM(nn.Module):
     def read_image_embeds(
         self, image_token_ids: Tensor, image_is_uncompressed: Tensor | None = None
     ) -> Tensor | list[Tensor]:
-        """(n, h, w, d) LLM token ids -> the embeddings the LM reads for them.
+        """(n, h, w, d) LLM token ids -> the embeddings the LM reads for them, through the reading hook.
 
-        Returns (n, s, c) with s = `tokens_per_image` (the compressor's output; `embed_images` itself for
-        `identity` or interleaved reading), or a list of n (s_i, c) tensors when `image_is_uncompressed`
-        (n,) bool marks some, not all, images to be read uncompressed (h*w, decompression samples).
+        Returns (n, s, c) with s = `tokens_per_image` (`embed_images` itself without a compressor), or a list
+        of n (s_i, c) tensors when `image_is_uncompressed` (n,) bool marks some, not all, images to be read
+        uncompressed (h*w, decompression samples).
         """
-        embeds = self.embed_images(image_token_ids)  # (n, h*w, c) or (n, h*w*d, c)
-        if not self.compresses:
-            return embeds
-        n = embeds.shape[0]
-        if image_is_uncompressed is None:
-            is_full = torch.zeros(n, dtype=torch.bool, device=embeds.device)
-        else:
-            is_full = image_is_uncompressed.to(device=embeds.device, dtype=torch.bool)
-            if tuple(is_full.shape) != (n,):
-                raise ValueError(f"image_is_uncompressed {tuple(is_full.shape)} must hold one flag per image ({n})")
-        if bool(is_full.all()):
-            return embeds
-        h, w, _ = self.code_shape
-        params = next(self.compressor.parameters(), None)
-        picked = embeds[~is_full] if bool(is_full.any()) else embeds
-        dtype = params.dtype if params is not None else picked.dtype
-        compressed = self.compressor(picked.to(dtype), (h, w)).tokens  # (n', s, c)
-        if not bool(is_full.any()):
-            return compressed
-        rest = iter(compressed)
-        return [embeds[i] if full else next(rest) for i, full in enumerate(is_full.tolist())]
+        return self.read_hook.read(self.embed_images(image_token_ids), image_is_uncompressed)
 
     def build_inputs(
         self,
@@ -489,28 +412,6 @@ class UniCodeMLLM(nn.Module):
             **lm_kwargs,
         )
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        image_token_ids: Tensor | None = None,
-        image_is_uncompressed: Tensor | None = None,
-        **generate_kwargs: Any,
-    ) -> Tensor:
-        """HF `generate` from spliced prompt embeddings (left-padded batches); returns only new ids (b, k).
-
-        Plain HF decoding: the constrained image span, classifier-free guidance and token reduction are not
-        applied here (`answer` applies the model's `token_reduction`).
-        """
-        spliced = self.build_inputs(
-            input_ids, attention_mask, image_token_ids, image_is_uncompressed=image_is_uncompressed
-        )
-        generate_kwargs.setdefault("pad_token_id", self.token_ids.pad)
-        return self.lm.generate(
-            inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask, **generate_kwargs
-        )
-
     # ----- LoRA ----------------------------------------------------------------------------------
 
     @property
@@ -576,11 +477,7 @@ class UniCodeMLLM(nn.Module):
                 raise UserError("the visual tokenizer was not loaded from a folder; save it with copy_visual_tokenizer")
             reference = str(Path(self.visual_tokenizer_source).resolve())
         config = replace(self.config, visual_tokenizer=reference)
-        weights = path / COMPRESSOR_WEIGHTS
-        if self.compressor.is_trainable:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.compressor.state_dict().items()}, weights)
-        elif weights.exists():
-            weights.unlink()  # a stale file from an earlier save would contradict the config
+        self.read_hook.save(path)
         (path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         UniCodeMLLMHFConfig(mllm_config=CONFIG_NAME, auto_map=auto_map("mllm")).to_json_file(path / HF_CONFIG_NAME)
         write_auto_file(path)
@@ -642,12 +539,12 @@ class UniCodeMLLM(nn.Module):
             vt_path,
             reading=config.reading,
             template=config.template,
-            compressor=config.compressor,
-            token_reduction=config.token_reduction,
+            compressor=config.addons.compressor,
+            token_reduction=config.addons.token_reduction,
             **lm_kwargs,
         )
         model.visual_tokenizer_source = str(vt_path)
-        model._load_compressor_weights(path / COMPRESSOR_WEIGHTS)
+        model.read_hook.load(path)
         if model.code_shape != tuple(config.code_shape):
             raise UserError(
                 f"{config_file}: code_shape {config.code_shape} but the visual tokenizer's is {model.code_shape}"
@@ -658,90 +555,3 @@ class UniCodeMLLM(nn.Module):
                 f"{model.token_ids.to_dict()}"
             )
         return model
-
-    def _load_compressor_weights(self, weights: Path) -> None:
-        """Load `compressor.safetensors` into a compressor with parameters; UserError when missing or mismatched."""
-        if not self.compressor.is_trainable:
-            return
-        if not weights.is_file():
-            raise UserError(
-                f"{weights.parent}: compressor {self.compressor_config.name!r} has parameters but {weights.name} is "
-                "missing; the folder was not written by save_pretrained"
-            )
-        device = next(self.compressor.parameters()).device
-        try:
-            self.compressor.load_state_dict(load_file(str(weights), device=str(device)))
-        except RuntimeError as e:
-            raise UserError(f"{weights}: does not fit compressor {self.compressor_config.to_dict()}: {e}") from None
-
-    # ----- inference (unicode_mllm/generation) ---------------------------------------------------------
-    # Thin entry points. The generation package is imported inside them, not at the top: it imports
-    # unicode_mllm.model itself (through data/mllm_samples.py), which would make the imports circular.
-
-    def answer(
-        self,
-        images: Any,
-        questions: str | list[str],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stream: Any = None,
-        batch_size: int = 8,
-        allow_images: bool = False,
-    ) -> list[str]:
-        """Answer each question about its image; returns one stripped reply per question.
-
-        images: one per question, each a PIL image, an image path, a (3, H, W) float tensor in [-1, 1]
-            or pre-extracted (h, w, d) int64 LLM token ids; None (or a None entry) for text only. A single
-            image (not in a list) goes with a single question.
-        temperature 0 is greedy (the default); seed makes sampling reproducible, per question, whatever
-        the batch size. stream: `stream(question_index, piece)` gets the text as it is decoded.
-        The model's `token_reduction` (when enabled) shortens the image spans of the prompts; with
-        `allow_images` (the reply may write an image) it is switched off.
-        Raises UserError for an empty question, a bad image or a prompt longer than the LM's positions.
-        """
-        from unicode_mllm.generation import answer_questions
-
-        single = isinstance(questions, str)
-        questions = [questions] if single else list(questions)
-        if single and images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        answers = answer_questions(
-            self,
-            images,
-            questions,
-            stream=stream,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            batch_size=batch_size,
-            allow_images=allow_images,
-        )
-        return [a.text for a in answers]
-
-    def generate_image_tokens(self, prompts: str | list[str], **settings: Any) -> Any:
-        """Text-to-image returning a `generation.ImageGeneration`: `token_ids` (n, h, w, d) LLM token ids,
-        `sequences` (n, h*w*d + 1) ending with `</img>`, the seeds, and (decode=True) `pixel_values`
-        (n, 3, H, W) in [-1, 1] and `.images` (PIL). n = len(prompts) * num_images_per_prompt, in
-        prompt order. Raises UserError for an empty prompt, a too-long prompt or bad settings.
-
-        settings (keywords) are `generation.generate_images`'s: num_images_per_prompt (1), temperature (1.0),
-        top_k, top_p, cfg_scale (1.0), seed, batch_size (8), use_cfg, use_cache (True), decode (True).
-        """
-        from unicode_mllm.generation import generate_images
-
-        return generate_images(self, prompts, **settings)
-
-    def generate_images(self, prompts: str | list[str], **settings: Any) -> list[Any]:
-        """Text-to-image: RGB PIL images, `num_images_per_prompt` per prompt, in prompt order.
-
-        Samples at temperature 1 by default (greedy decoding gives flat images); cfg_scale > 1 applies
-        classifier-free guidance against the empty prompt. settings: those of `generate_image_tokens`, except
-        `decode` (always on here); `generate_image_tokens` also returns the ids.
-        """
-        return self.generate_image_tokens(prompts, **settings, decode=True).images

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from unicode_mllm.config import dump_config
+from unicode_mllm.shard_manifest import read_manifest
 
 CARD_NAME = "README.md"
 # A run shorter than this is called a demonstration of the pipeline in its card (the CPU presets train for
@@ -153,8 +154,6 @@ def _shard_folders(node: Any) -> list[str]:
 
 def _shard_table(data_config: Any) -> list[str]:
     """Samples per split of each shard folder, from its manifest (a folder that cannot be read is named)."""
-    from unicode_mllm.data.shards import read_manifest
-
     rows = []
     for folder in dict.fromkeys(_shard_folders(data_config)):
         try:

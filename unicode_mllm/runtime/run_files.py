@@ -1,4 +1,5 @@
-"""The files a training run writes into its out_dir, shared by the stage-1 and stage-2 trainers.
+"""The files a training run writes into its out_dir, shared by the three trainers (stage 0 names them otherwise:
+`RunFileNames`).
 
     out_dir/.lock                 the run lock (run_lock.py), while a run is writing here
     out_dir/checkpoints/          `CheckpointManager` folders (step-N/, latest.json)
@@ -22,16 +23,14 @@ import contextlib
 import json
 import logging
 import shutil
-import signal
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from unicode_mllm.config import dump_config
-from unicode_mllm.data.shards import MANIFEST_NAME, read_manifest
 from unicode_mllm.errors import UserError
 from unicode_mllm.runtime.checkpoint import (
     CheckpointManager,
@@ -42,8 +41,9 @@ from unicode_mllm.runtime.checkpoint import (
     write_errors_as_user_errors,
 )
 from unicode_mllm.runtime.model_card import write_model_card
-from unicode_mllm.runtime.run_lock import RunLock, is_main_rank
+from unicode_mllm.runtime.run_lock import RunLock
 from unicode_mllm.runtime.trackers import end_trackers, log_image, log_row, start_trackers
+from unicode_mllm.shard_manifest import MANIFEST_NAME, read_manifest
 from unicode_mllm.viz import plot_curves, read_jsonl
 
 if TYPE_CHECKING:
@@ -58,6 +58,18 @@ CURVES_FILENAME = "curves.png"
 FINAL_METRICS_FILENAME = "final_metrics.json"
 FINAL_DIRNAME = "final"
 FINAL_CONFIG_FILENAME = "train_config.yaml"
+
+
+@dataclass(frozen=True)
+class RunFileNames:
+    """What a run folder's files are called: stages 1 and 2 use these defaults, stage 0 its own names."""
+
+    config: str = CONFIG_FILENAME
+    metrics: str = METRICS_FILENAME
+    curves: str = CURVES_FILENAME
+    final_metrics: str = FINAL_METRICS_FILENAME
+    final: str = FINAL_DIRNAME
+    final_config: str = FINAL_CONFIG_FILENAME
 
 
 # Settings a resumed run may change without --allow-changed: they decide how long the run goes, what it logs,
@@ -189,47 +201,23 @@ def check_splits(data_dir: str | Path, splits_by_key: Mapping[str, Sequence[str]
                 )
 
 
-class StopOnInterrupt:
-    """Ctrl-C during training: let the current step finish, so the caller can save a consistent checkpoint
-    and stop (`requested`); a second Ctrl-C interrupts at once. Single-process runs only: ranks that stop at
-    different steps would wait on each other, so multi-process runs keep the default behaviour."""
-
-    def __init__(self, accelerator: Accelerator):
-        self.enabled = accelerator.num_processes == 1 and threading.current_thread() is threading.main_thread()
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-
-    def __enter__(self) -> StopOnInterrupt:
-        if self.enabled:
-            previous = signal.signal(signal.SIGINT, self._handle)
-            self._previous = previous if previous is not None else signal.default_int_handler
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def stop(self, step: int, checkpoint: Path | None) -> None:
-        """Raise KeyboardInterrupt (the CLI exits 130) after saying where the run can be resumed from."""
-        log.warning("interrupted at step %d; checkpoint saved to %s; rerun with --resume to continue", step, checkpoint)
-        raise KeyboardInterrupt
-
-
 class RunFiles:
     """Writes the run's config, metric log, curves, final metrics and final model folder (main process only)."""
 
-    def __init__(self, out_dir: str | Path, accelerator: Accelerator, cfg: Any):
+    def __init__(self, out_dir: str | Path, accelerator: Accelerator, cfg: Any, names: RunFileNames = RunFileNames()):
         self.out_dir = Path(out_dir)
         self.accelerator = accelerator
         self.cfg = cfg  # a dataclass config, saved with `dump_config`
+        self.names = names
+        self.rows: list[dict[str, Any]] = []  # metrics.jsonl's rows so far (main process): `trim_metrics`, `log`
 
     @property
     def metrics_path(self) -> Path:
-        return self.out_dir / METRICS_FILENAME
+        return self.out_dir / self.names.metrics
+
+    @property
+    def final_metrics_path(self) -> Path:
+        return self.out_dir / self.names.final_metrics
 
     def lock(self) -> RunLock:
         """The run lock on out_dir, taken by the main process only."""
@@ -237,27 +225,39 @@ class RunFiles:
 
     def start(self, resume: bool | str, allow_changed: Iterable[str] = ()) -> None:
         """`start_run` for this run's folder and config, then the experiment trackers (train.log_with)."""
-        start_run(self.out_dir, resume, self.cfg, allow_changed, is_main=self.accelerator.is_main_process)
+        start_run(
+            self.out_dir,
+            resume,
+            self.cfg,
+            allow_changed,
+            is_main=self.accelerator.is_main_process,
+            config_name=self.names.config,
+            final_dirname=self.names.final,
+        )
         start_trackers(self.accelerator, self.cfg)
 
     def write_config(self) -> None:
-        """Create out_dir and write config.yaml."""
+        """Create out_dir and write the config (config.yaml); on resume too: the settings a resume was allowed to
+        change are the run's from now on."""
         if self.accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / CONFIG_FILENAME, dump_config(self.cfg))
+            atomic_write_text(self.out_dir / self.names.config, dump_config(self.cfg))
 
     def trim_metrics(self, step: int) -> None:
-        """Keep only the metrics.jsonl rows up to `step`: a resumed run drops what the stopped run logged after
-        its checkpoint (and a fresh one what a run that died before its first checkpoint left), so no step
-        appears twice in the log or the curves."""
+        """Keep only the metrics.jsonl rows up to `step` (`rows`): a resumed run drops what the stopped run logged
+        after its checkpoint (and a fresh one what a run that died before its first checkpoint left), so no step
+        appears twice in the log or the curves. A line cut by a crash or a full disk is dropped, not fatal to the
+        resume."""
         if not self.accelerator.is_main_process or not self.metrics_path.is_file():
             return
         kept = []
         for line in self.metrics_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line + "\n")
-        atomic_write_text(self.metrics_path, "".join(kept))
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    kept.append(row)
+        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+        self.rows = kept
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Append one JSON row to metrics.jsonl, and its numbers to the experiment trackers at its step."""
@@ -267,57 +267,44 @@ class RunFiles:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.rows.append(dict(row))
 
     def log_image(self, name: str, path: Path, step: int) -> None:
         """An image the run wrote (a reconstruction grid) to the experiment trackers; no-op without them."""
         if path.is_file():
             log_image(self.accelerator, name, path, step)
 
-    def finish(self, stage: str, final: Path) -> None:
-        """The end of a run: the model card final/README.md (from config and final_metrics.json) and the
-        trackers finished. stage: 'tokenizer' or 'mllm' (model_card.py)."""
+    def finish(self, stage: str, final: Path, **card: Any) -> None:
+        """The end of a run: the model card final/README.md (from config and final_metrics.json; `card`:
+        `render_card`'s options) and the trackers finished. stage: 'lm', 'tokenizer' or 'mllm' (model_card.py)."""
         if self.accelerator.is_main_process and final.is_dir():
-            write_model_card(final, stage, self.cfg, self.out_dir / FINAL_METRICS_FILENAME)
+            write_model_card(final, stage, self.cfg, self.final_metrics_path, **card)
         end_trackers(self.accelerator)
 
     def plot(self, panels: dict[str, Sequence[str]], log_scale: Sequence[str] = ()) -> Path | None:
         """curves.png from metrics.jsonl (`viz.plot_curves` panels: title -> metric keys); None before any log."""
         if not self.metrics_path.is_file():
             return None
-        return plot_curves(read_jsonl(self.metrics_path), panels, self.out_dir / CURVES_FILENAME, log_scale=log_scale)
+        curves = self.out_dir / self.names.curves
+        return plot_curves(read_jsonl(self.metrics_path), panels, curves, log_scale=log_scale)
 
     def write_final_metrics(self, metrics: Mapping[str, Any]) -> None:
         """final_metrics.json (indented JSON, keys in the given order)."""
         if self.accelerator.is_main_process:
-            atomic_write_text(self.out_dir / FINAL_METRICS_FILENAME, json.dumps(metrics, indent=2) + "\n")
+            atomic_write_text(self.final_metrics_path, json.dumps(metrics, indent=2) + "\n")
 
     def save_final(self, save: Callable[[Path], None]) -> Path:
         """`save(tmp)` writes the model into out_dir/.final.tmp, which then replaces out_dir/final; returns final.
 
         train_config.yaml is added to the folder before the swap, so the model and its config arrive together.
         """
-        final = self.out_dir / FINAL_DIRNAME
+        final = self.out_dir / self.names.final
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            tmp = self.out_dir / f".{FINAL_DIRNAME}.tmp"
+            tmp = self.out_dir / f".{self.names.final}.tmp"
             with write_errors_as_user_errors(f"the final model {final}", "free space and rerun with --resume"):
                 shutil.rmtree(tmp, ignore_errors=True)
                 save(tmp)
-                atomic_write_text(tmp / FINAL_CONFIG_FILENAME, dump_config(self.cfg))
+                atomic_write_text(tmp / self.names.final_config, dump_config(self.cfg))
                 replace_dir(tmp, final)  # a crash leaves the old or the new folder, never half of one
         return final
-
-
-def run_stage(
-    trainer_class: Callable[[Any, Path | None], Any],
-    cfg: Any,
-    out_dir: str | Path | None,
-    resume: bool | str,
-    allow_changed: Sequence[str],
-) -> Any:
-    """A stage's run (stages 1 and 2): under the run lock of out_dir (default `cfg.train.out_dir`), `start_run`
-    before any model loads, then `trainer_class(cfg, out_dir).fit(...)`; returns what `fit` returns."""
-    out = Path(out_dir or cfg.train.out_dir)
-    with RunLock(out):
-        start_run(out, resume, cfg, allow_changed, is_main=is_main_rank())
-        return trainer_class(cfg, out_dir).fit(resume=resume, allow_changed=allow_changed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from unicode_mllm.compression import CompressorConfig
+from unicode_mllm.addons.compression import CompressorConfig
 from unicode_mllm.config import bounded
 from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.errors import ConfigError

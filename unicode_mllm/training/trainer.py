@@ -1,5 +1,5 @@
-"""The stage-2 loop: one causal LM learns to read images (VQA, captions) and write them (text-to-image,
-decompression) with the frozen stage-1 visual tokenizer, through `accelerate`.
+"""Stage 2 on the shared loop (runtime/training_loop.py): one causal LM learns to read images (VQA, captions)
+and write them (text-to-image, decompression) with the frozen stage-1 visual tokenizer, through `accelerate`.
 
     cfg = load_config(MLLMTrainConfig, "configs/mllm/tiny.yaml")
     result = train_mllm(cfg)             # result.final_dir loads with UniCodeMLLM.from_pretrained
@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ from unicode_mllm.data.packing import (
     padded_tokens,
     sample_losses,
 )
-from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import LoraSettings, UniCodeMLLM
@@ -53,34 +52,23 @@ from unicode_mllm.runtime.accelerator import (
     is_fsdp,
     stage_accelerator,
 )
-from unicode_mllm.runtime.checkpoint import (
-    Checkpoint,
-    CheckpointLayout,
-    CheckpointManager,
-    join_tensors,
-    load_shard,
-    split_tensors,
-)
+from unicode_mllm.runtime.checkpoint import Checkpoint, CheckpointLayout, CheckpointManager
 from unicode_mllm.runtime.devices import accelerate_precision, select_device
 from unicode_mllm.runtime.lr_schedule import WarmupCosine
 from unicode_mllm.runtime.optimizer import adamw_decaying_matrices
-from unicode_mllm.runtime.progress import make_progress
-from unicode_mllm.runtime.run_files import RunFiles, StopOnInterrupt, run_stage
-from unicode_mllm.runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
-from unicode_mllm.runtime.sharded import (
-    check_zero_launch,
-    gather_optimizer_state,
-    gather_tensors,
-    load_full_optimizer_state,
-    load_full_parameters,
-    load_zero_partition_state,
-    shard_like,
-    zero_launch,
-    zero_partition_state,
-    zero_shape,
-)
-from unicode_mllm.runtime.time_budget import out_of_time
+from unicode_mllm.runtime.run_files import RunFiles
+from unicode_mllm.runtime.seeding import seed_everything
+from unicode_mllm.runtime.sharded import load_full_parameters, shard_like, zero_shape
 from unicode_mllm.runtime.trackers import accelerator_kwargs
+from unicode_mllm.runtime.training_loop import (
+    CheckpointContents,
+    TrainingStage,
+    check_loss,
+    load_optimizer,
+    model_and_optimizer,
+    run_stage,
+)
+from unicode_mllm.shard_manifest import read_manifest
 from unicode_mllm.training.config import MLLMTrainConfig
 from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
 from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, SourceMixture, length_chunks
@@ -192,8 +180,10 @@ def enable_activation_checkpointing(lm: torch.nn.Module) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-class MLLMTrainer:
+class MLLMTrainer(TrainingStage):
     """Owns the model, optimizer, data and logs of one stage-2 run (usable step by step in tests)."""
+
+    description = "stage 2: MLLM"
 
     def __init__(self, cfg: MLLMTrainConfig, out_dir: str | Path | None = None):
         self.cfg = cfg
@@ -244,7 +234,6 @@ class MLLMTrainer:
         self.draws = 0  # micro-batches drawn so far (SourceMixture's position)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
         self.files = RunFiles(self.out_dir, self.accelerator, cfg)
-        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last checkpoint written or loaded
         self._batches: SourceMixture | None = None
         self._reader_skips: dict[str, dict[str, Any]] = {}  # per source, of a resumed run, until the streams exist
         self._eval_samples: list[EvalSample] | None = None
@@ -466,112 +455,49 @@ class MLLMTrainer:
 
     # ----- checkpoints ------------------------------------------------------------------------------
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable weights (under FSDP each rank's shards, whose `.shape` is the full shape)."""
-        return {n: p.detach() for n, p in self.mllm.named_parameters() if p.requires_grad}
+    def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The trainable parameters by name (under FSDP each rank's shards, whose `.shape` is the full shape)."""
+        return ((n, p) for n, p in self.mllm.named_parameters() if p.requires_grad)
 
-    def _gathered_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Under FSDP, collectively (every rank calls it, in the same order: each `full_tensor()` is one
-        all-gather): the full trainable weights and the full optimizer state, on CPU on the main process ({} on
-        the others). The optimizer state keeps `optimizer.state_dict()`'s layout (parameter ids), so a checkpoint
-        is the same whether one process, DDP or FSDP wrote it, and each resumes from the others'."""
-        main = self.accelerator.is_main_process
-        trainable = gather_tensors(((n, p) for n, p in self.mllm.named_parameters() if p.requires_grad), main)
-        return trainable, gather_optimizer_state(self.optimizer, main)
-
-    def save_checkpoint(self) -> Path | None:
-        """Save this step's checkpoint, unless it is the one just saved or loaded (a step folder is never
-        written twice: the end of `fit` follows the loop's own save)."""
-        if self._saved is not None and self._saved[0] == self.step:
-            return self._saved[1]
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if is_deepspeed(acc):
-            return self._save_zero_checkpoint()
-        if is_fsdp(acc):
-            trainable, optimizer_state = self._gathered_state()
-        elif acc.is_main_process:
-            trainable, optimizer_state = self._trainable_state(), self.optimizer.state_dict()
-        if not acc.is_main_process:
-            self._saved = (self.step, None)
-            return None
-        opt_tree, opt_tensors = split_tensors(optimizer_state, "optimizer")
-        tensors = {"trainable": trainable, "optimizer": opt_tensors}
-        self._saved = (self.step, self.ckpt.save(self.step, tensors, {"optimizer": opt_tree, **self._run_state()}))
-        return self._saved[1]
-
-    def _save_zero_checkpoint(self) -> Path | None:
-        """Under DeepSpeed, on every rank: the full fp32 trainable weights (gathered to the main process) and
-        each rank's own ZeRO partitions of the optimizer (optimizer.rank{R}.safetensors, written by that rank into
-        the same atomic step folder); resuming needs the same launch (`check_zero_launch`)."""
-        acc = self.accelerator
-        named = ((n, p) for n, p in self.mllm.named_parameters() if p.requires_grad)
-        trainable = gather_tensors(named, acc.is_main_process)
-        tree, local = split_tensors(zero_partition_state(self.optimizer.optimizer), "zero")
-        state = {"optimizer": {"zero": zero_launch(acc), "partitions": tree}, **self._run_state()}
-        path = self.ckpt.save_collective(self.step, {"trainable": trainable}, state, "optimizer", local)
-        self._saved = (self.step, path if acc.is_main_process else None)
-        return self._saved[1]
+    def checkpoint_contents(self) -> CheckpointContents | None:
+        """The trainable weights and the optimizer (`model_and_optimizer`), the schedule, data position and skips."""
+        return model_and_optimizer(
+            self.accelerator, self._trainable, self.optimizer, "trainable", self._run_state(), "optimizer"
+        )
 
     def _run_state(self) -> dict[str, Any]:
-        """A checkpoint's JSON state besides the optimizer: the schedule, data position, skips and RNG."""
+        """A checkpoint's JSON state besides the optimizer and the RNG: the schedule, data position and skips."""
         return {
             "scheduler": self.scheduler.state_dict(),
             "data": {"draws": self.draws, "sources": {n: p.to_dict() for n, p in self.positions.items()}},
             "skips": self.skips.state_dict(),
             "reader_skips": self.reader_skips_state(),
-            "rng": capture_rng_state(),
         }
 
     def checkpoint_layout(self) -> CheckpointLayout:
-        """What a step folder of this run holds (the trainable weights of this config exactly): resuming checks
-        it whole and falls back past a damaged one."""
-        trainable = {n: zero_shape(p) for n, p in self.mllm.named_parameters() if p.requires_grad}  # full shapes
+        """The trainable weights of this config exactly, full shapes (under DeepSpeed the optimizer's partitions
+        are checked when loaded)."""
+        trainable = {n: zero_shape(p) for n, p in self._trainable()}  # full shapes
         groups = (
             {"trainable": trainable} if is_deepspeed(self.accelerator) else {"trainable": trainable, "optimizer": None}
         )
         return CheckpointLayout(tensors=groups, state=("optimizer", "scheduler", "data", "rng"))
 
-    def load_checkpoint(self, path: str | Path | None = None) -> None:
-        # CPU: the optimizer keeps its step counters there (no GPU sync per step)
-        ckpt = self.ckpt.load(path, layout=self.checkpoint_layout())
+    def load_state(self, ckpt: Checkpoint) -> None:
+        """On every rank (each read the same full checkpoint): the full trainable weights into the engine's
+        parameters under DeepSpeed (ZeRO-3: into their partitions), else each rank's slice of them as FSDP cut
+        the parameter (the whole tensor without FSDP); then the optimizer (`load_optimizer`)."""
+        parameters = dict(self.mllm.named_parameters())
         if is_deepspeed(self.accelerator):
-            self._load_zero(ckpt)
-        elif is_fsdp(self.accelerator):
-            optimizer_state = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
-            self._load_sharded(ckpt.tensors["trainable"], optimizer_state)
+            load_full_parameters(parameters, ckpt.tensors["trainable"])
         else:
-            optimizer_state = join_tensors(ckpt.state["optimizer"], ckpt.tensors.get("optimizer", {}))
-            parameters = dict(self.mllm.named_parameters())
             with torch.no_grad():
                 for name, tensor in ckpt.tensors["trainable"].items():
-                    parameters[name].copy_(tensor)
-            self.optimizer.load_state_dict(optimizer_state)
+                    parameters[name].copy_(shard_like(tensor, parameters[name]))
+        load_optimizer(self.accelerator, self.optimizer, ckpt)
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
-        self.step = ckpt.step
-        self._saved = (ckpt.step, ckpt.path)
         self._load_data_state(ckpt.state, ckpt.path)
         self._batches = None
-        restore_rng_state(ckpt.state["rng"])
-        log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
-
-    def _load_sharded(self, trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
-        """Under FSDP, on every rank (each read the same full checkpoint): each sharded parameter and its
-        optimizer moments keep this rank's slice of the full tensors, cut as FSDP cut the parameter."""
-        parameters = dict(self.mllm.named_parameters())
-        with torch.no_grad():
-            for name, tensor in trainable.items():
-                parameters[name].copy_(shard_like(tensor, parameters[name]))
-        load_full_optimizer_state(self.optimizer, optimizer_state)
-
-    def _load_zero(self, ckpt: Checkpoint) -> None:
-        """Under DeepSpeed, on every rank: the full trainable weights into the engine's parameters (ZeRO-3: into
-        their partitions), and this rank's own ZeRO partitions (fp32 master weights, AdamW state) of the optimizer."""
-        acc, saved = self.accelerator, ckpt.state["optimizer"]
-        check_zero_launch(saved.get("zero") if isinstance(saved, dict) else None, acc, ckpt.path)
-        load_full_parameters(dict(self.mllm.named_parameters()), ckpt.tensors["trainable"])
-        local = load_shard(ckpt.path, "optimizer", acc.process_index)
-        load_zero_partition_state(self.optimizer.optimizer, join_tensors(saved["partitions"], local))
 
     def _load_data_state(self, state: dict[str, Any], where: Path) -> None:
         data, reader = state["data"], state.get("reader_skips", {})
@@ -609,81 +535,61 @@ class MLLMTrainer:
         for state in self.reader_skips_state().values():
             SkipReport.from_state(state, self.cfg.data.max_skip_fraction, setting="data.max_skip_fraction").check()
 
-    # ----- the run ------------------------------------------------------------------------------------
+    # ----- the run (runtime/training_loop.py's hooks) ----------------------------------------------------------
 
-    def fit(self, resume: bool | str = False, allow_changed: Sequence[str] = ()) -> MLLMTrainResult:
-        """Train to `train.steps` under the run lock; `resume` (True or a step folder) continues the run in
-        out_dir, whose config.yaml the config must match but for `allow_changed` keys (`check_resume_config`)."""
-        with self.files.lock():
-            return self._fit(resume, allow_changed)
-
-    def _fit(self, resume: bool | str, allow_changed: Sequence[str]) -> MLLMTrainResult:
-        cfg, acc = self.cfg, self.accelerator
-        if resume or self.step == 0:  # a trainer that has stepped or loaded continues its own run
-            self.files.start(resume, allow_changed)
+    def prepare_run(self, resume: bool | str) -> None:
         if resume:
             self.load_checkpoint(None if resume is True else resume)
         image_size = self.mllm.visual_tokenizer.config.image_size
-        check_sources(self.sources.values(), cfg.eval.splits, cfg.data.image, image_size)  # before step 1
-        self.files.write_config()
-        self.files.trim_metrics(self.step)
-        started = time.perf_counter()
-        train_seconds = 0.0  # optimizer steps only: evaluation and checkpoints excluded
-        last_eval: dict[str, float] = {}
-        with make_progress(disable=not acc.is_main_process) as progress, StopOnInterrupt(acc) as interrupt:
-            task = progress.add_task("stage 2: MLLM", total=cfg.train.steps, completed=self.step, stats="")
-            while self.step < cfg.train.steps:
-                if interrupt.requested:
-                    interrupt.stop(self.step, self.save_checkpoint())
-                step_started = time.perf_counter()
-                logs = self.train_step()
-                train_seconds += time.perf_counter() - step_started
-                if not math.isfinite(logs["loss"]):
-                    raise UserError(f"loss became {logs['loss']} at step {self.step}; lower optim.lr or check data")
-                step = self.step
-                logs["seconds"] = round(time.perf_counter() - started, 2)
-                logs["train_seconds"] = round(train_seconds, 2)
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    self._log(logs)
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    last_eval = self.evaluate()
-                    self._log({"step": step, **last_eval})
-                if step % cfg.train.ckpt_every == 0:
-                    self.save_checkpoint()
-                vqa = last_eval.get(f"{cfg.eval.splits[-1]}/vqa_exact") if cfg.eval.splits else None
-                progress.update(
-                    task,
-                    completed=step,
-                    stats=f"loss {logs['loss']:.3f}" + (f" vqa {100 * vqa:.1f}%" if vqa is not None else ""),
-                )
-                if out_of_time(started, cfg.train.max_minutes, self.accelerator.device):  # the same step on every rank
-                    log.warning(
-                        "train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step
-                    )
-                    if step % cfg.train.eval_every:
-                        last_eval = self.evaluate()
-                        self._log({"step": step, **last_eval})
-                    break
-        self.save_checkpoint()
+        check_sources(self.sources.values(), self.cfg.eval.splits, self.cfg.data.image, image_size)  # before step 1
+        self.train_seconds = 0.0  # optimizer steps only: evaluation and checkpoints excluded
+        self.last_eval: dict[str, float] = {}
+
+    def run_step(self) -> dict[str, Any]:
+        step_started = time.perf_counter()
+        logs = self.train_step()
+        self.train_seconds += time.perf_counter() - step_started
+        check_loss(logs["loss"], self.step)
+        logs["seconds"] = round(time.perf_counter() - self.started, 2)
+        logs["train_seconds"] = round(self.train_seconds, 2)
+        return logs
+
+    def record(self, logs: dict[str, Any], *, log_step: bool, eval_step: bool) -> None:
+        if log_step:
+            self.files.log(logs)
+        if eval_step:
+            self._evaluate_and_log()
+
+    def _evaluate_and_log(self) -> None:
+        self.last_eval = self.evaluate()
+        self.files.log({"step": self.step, **self.last_eval})
+
+    def progress_stats(self, logs: dict[str, Any]) -> str:
+        splits = self.cfg.eval.splits
+        vqa = self.last_eval.get(f"{splits[-1]}/vqa_exact") if splits else None
+        return f"loss {logs['loss']:.3f}" + (f" vqa {100 * vqa:.1f}%" if vqa is not None else "")
+
+    def stopped_early(self, step: int) -> None:
+        if step % self.cfg.train.eval_every:  # the stopped run's last figures
+            self._evaluate_and_log()
+
+    def finish(self) -> MLLMTrainResult:
         self.check_skips()  # after the checkpoint: a run stopped here resumes, nothing is lost
         final_dir = self.save_final()
         metrics = {
             "step": self.step,
-            "seconds": round(time.perf_counter() - started, 1),
-            "train_seconds": round(train_seconds, 2),
-            **last_eval,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "train_seconds": round(self.train_seconds, 2),
+            **self.last_eval,
         }
         metrics["data"] = self.skips.summary()
         metrics["data_reader"] = self.reader_summary()
         self.files.write_final_metrics(metrics)
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             self.plot()
         self.files.finish("mllm", final_dir)  # the model card and the trackers' end
         log.info("stage 2 data: shard reader %s; sample builder %s", self.reader_summary(), self.skips.summary())
         return MLLMTrainResult(final_dir, self.step, metrics)
-
-    def _log(self, row: dict[str, Any]) -> None:
-        self.files.log(row)
 
     def plot(self) -> Path | None:
         splits = self.cfg.eval.splits

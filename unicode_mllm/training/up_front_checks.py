@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from unicode_mllm.data.image_policy import ImagePolicy, check_fixed_size
 from unicode_mllm.data.mllm_samples import MLLMSampleBuilder
-from unicode_mllm.data.shards import read_manifest
 from unicode_mllm.errors import UserError
 from unicode_mllm.generation.prompts import max_positions
+from unicode_mllm.shard_manifest import read_manifest
 from unicode_mllm.training.task_mixture import TaskMixture
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from unicode_mllm.visual_tokenizer.quantizer import (
     should_sync_codebook,
 )
 from unicode_mllm.visual_tokenizer.stacking import (
-    STACK_BUILDERS,
+    STACKS,
     HierarchicalStack,
     QuantizerStack,
     ResidualStack,
@@ -45,7 +45,7 @@ __all__ = [
     "CODE_POLICIES",
     "NORM_MATCHINGS",
     "PINNED_VQ_VERSION",
-    "STACK_BUILDERS",
+    "STACKS",
     "CodePolicy",
     "CodeTokenMap",
     "CodeUsage",

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader
 
 from unicode_mllm.data.image_io import tensor_to_pil
 from unicode_mllm.data.image_policy import ImagePolicy
-from unicode_mllm.data.shards import SplitSummary, read_manifest, write_manifest, write_split
+from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.runtime.devices import select_device
+from unicode_mllm.shard_manifest import SplitSummary, read_manifest
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 TOKEN_IDS_KEY = "visual_token_ids"

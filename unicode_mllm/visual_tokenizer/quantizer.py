@@ -67,6 +67,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -324,22 +325,29 @@ class StackedQuantizer(nn.Module):
         # Other projections onto this codebook (the `hq` bottom level); a plain list, not submodules.
         self.extra_projections: list[NormMatchedProjection] = []
 
+    def _backend_args(self, settings: QuantizerSettings, sync_codebook: bool) -> dict[str, Any]:
+        """What both backends are given alike: codebook width and size, the decay split (per layer and call), eps,
+        the commitment weight and the DDP sync."""
+        return {
+            "dim": self.llm_width,
+            "codebook_size": self.num_codes,
+            "decay": self.decay_per_layer,
+            "eps": settings.eps,
+            "commitment_weight": settings.commitment_weight,
+            "sync_codebook": sync_codebook,
+        }
+
     def _build_library_rvq(self, settings: QuantizerSettings, sync_codebook: bool) -> nn.Module:
         return ResidualVQ(
-            dim=self.llm_width,
+            **self._backend_args(settings, sync_codebook),
             codebook_dim=self.llm_width,  # the adapter owns the projections (gradient must reach proj_out)
             num_quantizers=self.depth,
-            codebook_size=self.num_codes,
             shared_codebook=True,
-            decay=self.decay_per_layer,
-            eps=settings.eps,
-            commitment_weight=settings.commitment_weight,
             rotation_trick=False,  # library default is on for dim > 1
             straight_through=False,
             threshold_ema_dead_code=0,  # expiry would overwrite word embeddings with features
             kmeans_init=False,
             quantize_dropout=False,
-            sync_codebook=sync_codebook,
             learnable_codebook=False,
             ema_update=True,
             use_cosine_sim=False,
@@ -357,15 +365,10 @@ class StackedQuantizer(nn.Module):
         )
 
     def _build_native_rvq(self, settings: QuantizerSettings, sync_codebook: bool) -> nn.Module:
-        # Same decay split, eps, weight and sync as the library backend; see native_quantizer.py.
+        # The library backend's arguments plus the search's chunking and precision; see native_quantizer.py.
         return NativeResidualQuantizer(
-            dim=self.llm_width,
-            codebook_size=self.num_codes,
+            **self._backend_args(settings, sync_codebook),
             depth=self.depth,
-            decay=self.decay_per_layer,
-            eps=settings.eps,
-            commitment_weight=settings.commitment_weight,
-            sync_codebook=sync_codebook,
             chunk_size=settings.native_chunk_size,
             search_dim=settings.search_dim,
             search_dtype=settings.search_dtype,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.quantizer_settings import STACKINGS, stack_code_depth
+from unicode_mllm.registry import Registry
 from unicode_mllm.visual_tokenizer.quantizer import NormMatchedProjection, QuantizerSettings, StackedQuantizer
 
 
@@ -57,7 +58,7 @@ class QuantizerStack(nn.Module):
     all-reduce the EMA statistics (DDP). A stack builds its quantizers in `_build`.
     """
 
-    kind: ClassVar[str]
+    name: ClassVar[str]  # set by `STACKS.register`
     quantizer: StackedQuantizer
     code_depth: int
     decoder_in_channels: int
@@ -80,7 +81,7 @@ class QuantizerStack(nn.Module):
 
     def _code_depth(self, depth: int | None) -> int:
         """The codes per position for the `depth` asked for; ConfigError when the stack cannot have it."""
-        return stack_code_depth(self.kind, depth)
+        return stack_code_depth(self.name, depth)
 
     def _build(self, llm_width: int, num_codes: int, settings: QuantizerSettings, sync_codebook: bool) -> None:
         raise NotImplementedError
@@ -104,7 +105,7 @@ class QuantizerStack(nn.Module):
 
     def _check_latent(self, z: Tensor) -> tuple[int, int]:
         if z.ndim != 4 or z.shape[1] != self.z_channels:
-            raise ValueError(f"stacking {self.kind!r} expects z (b, {self.z_channels}, h, w); got {tuple(z.shape)}")
+            raise ValueError(f"stacking {self.name!r} expects z (b, {self.z_channels}, h, w); got {tuple(z.shape)}")
         h, w = z.shape[-2:]
         self.code_shape((h, w))  # raises for grids the stack cannot lay out
         return h, w
@@ -112,14 +113,18 @@ class QuantizerStack(nn.Module):
     def _check_codes(self, codes: Tensor) -> None:
         if codes.ndim != 4 or codes.shape[-1] != self.code_depth:
             raise UserError(
-                f"stacking {self.kind!r} expects codes (b, h, w, {self.code_depth}); got {tuple(codes.shape)}"
+                f"stacking {self.name!r} expects codes (b, h, w, {self.code_depth}); got {tuple(codes.shape)}"
             )
 
 
+STACKS: Registry[type[QuantizerStack]] = Registry(
+    "stacking", size_args=("z_channels", "llm_width", "num_codes", "depth", "settings", "sync_codebook")
+)
+
+
+@STACKS.register("rq")
 class ResidualStack(QuantizerStack):
     """`rq`: d residual codes per encoder position over the shared codebook."""
-
-    kind = "rq"
 
     def _build(self, llm_width: int, num_codes: int, settings: QuantizerSettings, sync_codebook: bool) -> None:
         self.decoder_in_channels = self.z_channels
@@ -153,16 +158,14 @@ class ResidualStack(QuantizerStack):
         return rearrange(z_q, "b (h w) c -> b c h w", h=h, w=w)
 
 
+@STACKS.register("vq")
 class SingleStack(ResidualStack):
-    """`vq`: one code per encoder position (the plain baseline)."""
-
-    kind = "vq"  # depth 1 (`stack_code_depth`)
+    """`vq`: one code per encoder position (the plain baseline); depth 1 (`stack_code_depth`)."""
 
 
+@STACKS.register("hq")
 class HierarchicalStack(QuantizerStack):
     """`hq`: a top code per 2x2 block plus four bottom codes, depth 5 per top position."""
-
-    kind = "hq"
 
     def _build(self, llm_width: int, num_codes: int, settings: QuantizerSettings, sync_codebook: bool) -> None:
         z_channels = self.z_channels
@@ -240,28 +243,21 @@ class HierarchicalStack(QuantizerStack):
             return torch.cat([top_z, bottom_z], dim=1)
 
 
-STACK_BUILDERS: dict[str, type[QuantizerStack]] = {
-    "rq": ResidualStack,
-    "hq": HierarchicalStack,
-    "vq": SingleStack,
-}
-assert tuple(STACK_BUILDERS) == STACKINGS  # the light declaration config checks read (quantizer_settings.py)
+assert sorted(STACKS) == sorted(STACKINGS)  # the light declaration config checks read (quantizer_settings.py)
 
 
-def build_stack(kind: str, **options: Any) -> QuantizerStack:
-    """The stack named `kind` ('rq', 'hq' or 'vq') built with `options`, `QuantizerStack`'s keyword arguments
-    (z_channels, llm_width, num_codes, depth, settings, sync_codebook); raises ConfigError listing the known names.
+def build_stack(kind: str, **sizes: Any) -> QuantizerStack:
+    """The stack named `kind` ('rq', 'hq' or 'vq') built with `QuantizerStack`'s keyword arguments (z_channels,
+    llm_width, num_codes, depth, settings, sync_codebook); raises ConfigError listing the known names.
 
     depth: codes per position for 'rq' (required); 'vq' is 1 and 'hq' is 5 (leave unset).
     sync_codebook: an explicit bool computed after the process group exists (DDP).
     """
-    if kind not in STACK_BUILDERS:
-        raise ConfigError(f"stacking {kind!r} is unknown; choose one of {sorted(STACK_BUILDERS)}")
-    return STACK_BUILDERS[kind](**options)
+    return STACKS.build(kind, {}, **sizes)
 
 
 __all__ = [
-    "STACK_BUILDERS",
+    "STACKS",
     "HierarchicalStack",
     "QuantizerStack",
     "ResidualStack",

@@ -14,7 +14,7 @@ HOW = (
     "A UniCodeMLLM of a LLaMA of the named shape (random weights, in the recorded dtype), the stage-0 BPE text "
     "tokenizer of the shapes corpus and a visual tokenizer of configs/tokenizer/llama7b_256.yaml's shape whose "
     "codes are the LM's ids after the text vocabulary (its codebook: those rows of the LM's embedding table). "
-    "Timed: UniCodeMLLM.generate_image_tokens(decode=False), i.e. generation/image_generation.py's "
+    "Timed: generation.generate_images(model, decode=False), i.e. generation/image_generation.py's "
     "generate_image_sequences: prefill, then one KV-cached forward per code with the span constraint and "
     "top-k sampling, h*w*d codes per image (no pixel decoding). tokens/s = images * h*w*d / wall time of the call "
     "(after one warm-up call). Bound: each forward reads every weight once (the input embedding is a gather and "
@@ -67,7 +67,7 @@ def run(ctx: SectionContext) -> None:
     from gpu_kit.chips import chip_spec, device_name
     from unicode_mllm.data.shapes import ShapesConfig
     from unicode_mllm.evaluation import shapes_t2i_prompts
-    from unicode_mllm.generation.image_generation import unconditional_prompt
+    from unicode_mllm.generation.image_generation import generate_images, unconditional_prompt
     from unicode_mllm.generation.prompts import prompt_builder, prompt_sample
 
     s = ctx.settings
@@ -95,7 +95,8 @@ def run(ctx: SectionContext) -> None:
 
     def generate(n: int, batch_size: int, cfg_scale: float) -> float:
         start = time.perf_counter()
-        model.generate_image_tokens(
+        generate_images(
+            model,
             prompts[:n],
             temperature=s["temperature"],
             top_k=s["top_k"],

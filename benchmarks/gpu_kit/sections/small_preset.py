@@ -12,7 +12,7 @@ HOW = (
     "unicode_mllm/demo.py's run_demo with a profile of the kit's own (plan.py) over configs/lm/small.yaml, "
     "configs/tokenizer/small.yaml and configs/mllm/small.yaml: shapes shards at the tokenizer's image size, stage "
     "0, stage 1 on that LM's embedding table, stage 2, then the demo's evaluation: held-out VQA exact match with "
-    "greedy decoding (UniCodeMLLM.answer) and text-to-image of seen and held-out colour+shape pairs (temperature, "
+    "greedy decoding (generation.answer) and text-to-image of seen and held-out colour+shape pairs (temperature, "
     "top-k and CFG as recorded) read back by the shapes analyser; 'whole scene' = every object right in shape, "
     "colour and position, and the count. The profile's total_minutes is a wall-clock budget (the demo's "
     "TimeBudget lowers stage 1 and 2's train.max_minutes to fit it). steps/s as in stages_bf16, from each "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from unicode_mllm.data.shapes.config import POSITIONS
@@ -38,13 +38,8 @@ class SceneObject:
         return POSITIONS.index(self.position)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "shape": self.shape,
-            "colour": self.colour,
-            "size": self.size,
-            "position": self.position,
-            "offset": [round(float(v), 4) for v in self.offset],
-        }
+        """The fields in declaration order; the offset as a list rounded to 4 places (what the shards hold)."""
+        return {**asdict(self), "offset": [round(float(v), 4) for v in self.offset]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SceneObject:
