@@ -3,7 +3,7 @@
 What one step is: the forward and backward of a LLaMA causal LM over (batch, seq_len) tokens with the
 next-token loss on every position, then an AdamW step over the trainable parameters; bf16 autocast on a
 GPU with native bf16 (fp32 elsewhere). The weights' dtypes are train-mllm's (`frozen_weights_dtype` and
-`build_model` in unicode_mllm/training/trainer.py): full fine-tuning keeps fp32 master weights; with `--lora`
+`build_model` in unicode_mllm/stages/mllm/trainer.py): full fine-tuning keeps fp32 master weights; with `--lora`
 under bf16 the frozen base is stored in bf16 and the project's adapters (`LoraSettings`: r 128, alpha 256,
 dropout 0.05, every linear layer) and, as the 7B preset, the trainable embedding table train in fp32. The image
 splice of `UniCodeMLLM` is not in the step: it is one gather and one scatter per image, next to 32 transformer
@@ -53,7 +53,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unicode_mllm.model.mllm import LoraSettings
 from unicode_mllm.runtime.devices import select_device, select_dtype
-from unicode_mllm.training.trainer import enable_activation_checkpointing
+from unicode_mllm.stages.mllm.trainer import enable_activation_checkpointing
 
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384, vocab_size=442),
@@ -178,12 +178,12 @@ def run(args: argparse.Namespace) -> dict:
 def build_stand_ins(work: Path) -> tuple[Path, Path, Path]:
     """Shapes shards and one-step stage-0/stage-1 runs of the tiny presets under `work` (reused when there):
     (shards, LM folder, visual tokenizer folder)."""
-    from tokenizer_training.config import TokenizerTrainConfig
-    from tokenizer_training.trainer import train_tokenizer
     from unicode_mllm.config import load_config
     from unicode_mllm.data.shapes import ShapesConfig
     from unicode_mllm.data.shapes_dataset import write_shapes_dataset
-    from unicode_mllm.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     shards, lm_dir, vt_dir = work / "shapes32", work / "lm" / "model", work / "tokenizer" / "final"
     if not (shards / "manifest.json").is_file():
@@ -208,7 +208,7 @@ def build_stand_ins(work: Path) -> tuple[Path, Path, Path]:
 def compare_packing(args: argparse.Namespace) -> dict:
     """Interleaved `train_step`s of the preset `args.compare_packing` with data.packing off and on."""
     from unicode_mllm.config import load_config
-    from unicode_mllm.training import MLLMTrainConfig, MLLMTrainer
+    from unicode_mllm.stages.mllm import MLLMTrainConfig, MLLMTrainer
 
     work = Path(args.work)
     shards, lm_dir, vt_dir = build_stand_ins(work)

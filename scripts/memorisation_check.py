@@ -38,7 +38,7 @@ from unicode_mllm.evaluation.writing_path import measure_writing_path
 from unicode_mllm.generation import answer
 from unicode_mllm.generation.image_generation import decode_token_ids
 from unicode_mllm.model import UniCodeMLLM
-from unicode_mllm.training import MLLMTrainConfig, train_mllm
+from unicode_mllm.stages.mllm import MLLMTrainConfig, train_mllm
 from unicode_mllm.viz import caption_grid
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tokenizer_training.config import TokenizerTrainConfig
-from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.config import config_from_dict
+from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 
 
 def codebook_syncs(rvq: torch.nn.Module) -> bool:

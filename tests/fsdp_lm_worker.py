@@ -18,8 +18,8 @@ from accelerate.state import AcceleratorState
 
 from tests.test_lm import TINY
 from unicode_mllm.config import load_config
-from unicode_mllm.lm import pretrain
-from unicode_mllm.lm.config import LMTrainConfig
+from unicode_mllm.stages.lm import pretrain
+from unicode_mllm.stages.lm.config import LMTrainConfig
 
 
 def main(out_dir: str, kill_after: int | None, resume: bool) -> None:

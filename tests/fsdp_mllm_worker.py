@@ -21,8 +21,8 @@ import torch
 
 from unicode_mllm.config import config_from_dict
 from unicode_mllm.data.mllm_samples import MODEL_INPUTS
-from unicode_mllm.training.config import MLLMTrainConfig
-from unicode_mllm.training.trainer import MLLMTrainer
+from unicode_mllm.stages.mllm.config import MLLMTrainConfig
+from unicode_mllm.stages.mllm.trainer import MLLMTrainer
 
 
 def main(cfg_path: str, out_path: str, kill_after: int | None, resume: bool, dump_samples: bool = False) -> None:

@@ -18,14 +18,14 @@ import torch
 from tests.test_lm import TINY
 from tests.test_mllm_training import make_config
 from tests.test_tokenizer_training import tiny_cfg
-from tokenizer_training.trainer import TokenizerTrainer, train_tokenizer
 from unicode_mllm.config import load_config
 from unicode_mllm.data.batches import EpochBatches
 from unicode_mllm.data.stream import StreamingDataset
 from unicode_mllm.errors import UserError
-from unicode_mllm.lm import LMTrainConfig, train_lm
 from unicode_mllm.runtime.checkpoint import CheckpointManager
-from unicode_mllm.training import MLLMTrainer, train_mllm
+from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+from unicode_mllm.stages.mllm import MLLMTrainer, train_mllm
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer, train_tokenizer
 
 
 def _save(mgr: CheckpointManager, step: int) -> None:

@@ -9,10 +9,10 @@ import torch
 from tests.test_lm import TINY, read_log
 from tests.test_mllm_training import make_config
 from tests.test_tokenizer_training import tiny_cfg
-from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.config import load_config
-from unicode_mllm.lm import LMTrainConfig, train_lm
-from unicode_mllm.training import MLLMTrainer
+from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+from unicode_mllm.stages.mllm import MLLMTrainer
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 
 
 def test_stage0_bf16_run_is_finite_and_saves_fp32_weights(tmp_path):

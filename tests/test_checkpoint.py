@@ -293,10 +293,10 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_it_and_the_holder(
     mllm_cfg, tiny_lm_dir, tiny_shapes_dir, tmp_path, capsys
 ):
     from tests.test_tokenizer_training import tiny_cfg
-    from tokenizer_training.trainer import train_tokenizer
     from unicode_mllm.cli import main
-    from unicode_mllm.lm import LMTrainConfig, train_lm
-    from unicode_mllm.training import train_mllm
+    from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.mllm import train_mllm
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     out = tmp_path / "run"
     holder = _hold_lock(out)
@@ -343,9 +343,9 @@ def test_every_stage_refuses_a_resume_with_changed_settings_unless_allowed(
     mllm_cfg, tiny_lm_dir, tiny_shapes_dir, tmp_path
 ):
     from tests.test_tokenizer_training import tiny_cfg
-    from tokenizer_training.trainer import train_tokenizer
-    from unicode_mllm.lm import LMTrainConfig, train_lm
-    from unicode_mllm.training import train_mllm
+    from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.mllm import train_mllm
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     tk = tmp_path / "tk"
     _fake_resumable_run(tk, tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tk))
@@ -416,9 +416,9 @@ LM_EPOCHS = [*TINY, "corpus.train_samples=12", "train.batch_size=16", "train.ckp
 def run_stage(stage: str, out: Path, steps: int, resume: bool, dirs: dict[str, Path], **extra):
     """Train `stage` (lm, tokenizer, mllm) to `steps` into `out` with a checkpoint every step (in process)."""
     from tests.test_tokenizer_training import tiny_cfg
-    from tokenizer_training.trainer import train_tokenizer
-    from unicode_mllm.lm import LMTrainConfig, train_lm
-    from unicode_mllm.training import train_mllm
+    from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.mllm import train_mllm
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     if stage == "lm":
         overrides = [*LM_EPOCHS, f"train.steps={steps}", *(f"{k}={v}" for k, v in extra.items())]

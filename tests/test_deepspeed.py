@@ -121,8 +121,8 @@ def test_stage0_under_zero2_matches_one_process_and_resumes_after_kill_bit_ident
 
     from tests.test_lm import TINY
     from unicode_mllm.config import load_config
-    from unicode_mllm.lm.config import LMTrainConfig
-    from unicode_mllm.lm.pretrain import train_lm
+    from unicode_mllm.stages.lm.config import LMTrainConfig
+    from unicode_mllm.stages.lm.pretrain import train_lm
 
     rc, err = launch_worker("fsdp_lm_worker.py", [str(tmp_path / "zero")], 2)
     assert rc == 0, err

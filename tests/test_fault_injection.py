@@ -57,7 +57,7 @@ STAGES = {
 def stage_config(name: str, dirs: dict[str, Path]):
     """The stage's tiny config: STEPS steps, a checkpoint after every one, epochs of 2-4 steps."""
     if name == "lm":
-        from unicode_mllm.lm import LMTrainConfig
+        from unicode_mllm.stages.lm import LMTrainConfig
 
         return load_config(LMTrainConfig, overrides=[*LM_EPOCHS, f"train.steps={STEPS}"])
     if name == "tokenizer":
@@ -69,15 +69,15 @@ def stage_config(name: str, dirs: dict[str, Path]):
 def train_in_process(name: str, cfg, out: Path) -> None:
     """The uninterrupted reference run (the same code as the CLI's, without a process start)."""
     if name == "lm":
-        from unicode_mllm.lm import train_lm
+        from unicode_mllm.stages.lm import train_lm
 
         train_lm(cfg, out)
     elif name == "tokenizer":
-        from tokenizer_training.trainer import train_tokenizer
+        from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
         train_tokenizer(cfg, out)
     else:
-        from unicode_mllm.training import train_mllm
+        from unicode_mllm.stages.mllm import train_mllm
 
         train_mllm(cfg, out)
 

@@ -105,7 +105,7 @@ def test_fsdp2_matches_ddp_resumes_after_kill_and_exports(
 
 def assert_one_process_matches(cfg, run_dir: Path, losses: list[float], final_dir: Path) -> None:
     """One process trained on the union of both ranks' samples of every step: the 2-process losses and weights."""
-    from unicode_mllm.training.trainer import MLLMTrainer
+    from unicode_mllm.stages.mllm.trainer import MLLMTrainer
 
     ranks = [torch.load(run_dir / f"samples_rank{r}.pt", weights_only=False) for r in range(2)]
     steps = iter([a + b for a, b in zip(*ranks, strict=True)])

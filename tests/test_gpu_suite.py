@@ -147,9 +147,9 @@ def test_unknown_section_names_are_refused(tmp_path, capsys):
 
 
 def test_small_presets_load_and_validate():
-    from tokenizer_training.config import TokenizerTrainConfig
-    from unicode_mllm.lm import LMTrainConfig
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.lm import LMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
 
     configs = ROOT / "configs"
     lm = load_config(LMTrainConfig, configs / "lm" / "small.yaml")

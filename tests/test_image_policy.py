@@ -14,8 +14,6 @@ from PIL import Image
 from torchvision import transforms
 
 from tests.test_tokenizer_training import tiny_cfg
-from tokenizer_training.config import TokenizerTrainConfig
-from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.cli import main
 from unicode_mllm.config import config_from_dict
 from unicode_mllm.data.converters import convert_image_folder
@@ -24,6 +22,8 @@ from unicode_mllm.data.shards import iter_split_records, write_manifest, write_s
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
 from unicode_mllm.errors import ConfigError, UserError
 from unicode_mllm.shard_manifest import ShardInfo, SplitSummary
+from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -15,7 +15,8 @@ from unicode_mllm.config import load_config
 from unicode_mllm.constants import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.errors import ConfigError, UserError
-from unicode_mllm.lm import (
+from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_json
+from unicode_mllm.stages.lm import (
     MULTIMODAL_TOKENS,
     SPECIAL_TOKENS,
     CorpusConfig,
@@ -37,7 +38,6 @@ from unicode_mllm.lm import (
     train_lm,
     train_text_tokenizer,
 )
-from unicode_mllm.runtime.checkpoint import CheckpointManager, atomic_write_json
 
 TINY = [
     "corpus.train_samples=40",

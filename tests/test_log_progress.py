@@ -88,10 +88,10 @@ def test_each_trainer_logs_progress_lines_off_a_terminal(
     from tests.test_lm import TINY as TINY_LM
     from tests.test_mllm_training import make_config as mllm_config
     from tests.test_tokenizer_training import tiny_cfg
-    from tokenizer_training.trainer import TokenizerTrainer
     from unicode_mllm.config import load_config
-    from unicode_mllm.lm import LMTrainConfig, train_lm
-    from unicode_mllm.training import train_mllm
+    from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.mllm import train_mllm
+    from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 
     monkeypatch.setenv("UNICODE_MLLM_PROGRESS_SECONDS", "0")
     train_lm(load_config(LMTrainConfig, overrides=TINY_LM), tmp_path / "lm")

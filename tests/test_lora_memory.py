@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from unicode_mllm.model import UniCodeMLLM
-from unicode_mllm.training import MLLMTrainer
+from unicode_mllm.stages.mllm import MLLMTrainer
 
 from .test_mllm_training import make_config
 

@@ -19,9 +19,9 @@ from unicode_mllm.data.mllm_samples import (
 from unicode_mllm.data.record_samples import build_record_samples, draw_vqa_turns
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.errors import UserError
-from unicode_mllm.lm.config import TextTokenizerConfig
-from unicode_mllm.lm.corpus import sample_document
-from unicode_mllm.lm.text_tokenizer import train_text_tokenizer
+from unicode_mllm.stages.lm.config import TextTokenizerConfig
+from unicode_mllm.stages.lm.corpus import sample_document
+from unicode_mllm.stages.lm.text_tokenizer import train_text_tokenizer
 from unicode_mllm.token_layout import (
     grid_to_sequence,
     segments_to_grid,

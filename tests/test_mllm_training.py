@@ -16,7 +16,7 @@ from unicode_mllm.data.stream import StreamingDataset, collate
 from unicode_mllm.errors import UserError
 from unicode_mllm.generation.batch_prefill import prefill_prompts
 from unicode_mllm.model import UniCodeMLLM
-from unicode_mllm.training import (
+from unicode_mllm.stages.mllm import (
     EvalSample,
     MLLMTrainConfig,
     MLLMTrainer,

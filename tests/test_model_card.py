@@ -10,11 +10,11 @@ import yaml
 from tests.test_lm import TINY as TINY_LM
 from tests.test_mllm_training import make_config as mllm_config
 from tests.test_tokenizer_training import tiny_cfg
-from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.config import load_config
-from unicode_mllm.lm import LMTrainConfig, train_lm
 from unicode_mllm.runtime.model_card import render_card
-from unicode_mllm.training import train_mllm
+from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+from unicode_mllm.stages.mllm import train_mllm
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 
 
 def _figure(value) -> str:
@@ -69,7 +69,7 @@ def test_stage0_and_stage2_cards(tiny_lm_dir, tiny_visual_tokenizer_dir, tiny_sh
 
 
 def test_a_long_run_is_not_called_a_demo():
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
 
     card = render_card("mllm", MLLMTrainConfig(), {"step": 200_000, "loss": 0.5}, command="unicode-mllm x")
     assert "not a capable model" not in card and "| loss | 0.5 |" in card

@@ -27,7 +27,7 @@ from unicode_mllm.generation import answer, generate_images, prompt_builder
 from unicode_mllm.generation.reduced_decoding import ReducedDecoder
 from unicode_mllm.model import UniCodeMLLM
 from unicode_mllm.splice import splice_image_embeddings
-from unicode_mllm.training import MLLMTrainConfig, MLLMTrainer
+from unicode_mllm.stages.mllm import MLLMTrainConfig, MLLMTrainer
 
 # transformers deprecations (e.g. the KV-cache argument `past_key_values` -> `cache`, removed in 5.40) must
 # fail here, not surface in users' terminals.

@@ -112,20 +112,3 @@ def test_the_switch_leaves_autograd_bf16_and_foreign_layers_alone(monkeypatch):
         assert OneDNNLinears(make_lm("llama"), "onednn").enabled
     with pytest.raises(ValueError, match="linear_kernels must be one of"):
         IncrementalDecoder(lm, linear_kernels="mkl")
-
-
-def test_image_decoding_benchmark_compares_onednn_with_the_default_kernels(capsys):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_image_decoding.py"
-    spec = importlib.util.spec_from_file_location("bench_image_decoding", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    args = ["--shapes", "tiny", "--batches", "2", "--cfg", "off", "--span", "6", "--prompt-len", "8", "--repeats", "1"]
-    assert bench.main(args) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["static_equals_sgemm_tokens"] and row["static_equals_dynamic_tokens"]
-    assert min(row["static_tokens_per_s"], row["sgemm_tokens_per_s"], row["hf_tokens_per_s"]) > 0
-    assert row["static_over_sgemm"] > 0 and row["sgemm_over_hf"] > 0

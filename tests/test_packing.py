@@ -20,8 +20,8 @@ from unicode_mllm.data.packing import (
     row_chunks,
     row_length,
 )
-from unicode_mllm.training import MLLMTrainer
-from unicode_mllm.training import trainer as trainer_module
+from unicode_mllm.stages.mllm import MLLMTrainer
+from unicode_mllm.stages.mllm import trainer as trainer_module
 
 from .test_mllm_training import make_config
 

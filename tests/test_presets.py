@@ -12,9 +12,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _classes():
-    from tokenizer_training.config import TokenizerTrainConfig
-    from unicode_mllm.lm import LMTrainConfig
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.lm import LMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
 
     return {"lm": LMTrainConfig, "tokenizer": TokenizerTrainConfig, "mllm": MLLMTrainConfig}
 
@@ -30,7 +30,7 @@ def test_preset_loads_and_validates(path):
 
 
 def test_gpu_stage2_preset_mirrors_the_reference_recipe():
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
 
     cfg = load_config(MLLMTrainConfig, CONFIGS / "mllm" / "vicuna7b_lora.yaml")
     lora = cfg.model.lora

@@ -41,9 +41,9 @@ def test_readme_yaml_snippets_are_valid_config_sections():
     is a valid stage-1 and stage-2 data section."""
     import yaml
 
-    from tokenizer_training.config import TokenizerTrainConfig
     from unicode_mllm.config import config_from_dict
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
 
     stage2 = next(b for b in YAML_BLOCKS if "my_stage2.yaml" in b)
     preset = yaml.safe_load((README.parent / "configs/mllm/tiny.yaml").read_text())

@@ -19,11 +19,11 @@ from unicode_mllm.data.mllm_samples import MLLMSampleBuilder
 from unicode_mllm.data.record_samples import NO_TASK, build_record_samples, conversation_turns, record_tasks
 from unicode_mllm.data.shapes import ShapesConfig, ShapesWorld
 from unicode_mllm.errors import UserError
-from unicode_mllm.lm.config import TextTokenizerConfig
-from unicode_mllm.lm.corpus import sample_document
-from unicode_mllm.lm.text_tokenizer import train_text_tokenizer
-from unicode_mllm.training import MLLMTrainConfig, MLLMTrainer
-from unicode_mllm.training.config import DataSource
+from unicode_mllm.stages.lm.config import TextTokenizerConfig
+from unicode_mllm.stages.lm.corpus import sample_document
+from unicode_mllm.stages.lm.text_tokenizer import train_text_tokenizer
+from unicode_mllm.stages.mllm import MLLMTrainConfig, MLLMTrainer
+from unicode_mllm.stages.mllm.config import DataSource
 
 from .conftest import build_tiny_text_tokenizer
 

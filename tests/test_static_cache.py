@@ -190,8 +190,9 @@ def test_image_decoding_benchmark_reports_static_dynamic_and_hf(capsys):
     args = ["--shapes", "tiny", "--batches", "2", "--cfg", "on", "--span", "6", "--prompt-len", "8", "--repeats", "1"]
     assert bench.main(args) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["static_equals_dynamic_tokens"] and row["rows_per_forward"] == 4
-    assert min(row["static_tokens_per_s"], row["dynamic_tokens_per_s"], row["hf_tokens_per_s"]) > 0
+    assert row["static_equals_dynamic_tokens"] and row["static_equals_sgemm_tokens"] and row["rows_per_forward"] == 4
+    assert min(row[f"{name}_tokens_per_s"] for name in ("static", "sgemm", "dynamic", "hf")) > 0
+    assert row["static_over_sgemm"] > 0 and row["sgemm_over_hf"] > 0  # the oneDNN linears beside the default
 
 
 def test_a_peft_wrapped_lm_gets_the_static_cache_of_its_base_model():

@@ -26,10 +26,10 @@ from tests.test_lm import TINY
 from unicode_mllm.cli import main
 from unicode_mllm.config import load_config
 from unicode_mllm.errors import ConfigError, UserError
-from unicode_mllm.lm import LMTrainConfig, train_lm
 from unicode_mllm.model import UniCodeMLLM
 from unicode_mllm.runtime.checkpoint import atomic_write_json
-from unicode_mllm.training.config import MLLMTrainConfig
+from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+from unicode_mllm.stages.mllm.config import MLLMTrainConfig
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer_training.blend_schedule import BlendConfig, BlendSchedule
-from tokenizer_training.config import TokenizerTrainConfig
-from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.config import config_from_dict
 from unicode_mllm.errors import ConfigError
+from unicode_mllm.stages.tokenizer.blend_schedule import BlendConfig, BlendSchedule
+from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
 
@@ -180,7 +180,7 @@ def test_both_quantizer_backends_train_and_native_is_the_default(tiny_lm_dir, ti
 
 def test_max_minutes_stops_saves_and_resumes(tiny_lm_dir, tiny_shapes_dir, tmp_path, caplog):
     """A run past train.max_minutes stops after the step it is in, saves a checkpoint and a model; --resume goes on."""
-    from tokenizer_training.trainer import train_tokenizer
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     cfg = tiny_cfg(tiny_lm_dir, tiny_shapes_dir, tmp_path, **{"train.max_minutes": 1e-9})
     with caplog.at_level("WARNING"):
@@ -197,9 +197,9 @@ TINY_PRESET = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "t
 def test_codebook_section_is_the_quantizer_settings_passed_whole():
     """`codebook:` extends `QuantizerSettings`: the keys users write (configs/tokenizer/tiny.yaml) are its fields,
     the quantizer-only ones (search_dtype, native_code_chunk_size) reach the tokenizer too, and its checks run."""
-    from tokenizer_training.trainer import tokenizer_kwargs
     from unicode_mllm.config import load_config
     from unicode_mllm.quantizer_settings import QuantizerSettings
+    from unicode_mllm.stages.tokenizer.trainer import tokenizer_kwargs
 
     overrides = ["codebook.search_dtype=fp32", "codebook.native_code_chunk_size=64"]
     cfg = load_config(TokenizerTrainConfig, TINY_PRESET, overrides)

@@ -10,12 +10,12 @@ import pytest
 from tests.test_lm import TINY as TINY_LM
 from tests.test_mllm_training import make_config as mllm_config
 from tests.test_tokenizer_training import tiny_cfg
-from tokenizer_training.trainer import TokenizerTrainer
 from unicode_mllm.config import config_from_dict, load_config
 from unicode_mllm.errors import UserError
-from unicode_mllm.lm import LMTrainConfig, train_lm
 from unicode_mllm.runtime import trackers
-from unicode_mllm.training import MLLMTrainConfig, train_mllm
+from unicode_mllm.stages.lm import LMTrainConfig, train_lm
+from unicode_mllm.stages.mllm import MLLMTrainConfig, train_mllm
+from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainer
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

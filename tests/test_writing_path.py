@@ -12,7 +12,7 @@ from unicode_mllm.data.shapes_dataset import write_shapes_dataset
 from unicode_mllm.evaluation.writing_path import measure_writing_path
 from unicode_mllm.generation.image_generation import generate_images
 from unicode_mllm.model import UniCodeMLLM
-from unicode_mllm.training import MLLMTrainer
+from unicode_mllm.stages.mllm import MLLMTrainer
 
 from .test_mllm_training import make_config
 

@@ -26,10 +26,10 @@ from unicode_mllm.errors import UserError
 from unicode_mllm.runtime.checkpoint import CheckpointManager
 
 if TYPE_CHECKING:  # the stages are imported where they run, so that importing this module stays light
-    from tokenizer_training.config import TokenizerTrainConfig
-    from tokenizer_training.trainer import TokenizerTrainResult
-    from unicode_mllm.lm import LMTrainConfig
-    from unicode_mllm.training import MLLMTrainConfig, MLLMTrainResult
+    from unicode_mllm.stages.lm import LMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig, MLLMTrainResult
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+    from unicode_mllm.stages.tokenizer.trainer import TokenizerTrainResult
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 LM_PRESET = "lm/tiny.yaml"
@@ -269,9 +269,9 @@ def load_stage_configs(profile: DemoProfile) -> tuple[LMTrainConfig, TokenizerTr
     smaller: the MLLM reads and writes image spans longer than the text LM's windows, and generation
     refuses prompts past the LM's declared positions.
     """
-    from tokenizer_training.config import TokenizerTrainConfig
-    from unicode_mllm.lm import LMTrainConfig
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.lm import LMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
 
     presets = profile.presets
     mllm_cfg = load_config(MLLMTrainConfig, preset_path(presets.mllm), profile.mllm_overrides)
@@ -294,7 +294,7 @@ def write_demo_data(sizes: DataSizes, image_size: int, out_dir: Path) -> ShapesD
 
 def train_stage0(lm_cfg: LMTrainConfig, run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Stage 0 into `run_dir` (resumed when it holds checkpoints); returns the model folder and its metrics."""
-    from unicode_mllm.lm import embedding_structure_report, train_lm
+    from unicode_mllm.stages.lm import embedding_structure_report, train_lm
 
     started = time.perf_counter()
     lm_dir = train_lm(lm_cfg, out_dir=run_dir, resume=_latest_checkpoint_exists(run_dir))
@@ -314,7 +314,7 @@ def train_stage1(
     tokenizer_cfg: TokenizerTrainConfig, lm_dir: Path, data_dir: Path, run_dir: Path, max_minutes: float | None
 ) -> TokenizerTrainResult:
     """Stage 1 on `data_dir` with C_L from `lm_dir` (resumed when possible); returns the trainer's result."""
-    from tokenizer_training.trainer import train_tokenizer
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     codebook = dataclasses.replace(tokenizer_cfg.codebook, llm=str(lm_dir))
     data = dataclasses.replace(tokenizer_cfg.data, shards=str(data_dir))
@@ -332,7 +332,7 @@ def train_stage2(
     max_minutes: float | None,
 ) -> MLLMTrainResult:
     """Stage 2 from `lm_dir` + the frozen tokenizer on `data_dir` (resumed when possible); the trainer's result."""
-    from unicode_mllm.training import train_mllm
+    from unicode_mllm.stages.mllm import train_mllm
 
     model = dataclasses.replace(mllm_cfg.model, lm=str(lm_dir), visual_tokenizer=str(tokenizer_dir))
     data = dataclasses.replace(mllm_cfg.data, shards=str(data_dir))

@@ -2,7 +2,7 @@
 
 Three places read them and none re-declares them:
 
-- stage 1's YAML section `codebook:` (`tokenizer_training/config.py`'s `CodebookConfig` extends this dataclass,
+- stage 1's YAML section `codebook:` (`stages/tokenizer/config.py`'s `CodebookConfig` extends this dataclass,
   so `codebook.mode`, `codebook.decay`, ... are these fields);
 - a saved tokenizer's config.json, as one nested entry `"quantizer": {...}` (`hf_auto.VisualTokenizerConfig`;
   folders saved before it, with the options at the top level, load through `split_flat_settings`);

@@ -1,8 +1,8 @@
 """A visual tokenizer of a stage-1 preset's shape over a given embedding table, without the preset's LLM.
 
-`tokenizer_training.trainer.build_tokenizer` reads C_L from the LLM named in `codebook.llm` (a 13 GB download for
+`stages.tokenizer.trainer.build_tokenizer` reads C_L from the LLM named in `codebook.llm` (a 13 GB download for
 the 7B preset); the kit's throughput sections need the shape only, so they pass a random table of the LLM's
-size, with the settings `tokenizer_training.trainer.tokenizer_kwargs` maps from the config.
+size, with the settings `unicode_mllm.stages.tokenizer.trainer.tokenizer_kwargs` maps from the config.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
-from tokenizer_training.config import TokenizerTrainConfig
-from tokenizer_training.trainer import tokenizer_kwargs
 from unicode_mllm.config import load_config
 from unicode_mllm.pipeline import preset_path
+from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+from unicode_mllm.stages.tokenizer.trainer import tokenizer_kwargs
 from unicode_mllm.visual_tokenizer import LanguageCodebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 

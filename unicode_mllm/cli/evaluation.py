@@ -586,7 +586,7 @@ def eval_compressors_cmd(
         rows_to_markdown,
         run_compressor_ablation,
     )
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
 
     cfg = load_config(MLLMTrainConfig, config, set_)
     check_at_least(prefill_batch_size, 1, "--prefill-batch-size")

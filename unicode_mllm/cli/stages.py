@@ -41,7 +41,7 @@ def train_lm_cmd(
 ) -> None:
     """Stage 0: train the tiny text tokenizer and LLaMA on the shapes world's text (embedded default)."""
     from unicode_mllm.config import load_config
-    from unicode_mllm.lm import LMTrainConfig, train_lm
+    from unicode_mllm.stages.lm import LMTrainConfig, train_lm
 
     cfg = load_config(LMTrainConfig, config, set_)
     model_dir = train_lm(cfg, out_dir=out, resume=resume, allow_changed=allow_changed)
@@ -60,9 +60,9 @@ def train_tokenizer_cmd(
     allow_changed: list[str] = ALLOW_CHANGED_OPTION,
 ) -> None:
     """Stage 1: train the visual tokenizer whose codebook is the LLM's embedding table."""
-    from tokenizer_training.config import TokenizerTrainConfig
-    from tokenizer_training.trainer import train_tokenizer
     from unicode_mllm.config import load_config
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+    from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
     cfg = load_config(TokenizerTrainConfig, config, set_)
     result = train_tokenizer(cfg, out_dir=out, resume=resume, allow_changed=allow_changed)
@@ -80,7 +80,7 @@ def train_mllm_cmd(
 ) -> None:
     """Stage 2: fine-tune the LLM to read and write images (VQA, captions, text-to-image, decompression)."""
     from unicode_mllm.config import load_config
-    from unicode_mllm.training import MLLMTrainConfig, train_mllm
+    from unicode_mllm.stages.mllm import MLLMTrainConfig, train_mllm
 
     cfg = load_config(MLLMTrainConfig, config, set_)
     result = train_mllm(cfg, out_dir=out, resume=resume, allow_changed=allow_changed)
@@ -95,9 +95,9 @@ def compare_codebook_modes_cmd(
     out: Path = typer.Option(Path("runs/codebook_modes"), "--out", help="One sub-folder per mode."),
 ) -> None:
     """Stage-1 ablation: language_driven, frozen, dual and separate on the same data, steps and seed."""
-    from tokenizer_training.compare_modes import compare_codebook_modes, rows_to_markdown
-    from tokenizer_training.config import TokenizerTrainConfig
     from unicode_mllm.config import load_config
+    from unicode_mllm.stages.tokenizer.compare_modes import compare_codebook_modes, rows_to_markdown
+    from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
 
     cfg = load_config(TokenizerTrainConfig, config, set_)
     ensure_writable_output(out, "--out", folder=True)

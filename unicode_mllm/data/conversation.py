@@ -8,7 +8,7 @@ each `<image>` marker for the image's span:
     read an image  (the LLM sees it):    <img><image></img>   -> <img> + s placeholder slots + </img>
     write an image (the LLM emits it):   <img><image></img>   -> <img> + the code token ids + </img>
 
-The `plain` template is the format of the tiny LM's corpus (`lm/corpus.py`, `sample_document`):
+The `plain` template is the format of the tiny LM's corpus (`stages/lm/corpus.py`, `sample_document`):
 `USER: question ASSISTANT: answer`, one exchange per line, the document closed by `</s>`. `vicuna_v1`
 is the Vicuna v1.1 format LLaVA-1.5 trains with (a system line, `USER:`/`ASSISTANT:`, `</s>` after
 every reply). After haotian-liu/LLaVA (`llava/conversation.py`, `conv_vicuna_v1`); templates are

@@ -9,7 +9,7 @@ text-only record). What it can teach is read off its fields, never off where it 
   text_to_image (whose prompt is `instruction` where a shapes record has one);
 - an image (every image record): decompression.
 
-The mixture (`training/task_mixture.py`) draws tasks per record from a source's weights; a drawn task the
+The mixture (`stages/mllm/task_mixture.py`) draws tasks per record from a source's weights; a drawn task the
 record cannot serve (a caption of a LLaVA record, decompression of a text-only one) is left out, since
 the source's weights are expectations over records of every kind. A record that can serve none of the
 tasks its source weights is a counted skip ("no task for record"), never a silent drop.

@@ -252,9 +252,9 @@ def _train_tokenizer(
     run: Path, tokenizer_cfg: Any, mode: str, lm_dir: Path, data_dir: Path, profile: DemoProfile, device: str
 ) -> dict[str, Any]:
     """Stage 1 with codebook `mode` into `run`, evaluated as the demo evaluates it: its folder, steps and scores."""
-    from tokenizer_training.compare_modes import mode_config
     from unicode_mllm.evaluation.stage_evaluation import evaluate_visual_tokenizer
     from unicode_mllm.pipeline import train_stage1
+    from unicode_mllm.stages.tokenizer.compare_modes import mode_config
 
     tok = train_stage1(mode_config(tokenizer_cfg, mode), lm_dir, data_dir, run, tokenizer_cfg.train.max_minutes)
     scores = evaluate_visual_tokenizer(tok.final_dir, data_dir, profile.evaluation, run / "eval", device)
@@ -275,7 +275,7 @@ def _train_and_evaluate_setting(
     from unicode_mllm.config import load_config
     from unicode_mllm.evaluation.stage_evaluation import evaluate_mllm
     from unicode_mllm.pipeline import MLLM_PRESET, preset_path, train_stage2
-    from unicode_mllm.training import MLLMTrainConfig
+    from unicode_mllm.stages.mllm import MLLMTrainConfig
 
     setting_dir = out_dir / setting.key
     stage2_lm, note = prepare_stage2_lm(lm_dir, tok_info["dir"], setting_dir / "stage2_lm")

@@ -13,7 +13,7 @@ class CodeUsage:
     the perplexity exp(H) of the code distribution (H in nats; perplexity = v when all v codes are
     used equally often, 1 when one code is used everywhere).
 
-    Unlike `tokenizer_training.usage.UsageWindow` (a sliding window of training steps), this keeps one
+    Unlike `unicode_mllm.stages.tokenizer.usage.UsageWindow` (a sliding window of training steps), this keeps one
     running total, so its memory does not grow with the number of batches.
     """
 

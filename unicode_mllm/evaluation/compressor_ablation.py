@@ -41,8 +41,8 @@ from unicode_mllm.evaluation.skips import SkipCounts
 from unicode_mllm.evaluation.vqa import shapes_vqa_items
 from unicode_mllm.model.mllm import UniCodeMLLM
 from unicode_mllm.runtime.devices import select_device
-from unicode_mllm.training.config import MLLMTrainConfig
-from unicode_mllm.training.trainer import train_mllm
+from unicode_mllm.stages.mllm.config import MLLMTrainConfig
+from unicode_mllm.stages.mllm.trainer import train_mllm
 
 log = logging.getLogger(__name__)
 

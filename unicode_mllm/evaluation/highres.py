@@ -22,7 +22,7 @@ spliced over a span of exactly that many tokens (`ViewReadingModel`).
 
 Budget: every path starts from the same saved model and fine-tunes on the same single-turn VQA samples in
 the same order (seeded) for `steps` AdamW steps at `lr` (the LM, the DEM, a trainable compressor), then is
-scored teacher-forced (`training/eval_set.py`: greedy exact match) before and after fine-tuning.
+scored teacher-forced (`stages/mllm/eval_set.py`: greedy exact match) before and after fine-tuning.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from unicode_mllm.data.shapes.render import render_scene
 from unicode_mllm.errors import UserError
 from unicode_mllm.model.mllm import UniCodeMLLM
 from unicode_mllm.runtime.seeding import seed_everything
-from unicode_mllm.training.eval_set import EvalSample, evaluate_teacher_forced, token_losses
+from unicode_mllm.stages.mllm.eval_set import EvalSample, evaluate_teacher_forced, token_losses
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ not at HF's sampled `mean_resizing`, so that two runs from the same checkpoint b
 
 The ids of a prepared tokenizer are read by `unicode_mllm/token_layout.py` (`multimodal_token_ids`), which the
 data pipeline shares without loading the model. Tokenizers that already hold the sentinels (the project's own BPE,
-see `lm/text_tokenizer.py`) are left as they are and the LM is not resized.
+see `stages/lm/text_tokenizer.py`) are left as they are and the LM is not resized.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The training skeleton of every stage: the loop, its cadence, Ctrl-C, the time budget and exact checkpoints.
 
-A stage (stage 0 `lm/pretrain.py`, stage 1 `tokenizer_training/trainer.py`, stage 2 `training/trainer.py`) is a
+A stage (stage 0 `stages/lm/pretrain.py`, stage 1 `stages/tokenizer/trainer.py`, stage 2 `stages/mllm/trainer.py`) is a
 `TrainingStage`: it says what one optimizer step does (`run_step`), what a log or eval step records (`record`),
 what its checkpoints hold (`checkpoint_contents`, `checkpoint_layout`, `load_state`), what it checks and loads
 before step 1 (`prepare_run`) and what it exports at the end (`finish`). The skeleton owns the rest:
@@ -328,7 +328,11 @@ def run_stage(
 ) -> Any:
     """A stage's run: under the run lock of out_dir (default `cfg.train.out_dir`), `start_run` (with the run
     folder's file names, `trainer_class.file_names`) before any model loads, then `trainer_class(cfg,
-    out_dir).fit(...)`; returns what `fit` returns."""
+    out_dir).fit(...)`; returns what `fit` returns.
+
+    Raises UserError for a folder another run is writing (the run lock), a fresh run into a folder holding
+    checkpoints or a final model, `resume` without a usable checkpoint, and a resume whose config differs from
+    the run's saved config in other keys than `allow_changed` and those safe to change (run_files.RESUME_MAY_CHANGE)."""
     out = Path(out_dir or cfg.train.out_dir)
     names = trainer_class.file_names
     with RunLock(out):

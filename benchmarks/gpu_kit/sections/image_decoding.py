@@ -33,8 +33,8 @@ def build_model(ctx: SectionContext):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gpu_kit.visual_tokenizers import build_visual_tokenizer, preset_config
-    from unicode_mllm.lm import CorpusConfig, TextTokenizerConfig, build_corpus, train_text_tokenizer
     from unicode_mllm.model import UniCodeMLLM
+    from unicode_mllm.stages.lm import CorpusConfig, TextTokenizerConfig, build_corpus, train_text_tokenizer
 
     s = ctx.settings
     text_tokenizer = train_text_tokenizer(build_corpus(CorpusConfig(train_samples=200), "train"), TextTokenizerConfig())

@@ -9,9 +9,9 @@ from gpu_kit.run_logs import stage_progress
 
 TITLE = "bf16 smoke of the three training stages"
 HOW = (
-    "Shapes shards, then stage 0 (`unicode_mllm.lm.pretrain.train_lm`), stage 1 "
-    "(`tokenizer_training.trainer.train_tokenizer`, codebook = that LM's embedding table) and stage 2 "
-    "(`unicode_mllm.training.trainer.train_mllm`) through unicode_mllm/pipeline.py's train_stage0/1/2, with "
+    "Shapes shards, then stage 0 (`unicode_mllm.stages.lm.pretrain.train_lm`), stage 1 "
+    "(`unicode_mllm.stages.tokenizer.trainer.train_tokenizer`, codebook = that LM's embedding table) and stage 2 "
+    "(`unicode_mllm.stages.mllm.trainer.train_mllm`) through unicode_mllm/pipeline.py's train_stage0/1/2, with "
     "train.device set to the kit's device and train.mixed_precision=bf16. steps/s = (last timed step - first "
     "timed step) / (their time difference) over per-step log rows: the first logged step (warm-up, CUDA "
     "initialisation) is excluded, and so are evaluations (stage 0 skips rows holding val/loss; stage 2 times its "

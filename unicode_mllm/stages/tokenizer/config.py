@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from tokenizer_training.blend_schedule import BlendConfig, check_mode_schedule
-from tokenizer_training.losses import LossConfig
 from unicode_mllm.config import bounded
 from unicode_mllm.data.image_policy import ImagePolicy
 from unicode_mllm.errors import ConfigError
@@ -18,6 +16,8 @@ from unicode_mllm.quantizer_settings import (
     stack_code_depth,
 )
 from unicode_mllm.runtime.trackers import TrackerChoice
+from unicode_mllm.stages.tokenizer.blend_schedule import BlendConfig, check_mode_schedule
+from unicode_mllm.stages.tokenizer.losses import LossConfig
 
 
 @dataclass

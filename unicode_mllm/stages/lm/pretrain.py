@@ -45,9 +45,6 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from unicode_mllm.config import config_to_dict
 from unicode_mllm.data.batches import DataPosition
 from unicode_mllm.errors import UserError
-from unicode_mllm.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig
-from unicode_mllm.lm.corpus import build_corpus, encode_corpus
-from unicode_mllm.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
 from unicode_mllm.runtime.accelerator import configure_deepspeed, is_deepspeed, is_fsdp, stage_accelerator
 from unicode_mllm.runtime.checkpoint import (
     Checkpoint,
@@ -68,6 +65,9 @@ from unicode_mllm.runtime.training_loop import (
     model_and_optimizer,
     run_stage,
 )
+from unicode_mllm.stages.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig
+from unicode_mllm.stages.lm.corpus import build_corpus, encode_corpus
+from unicode_mllm.stages.lm.text_tokenizer import check_text_tokenizer, train_text_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +244,9 @@ def train_lm(
 ) -> Path:
     """Run stage 0 into `out_dir` (default `cfg.train.out_dir`); return the `save_pretrained` folder.
 
-    With `resume`, continue from the latest usable checkpoint in `out_dir/checkpoints`. Raises UserError
-    when another run is writing `out_dir` (the run lock), when `resume` is true and there is none, when
-    `out_dir` already holds checkpoints or a model and `resume` is false, when a resumed config differs from
-    the run's lm_config.yaml in other keys than `allow_changed` and those safe to change
-    (run_files.RESUME_MAY_CHANGE), or when the corpus is too small for one batch or one held-out window.
+    With `resume`, continue from the latest usable checkpoint in `out_dir/checkpoints`. Raises UserError for
+    what `run_stage` (runtime/training_loop.py) refuses and for a corpus too small for one batch or one held-out
+    window.
     """
     return run_stage(LMTrainer, cfg, out_dir, resume, allow_changed)
 
@@ -384,7 +382,8 @@ class LMTrainer(TrainingStage):
             self.files.log(row)
 
     def progress_stats(self, logs: dict[str, Any]) -> str:
-        return f"loss {self.last_logged('train/loss') or float('nan'):.3f} lr {logs['lr']:.1e}"
+        loss = self.last_logged("train/loss")  # None before the first logged row
+        return f"loss {'-' if loss is None else f'{loss:.3f}'} lr {logs['lr']:.1e}"
 
     def last_logged(self, key: str) -> float | None:
         """The latest logged value of `key` in this run's log, resumes included (main process; None elsewhere)."""

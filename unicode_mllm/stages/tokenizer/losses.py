@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer_training.discriminator import PatchDiscriminator
 from unicode_mllm.config import bounded
 from unicode_mllm.perceptual import PerceptualLoss
+from unicode_mllm.stages.tokenizer.discriminator import PatchDiscriminator
 
 
 @dataclass

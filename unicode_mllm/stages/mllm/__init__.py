@@ -4,7 +4,7 @@ cfg = load_config(MLLMTrainConfig, "configs/mllm/tiny.yaml")
 result = train_mllm(cfg)   # UniCodeMLLM.from_pretrained(result.final_dir)
 """
 
-from unicode_mllm.training.config import (
+from unicode_mllm.stages.mllm.config import (
     LoraConfig,
     MLLMDataConfig,
     MLLMEvalConfig,
@@ -14,10 +14,10 @@ from unicode_mllm.training.config import (
     MLLMTrainConfig,
     TaskWeights,
 )
-from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
-from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, length_chunks
-from unicode_mllm.training.task_mixture import RecordPlan, TaskMixture
-from unicode_mllm.training.trainer import MLLMTrainer, MLLMTrainResult, build_model, train_mllm
+from unicode_mllm.stages.mllm.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
+from unicode_mllm.stages.mllm.sample_stream import MLLMBatches, RecordTokenIds, length_chunks
+from unicode_mllm.stages.mllm.task_mixture import RecordPlan, TaskMixture
+from unicode_mllm.stages.mllm.trainer import MLLMTrainer, MLLMTrainResult, build_model, train_mllm
 
 __all__ = [
     "EvalSample",

@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from tokenizer_training.config import TokenizerTrainConfig
-from tokenizer_training.trainer import train_tokenizer
+from unicode_mllm.stages.tokenizer.config import TokenizerTrainConfig
+from unicode_mllm.stages.tokenizer.trainer import train_tokenizer
 
 MODES = ("language_driven", "frozen", "dual", "separate")
 

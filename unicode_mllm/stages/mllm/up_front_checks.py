@@ -18,10 +18,10 @@ from unicode_mllm.data.mllm_samples import MLLMSampleBuilder
 from unicode_mllm.errors import UserError
 from unicode_mllm.generation.prompts import max_positions
 from unicode_mllm.shard_manifest import read_manifest
-from unicode_mllm.training.task_mixture import TaskMixture
+from unicode_mllm.stages.mllm.task_mixture import TaskMixture
 
 if TYPE_CHECKING:
-    from unicode_mllm.training.config import DataSource, MLLMDataConfig
+    from unicode_mllm.stages.mllm.config import DataSource, MLLMDataConfig
 
 
 def check_sources(

@@ -26,8 +26,8 @@ from transformers import PreTrainedTokenizerBase
 
 from unicode_mllm.constants import ASSISTANT_PREFIX, USER_PREFIX
 from unicode_mllm.data.shapes import ShapesSample, ShapesWorld
-from unicode_mllm.lm.config import CorpusConfig
 from unicode_mllm.runtime.progress import track
+from unicode_mllm.stages.lm.config import CorpusConfig
 
 CORPUS_SPLITS: dict[str, str] = {"train": "train", "val": "val"}  # corpus split -> shapes world split
 

@@ -7,7 +7,7 @@ Example:
 """
 
 from unicode_mllm.data.batches import DataPosition
-from unicode_mllm.lm.config import (
+from unicode_mllm.stages.lm.config import (
     CorpusConfig,
     LMLoopConfig,
     LMModelConfig,
@@ -15,9 +15,9 @@ from unicode_mllm.lm.config import (
     LMTrainConfig,
     TextTokenizerConfig,
 )
-from unicode_mllm.lm.corpus import build_corpus, sample_document
-from unicode_mllm.lm.inspect import DEFAULT_WORD_GROUPS, embedding_structure_report
-from unicode_mllm.lm.pretrain import (
+from unicode_mllm.stages.lm.corpus import build_corpus, sample_document
+from unicode_mllm.stages.lm.inspect import DEFAULT_WORD_GROUPS, embedding_structure_report
+from unicode_mllm.stages.lm.pretrain import (
     PackedWindows,
     WarmupCosine,
     build_model,
@@ -29,7 +29,7 @@ from unicode_mllm.lm.pretrain import (
     lm_loss,
     train_lm,
 )
-from unicode_mllm.lm.text_tokenizer import (
+from unicode_mllm.stages.lm.text_tokenizer import (
     MULTIMODAL_TOKENS,
     SPECIAL_TOKENS,
     check_text_tokenizer,

@@ -34,7 +34,7 @@ from unicode_mllm.data.record_samples import build_record_samples
 from unicode_mllm.data.shards import HAS_IMAGE_FIELD
 from unicode_mllm.data.stream import StreamingDataset
 from unicode_mllm.errors import UserError
-from unicode_mllm.training.task_mixture import TaskMixture
+from unicode_mllm.stages.mllm.task_mixture import TaskMixture
 from unicode_mllm.visual_tokenizer.extract import CODE_SHAPE_KEY, FINGERPRINT_KEY, TOKEN_IDS_KEY
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 

@@ -23,10 +23,6 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch.optim.lr_scheduler import LambdaLR
 from torchvision.utils import make_grid, save_image
 
-from tokenizer_training.blend_schedule import BlendSchedule
-from tokenizer_training.config import OptimConfig, TokenizerTrainConfig
-from tokenizer_training.losses import VQGANLoss
-from tokenizer_training.usage import UsageWindow
 from unicode_mllm.data.batches import DataPosition, EpochBatches
 from unicode_mllm.data.image_policy import check_fixed_size
 from unicode_mllm.data.stream import SkipReport, StreamingDataset, collate
@@ -50,6 +46,10 @@ from unicode_mllm.runtime.seeding import seed_everything
 from unicode_mllm.runtime.trackers import accelerator_kwargs
 from unicode_mllm.runtime.training_loop import CheckpointContents, TrainingStage, check_loss, run_stage
 from unicode_mllm.shard_manifest import read_manifest
+from unicode_mllm.stages.tokenizer.blend_schedule import BlendSchedule
+from unicode_mllm.stages.tokenizer.config import OptimConfig, TokenizerTrainConfig
+from unicode_mllm.stages.tokenizer.losses import VQGANLoss
+from unicode_mllm.stages.tokenizer.usage import UsageWindow
 from unicode_mllm.visual_tokenizer import LanguageCodebook, should_sync_codebook
 from unicode_mllm.visual_tokenizer.modeling import VisualTokenizer
 
@@ -426,10 +426,6 @@ def train_tokenizer(
     resume: bool | str = False,
     allow_changed: Sequence[str] = (),
 ) -> TokenizerTrainResult:
-    """Run stage 1 to `cfg.train.steps` (or `train.max_minutes`); returns where the tokenizer was saved.
-
-    Refuses (UserError) a folder another run is writing (the run lock), to overwrite a run in `out_dir` unless
-    `resume`, `resume=True` without a checkpoint, and a resume whose config differs from the run's config.yaml
-    in other keys than `allow_changed` and those that are safe to change (run_files.RESUME_MAY_CHANGE).
-    """
+    """Run stage 1 to `cfg.train.steps` (or `train.max_minutes`); returns where the tokenizer was saved. What it
+    refuses: `run_stage` (runtime/training_loop.py)."""
     return run_stage(TokenizerTrainer, cfg, out_dir, resume, allow_changed)

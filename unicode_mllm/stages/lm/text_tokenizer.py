@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from unicode_mllm.constants import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
-from unicode_mllm.lm.config import TextTokenizerConfig
+from unicode_mllm.stages.lm.config import TextTokenizerConfig
 
 log = logging.getLogger(__name__)
 

@@ -69,11 +69,11 @@ from unicode_mllm.runtime.training_loop import (
     run_stage,
 )
 from unicode_mllm.shard_manifest import read_manifest
-from unicode_mllm.training.config import MLLMTrainConfig
-from unicode_mllm.training.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
-from unicode_mllm.training.sample_stream import MLLMBatches, RecordTokenIds, SourceMixture, length_chunks
-from unicode_mllm.training.task_mixture import TaskMixture
-from unicode_mllm.training.up_front_checks import check_sequence_lengths, check_sources
+from unicode_mllm.stages.mllm.config import MLLMTrainConfig
+from unicode_mllm.stages.mllm.eval_set import EvalSample, build_eval_samples, evaluate_teacher_forced, token_losses
+from unicode_mllm.stages.mllm.sample_stream import MLLMBatches, RecordTokenIds, SourceMixture, length_chunks
+from unicode_mllm.stages.mllm.task_mixture import TaskMixture
+from unicode_mllm.stages.mllm.up_front_checks import check_sequence_lengths, check_sources
 
 log = logging.getLogger(__name__)
 
@@ -640,10 +640,6 @@ def train_mllm(
     resume: bool | str = False,
     allow_changed: Sequence[str] = (),
 ) -> MLLMTrainResult:
-    """Run stage 2 to `cfg.train.steps` (or `train.max_minutes`); returns where the model was saved.
-
-    Refuses (UserError) a folder another run is writing (the run lock), to overwrite a run in `out_dir` unless
-    `resume`, `resume=True` without a checkpoint, and a resume whose config differs from the run's config.yaml
-    in other keys than `allow_changed` and those that are safe to change (run_files.RESUME_MAY_CHANGE).
-    """
+    """Run stage 2 to `cfg.train.steps` (or `train.max_minutes`); returns where the model was saved. What it
+    refuses: `run_stage` (runtime/training_loop.py)."""
     return run_stage(MLLMTrainer, cfg, out_dir, resume, allow_changed)
