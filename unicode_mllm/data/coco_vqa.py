@@ -22,17 +22,20 @@ import os
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unicode_mllm.data.converters import (
     ConversionReport,
-    ImageStorage,
+    ShardOptions,
     ShardOutput,
     _load_json,
     _read_image,
     _write,
 )
 from unicode_mllm.errors import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 VQAV2_IMAGE_PATTERN = "COCO_{subset}_{image_id:012d}.jpg"  # the file names of the COCO 2014 image zips
 
@@ -100,12 +103,7 @@ def convert_coco_captions(
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     split: str = "train",
-    *,
-    image_storage: ImageStorage = "png",
-    expected_size: int | tuple[int, int] | None = None,
-    maxcount: int = 1000,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ShardOptions],
 ) -> ConversionReport:
     """Convert a COCO captions file (`captions_train2017.json` layout) into shards of `split`.
 
@@ -119,7 +117,7 @@ def convert_coco_captions(
     Returns the ConversionReport. Raises UserError when the file or image folder is missing, the file is
     not a COCO captions file, or no image could be converted.
     """
-    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
+    output = ShardOutput(**options)
     src, root, out = Path(captions_json), Path(image_root), Path(out_dir)
     data = _load_json(src, "COCO captions file", dict, 'an object with "images" and "annotations"')
     images = _list_field(src, data, "images", "COCO captions file")
@@ -268,11 +266,7 @@ def convert_vqav2(
     *,
     image_pattern: str = VQAV2_IMAGE_PATTERN,
     subset: str | None = None,
-    image_storage: ImageStorage = "png",
-    expected_size: int | tuple[int, int] | None = None,
-    maxcount: int = 1000,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ShardOptions],
 ) -> ConversionReport:
     """Convert the official VQAv2 files (`v2_OpenEnded_mscoco_train2014_questions.json` and, optionally,
     `v2_mscoco_train2014_annotations.json`) into shards of `split`, one sample per image.
@@ -292,7 +286,7 @@ def convert_vqav2(
     not a VQAv2 file, the two files are of different subsets, the pattern is bad or needs a subset nobody
     gave, or no image could be converted.
     """
-    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
+    output = ShardOutput(**options)
     q_src, root, out = Path(questions_json), Path(image_root), Path(out_dir)
     a_src = Path(annotations_json) if annotations_json is not None else None
     fields = _pattern_fields(image_pattern)

@@ -24,13 +24,16 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
 from unicode_mllm.data.image_io import ANIMATED_IMAGE, ImageDecodeError, encode_png, frame_count, load_image
 from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.errors import UserError
 from unicode_mllm.shard_manifest import SplitSummary, read_manifest
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +111,26 @@ def _is_dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
+class ShardOptions(TypedDict, total=False):
+    """The keyword options every converter takes (`**options`); `ShardOutput` holds their defaults and checks."""
+
+    image_storage: ImageStorage  # "png" (decoded pixels re-encoded) or "original" (png/jpg/jpeg bytes kept)
+    expected_size: int | tuple[int, int] | None  # refuse (skip) images of another size; None: any size
+    maxcount: int  # samples per shard
+    overwrite: bool  # replace a split already in out_dir
+    progress: bool  # show a progress bar
+
+
 @dataclass(frozen=True)
 class ShardOutput:
     """How a converter writes its split: the image storage and size check, shard size, overwrite, progress bar
-    (the keyword options every converter takes)."""
+    (`ShardOptions`, declared here once with their defaults)."""
 
-    image_storage: ImageStorage
-    expected_size: int | tuple[int, int] | None
-    maxcount: int
-    overwrite: bool
-    progress: bool
+    image_storage: ImageStorage = "png"
+    expected_size: int | tuple[int, int] | None = None
+    maxcount: int = 1000
+    overwrite: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.image_storage not in ("png", "original"):
@@ -232,12 +245,7 @@ def convert_image_folder(
     split: str = "train",
     recursive: bool = True,
     captions_from: Literal["sidecar", "none"] = "sidecar",
-    *,
-    image_storage: ImageStorage = "png",
-    expected_size: int | tuple[int, int] | None = None,
-    maxcount: int = 1000,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ShardOptions],
 ) -> ConversionReport:
     """Turn every image file (png/jpg/jpeg/webp/bmp/gif) under `folder` into a sample of `split`.
 
@@ -254,7 +262,7 @@ def convert_image_folder(
     src = Path(folder)
     if captions_from not in ("sidecar", "none"):
         raise ValueError(f"captions_from {captions_from!r} is unknown; choose one of ['none', 'sidecar']")
-    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
+    output = ShardOutput(**options)
     if not src.is_dir():
         raise UserError(f"{src}: no such image folder; check the path")
     candidates = src.rglob("*") if recursive else src.iterdir()
@@ -398,12 +406,7 @@ def convert_llava_json(
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     split: str = "train",
-    *,
-    image_storage: ImageStorage = "png",
-    expected_size: int | tuple[int, int] | None = None,
-    maxcount: int = 1000,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ShardOptions],
 ) -> ConversionReport:
     """Convert a LLaVA-style JSON list into shards of `split`.
 
@@ -420,7 +423,7 @@ def convert_llava_json(
     record could be converted.
     """
     src, root = Path(json_path), Path(image_root)
-    output = ShardOutput(image_storage, expected_size, maxcount, overwrite, progress)
+    output = ShardOutput(**options)
     data = _load_json(src, "LLaVA JSON file", list, "a list of records")
     if not root.is_dir():
         raise UserError(f"{root}: no such image root folder; check the path")
