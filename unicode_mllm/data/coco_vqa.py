@@ -22,20 +22,16 @@ import os
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from unicode_mllm.data.converters import (
     ConversionReport,
-    ShardOptions,
     ShardOutput,
     _load_json,
     _read_image,
     _write,
 )
 from unicode_mllm.errors import UserError
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 VQAV2_IMAGE_PATTERN = "COCO_{subset}_{image_id:012d}.jpg"  # the file names of the COCO 2014 image zips
 
@@ -103,7 +99,7 @@ def convert_coco_captions(
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     split: str = "train",
-    **options: Unpack[ShardOptions],
+    **options: Any,  # ShardOutput's fields
 ) -> ConversionReport:
     """Convert a COCO captions file (`captions_train2017.json` layout) into shards of `split`.
 
@@ -266,7 +262,7 @@ def convert_vqav2(
     *,
     image_pattern: str = VQAV2_IMAGE_PATTERN,
     subset: str | None = None,
-    **options: Unpack[ShardOptions],
+    **options: Any,  # ShardOutput's fields
 ) -> ConversionReport:
     """Convert the official VQAv2 files (`v2_OpenEnded_mscoco_train2014_questions.json` and, optionally,
     `v2_mscoco_train2014_annotations.json`) into shards of `split`, one sample per image.

@@ -24,16 +24,13 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import Any, Literal
 
 from unicode_mllm.constants import IMAGE_PLACEHOLDER
 from unicode_mllm.data.image_io import ANIMATED_IMAGE, ImageDecodeError, encode_png, frame_count, load_image
 from unicode_mllm.data.shards import write_manifest, write_split
 from unicode_mllm.errors import UserError
 from unicode_mllm.shard_manifest import SplitSummary, read_manifest
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -111,26 +108,16 @@ def _is_dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
-class ShardOptions(TypedDict, total=False):
-    """The keyword options every converter takes (`**options`); `ShardOutput` holds their defaults and checks."""
-
-    image_storage: ImageStorage  # "png" (decoded pixels re-encoded) or "original" (png/jpg/jpeg bytes kept)
-    expected_size: int | tuple[int, int] | None  # refuse (skip) images of another size; None: any size
-    maxcount: int  # samples per shard
-    overwrite: bool  # replace a split already in out_dir
-    progress: bool  # show a progress bar
-
-
 @dataclass(frozen=True)
 class ShardOutput:
-    """How a converter writes its split: the image storage and size check, shard size, overwrite, progress bar
-    (`ShardOptions`, declared here once with their defaults)."""
+    """How a converter writes its split: the keyword options every converter takes (`**options`), declared here
+    once with their defaults; an unknown one is a TypeError."""
 
-    image_storage: ImageStorage = "png"
-    expected_size: int | tuple[int, int] | None = None
-    maxcount: int = 1000
-    overwrite: bool = False
-    progress: bool = True
+    image_storage: ImageStorage = "png"  # "png" (decoded pixels re-encoded) or "original" (png/jpg/jpeg bytes kept)
+    expected_size: int | tuple[int, int] | None = None  # skip images of another size; None: any size
+    maxcount: int = 1000  # samples per shard
+    overwrite: bool = False  # replace a split already in out_dir
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         if self.image_storage not in ("png", "original"):
@@ -245,7 +232,7 @@ def convert_image_folder(
     split: str = "train",
     recursive: bool = True,
     captions_from: Literal["sidecar", "none"] = "sidecar",
-    **options: Unpack[ShardOptions],
+    **options: Any,  # ShardOutput's fields
 ) -> ConversionReport:
     """Turn every image file (png/jpg/jpeg/webp/bmp/gif) under `folder` into a sample of `split`.
 
@@ -406,7 +393,7 @@ def convert_llava_json(
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     split: str = "train",
-    **options: Unpack[ShardOptions],
+    **options: Any,  # ShardOutput's fields
 ) -> ConversionReport:
     """Convert a LLaVA-style JSON list into shards of `split`.
 

@@ -43,10 +43,11 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> (kind,
 
 
 def _eligible(module: nn.Module) -> bool:
+    if type(module) is not nn.Linear:
+        return False
     weight = module.weight
     return (
-        type(module) is nn.Linear
-        and "forward" not in vars(module)
+        "forward" not in vars(module)
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and weight.layout == torch.strided
@@ -85,7 +86,7 @@ class OneDNNLinears:
         self._packed: list[tuple[nn.Module, Any]] = []
         if kind == "default" or not torch.backends.mkldnn.is_available() or torch.is_grad_enabled():
             return
-        layers = [m for m in lm.modules() if isinstance(m, nn.Linear) and _eligible(m)]
+        layers = [m for m in lm.modules() if _eligible(m)]
         if kind == "auto":
             layers = [m for m in layers if m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
